@@ -1,0 +1,313 @@
+"""The parallel, resumable, deterministic pack build.
+
+    summary = build_pack("ckpt_dir", "packs/out", cfg, jobs=2)
+
+Order of work: open and check the checkpoint, select layers, check the output directory (all
+before anything is written); lock the directory; compute every layer in joblib worker processes
+(each opens the checkpoint itself, computes single-threaded so results do not depend on the job
+count, and writes its own layer file); write the manifest last (the commit point); delete layer
+files no longer referenced.
+
+Layer files are named ``layers/<name>.<key16>.h5`` where the key hashes the layer name, its
+settings, the algorithm version and the weight's fingerprint: an existing file with that name is
+the finished result of the same computation and is reused (resume, incremental rebuild), and a
+previous pack in the directory stays intact until the new manifest replaces its own.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from joblib import Parallel, delayed
+
+from duquant_runtime import __version__
+from duquant_runtime.errors import PackError
+from duquant_runtime.fingerprint import weight_fingerprint
+from duquant_runtime.format import (FORMAT_NAME, FORMAT_VERSION, LAYERS_DIR, MANIFEST, canonical_json,
+                                    config_hash, file_sha256)
+from duquant_runtime.pack import load_pack
+
+from .checkpoint import Checkpoint
+from .config import BuildConfig
+from .errors import BuildError
+from .layer import ALGORITHM_VERSION, LayerSpec, compute_layer
+from .selection import SelectedLayer, select_layers
+from .writer import TMP_PREFIX, fsync_dir, read_layer_key, write_json_atomic, write_layer_file
+
+LOCK_NAME = ".lock"
+PENDING_NAME = ".pending.json"  # identity of an unfinished build in this directory
+_OWN_ENTRIES = {MANIFEST, LAYERS_DIR, LOCK_NAME, PENDING_NAME}
+
+
+@dataclass
+class BuildSummary:
+    out_dir: Path
+    config_hash: str
+    layers: int
+    computed: int
+    reused: int
+    weights: int
+    seconds: float
+    pack_bytes: int
+    entries: list = field(default_factory=list)
+
+    @property
+    def weights_per_second(self) -> float:
+        return self.weights / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"out_dir": str(self.out_dir), "config_hash": self.config_hash, "layers": self.layers,
+                "computed": self.computed, "reused": self.reused, "weights": self.weights,
+                "seconds": round(self.seconds, 3), "weights_per_second": round(self.weights_per_second),
+                "pack_bytes": self.pack_bytes}
+
+
+def layer_file_name(name: str, key: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:180]
+    return f"{LAYERS_DIR}/{safe}.{key[:16]}.h5"
+
+
+def layer_key(name: str, spec: LayerSpec, weight_fp: str) -> str:
+    return hashlib.sha256(canonical_json({
+        "algorithm": ALGORITHM_VERSION, "format": FORMAT_VERSION, "name": name,
+        "spec": spec.to_dict(), "weight": weight_fp}).encode()).hexdigest()
+
+
+# --- worker side -------------------------------------------------------------------------------
+
+_CKPT_CACHE: dict[str, Checkpoint] = {}
+
+
+def _checkpoint(path: str) -> Checkpoint:
+    ck = _CKPT_CACHE.get(path)
+    if ck is None:
+        ck = _CKPT_CACHE[path] = Checkpoint(path)
+    return ck
+
+
+@contextmanager
+def _single_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def build_one_layer(ckpt_path: str, layer: SelectedLayer, spec: LayerSpec, out_dir: str) -> dict:
+    """Read, fingerprint, compute (or reuse) and write one layer; returns its manifest entry."""
+    t0 = time.perf_counter()
+    with _single_thread():
+        w = _checkpoint(ckpt_path).read_weight(layer.key)
+        fp = weight_fingerprint(w)
+        key = layer_key(layer.name, spec, fp)
+        rel = layer_file_name(layer.name, key)
+        path = Path(out_dir) / rel
+        reused = path.is_file() and read_layer_key(path) == key
+        if reused:
+            entry = _entry_from_file(path)
+        else:
+            res = compute_layer(w, spec)
+            entry = {"name": layer.name, "file": rel, "in_features": layer.in_features,
+                     "out_features": layer.out_features, "wbits": spec.wbits, "block_in": res.block_in,
+                     "block_out": res.block_out, "permuted": res.perm is not None,
+                     "weight_fingerprint": fp, "layer_key": key, "source_dtype": layer.dtype,
+                     "stats": res.stats}
+            del w
+            write_layer_file(path, name=layer.name, layer_key=key, weight_fingerprint=fp, perm=res.perm,
+                             r_in=res.r_in, r_out=res.r_out, weight_scale=res.weight_scale,
+                             entry_json=canonical_json(entry))
+        entry["sha256"] = file_sha256(path)
+    return {"entry": entry, "reused": reused, "seconds": time.perf_counter() - t0}
+
+
+def _entry_from_file(path: Path) -> dict:
+    import h5py
+    with h5py.File(path, "r") as f:
+        return json.loads(f.attrs["entry"])
+
+
+# --- driver side -------------------------------------------------------------------------------
+
+def _inspect_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
+    """Refuse to build into a directory holding something else, unless --overwrite for our own packs."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BuildError(f"{out}: exists and is not a directory")
+    entries = {p.name for p in out.iterdir()}
+    foreign = entries - _OWN_ENTRIES
+    if foreign:
+        raise BuildError(f"{out}: not empty and not a duquant pack (found {sorted(foreign)[:3]}); "
+                         "choose another --out")
+    previous = None
+    if MANIFEST in entries:
+        try:
+            m = load_pack(out).manifest
+            previous = {"config_hash": m["config_hash"], "checkpoint": m["checkpoint"]["sha256"]}
+        except PackError as err:
+            if not overwrite:
+                raise BuildError(f"{out}: holds an unreadable pack ({err}); use --overwrite to replace it") from None
+    elif PENDING_NAME in entries:
+        try:
+            previous = json.loads((out / PENDING_NAME).read_text())
+        except (OSError, ValueError):
+            previous = None
+    if previous is not None and previous != identity and not overwrite:
+        what = "configuration" if previous.get("config_hash") != identity["config_hash"] else "checkpoint"
+        raise BuildError(f"{out}: holds a pack of a different {what} ({previous.get('config_hash', '?')[:19]}); "
+                         "use --overwrite to replace it, or another --out")
+
+
+@contextmanager
+def _locked(out: Path):
+    lock_path = out / LOCK_NAME
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildError(f"{out}: another build is writing this pack (lock {lock_path} is held)") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def default_out_dir(ckpt_path: Path, cfg_hash: str, preset: str | None, root: Path = Path("packs")) -> Path:
+    base = ckpt_path.name if ckpt_path.is_dir() else ckpt_path.parent.name
+    return root / f"{base or 'checkpoint'}-{preset or 'custom'}-{cfg_hash.split(':')[1][:8]}"
+
+
+def build_pack(ckpt_path, out_dir, cfg: BuildConfig, *, preset: str | None = None, jobs: int | None = None,
+               overwrite: bool = False, progress: bool = True) -> BuildSummary:
+    """Build (or resume, or refresh) the pack of `cfg` for a checkpoint into `out_dir`."""
+    t0 = time.perf_counter()
+    ckpt = Checkpoint(ckpt_path)
+    selected = select_layers(ckpt, cfg)
+    chash = config_hash(cfg.to_dict())
+    out = Path(out_dir)
+    identity = {"config_hash": chash, "checkpoint": ckpt.fingerprint()["sha256"]}
+    _inspect_out_dir(out, identity, overwrite)
+    jobs = _resolve_jobs(jobs)
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(out):
+            _inspect_out_dir(out, identity, overwrite)  # again, now that we hold the lock
+            manifest, results = _build_locked(ckpt, selected, cfg, preset, out, identity, jobs, progress)
+    except BaseException as err:
+        if created and not isinstance(err, KeyboardInterrupt) and _only_scaffolding(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    reused = sum(1 for r in results if r["reused"])
+    entries = manifest["layers"]
+    return BuildSummary(out_dir=out, config_hash=chash, layers=len(entries), computed=len(entries) - reused,
+                        reused=reused, weights=manifest["totals"]["weights"],
+                        seconds=time.perf_counter() - t0,
+                        pack_bytes=manifest["totals"]["layer_bytes"] + (out / MANIFEST).stat().st_size,
+                        entries=entries)
+
+
+def _build_locked(ckpt: Checkpoint, selected: list[SelectedLayer], cfg: BuildConfig, preset: str | None,
+                  out: Path, identity: dict, jobs: int, progress: bool) -> tuple[dict, list[dict]]:
+    layers_dir = out / LAYERS_DIR
+    layers_dir.mkdir(exist_ok=True)
+    for stale in layers_dir.glob(TMP_PREFIX + "*"):
+        stale.unlink()
+    before = {p.name for p in layers_dir.iterdir()}
+    write_json_atomic(out / PENDING_NAME, identity)
+    try:
+        results = _run_layers(str(ckpt.path), selected, cfg, str(out), jobs, progress)
+    except BaseException as err:
+        if not isinstance(err, KeyboardInterrupt):  # an interrupted build keeps its files to resume
+            for p in layers_dir.iterdir():
+                if p.name not in before:
+                    p.unlink(missing_ok=True)
+            if not before:
+                (out / PENDING_NAME).unlink(missing_ok=True)
+        raise
+    by_name = {r["entry"]["name"]: r["entry"] for r in results}
+    entries = [by_name[s.name] for s in selected]
+    cfg_dict = cfg.to_dict()
+    manifest = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "tool": {"name": "duquant", "version": __version__},
+        "preset": preset, "config": cfg_dict, "config_hash": identity["config_hash"],
+        "checkpoint": ckpt.fingerprint(), "layers": entries,
+        "totals": {"layers": len(entries), "weights": sum(s.numel for s in selected),
+                   "layer_bytes": sum((out / e["file"]).stat().st_size for e in entries)},
+    }
+    write_json_atomic(out / MANIFEST, manifest)  # the commit point
+    (out / PENDING_NAME).unlink(missing_ok=True)
+    keep = {Path(e["file"]).name for e in entries}
+    for p in layers_dir.iterdir():
+        if p.name not in keep:
+            p.unlink()
+    fsync_dir(layers_dir)
+    return manifest, results
+
+
+def _only_scaffolding(out: Path) -> bool:
+    """True when `out` holds nothing but an empty layers/ dir, the lock and the pending marker."""
+    if not out.is_dir():
+        return False
+    for p in out.iterdir():
+        if p.name == LAYERS_DIR and p.is_dir() and not any(p.iterdir()):
+            continue
+        if p.name in (LOCK_NAME, PENDING_NAME):
+            continue
+        return False
+    return True
+
+
+def _resolve_jobs(jobs: int | None) -> int:
+    n = os.cpu_count() or 1
+    if jobs is None or jobs == 0:
+        return n
+    if jobs < 0:
+        return max(1, n + 1 + jobs)
+    return jobs
+
+
+def _run_layers(ckpt_path: str, selected: list[SelectedLayer], cfg: BuildConfig, out: str, jobs: int,
+                progress: bool) -> list[dict]:
+    # biggest layers first: better load balance; results do not depend on the order
+    order = sorted(selected, key=lambda s: (-s.numel, s.name))
+    tasks = (delayed(build_one_layer)(ckpt_path, s, cfg.layer_spec(s.name), out) for s in order)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(s.numel for s in selected), unit="w", unit_scale=True, desc="packing",
+                   dynamic_ncols=True, leave=False)
+    results = []
+    try:
+        if jobs == 1:
+            stream = (build_one_layer(ckpt_path, s, cfg.layer_spec(s.name), out) for s in order)
+        else:
+            stream = Parallel(n_jobs=min(jobs, len(order)), backend="loky",
+                              return_as="generator_unordered")(tasks)
+        for r in stream:
+            results.append(r)
+            if bar is not None:
+                e = r["entry"]
+                bar.update(e["in_features"] * e["out_features"])
+                bar.set_postfix_str(f"{len(results)}/{len(order)} layers")
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+__all__ = ["build_pack", "BuildSummary", "default_out_dir", "layer_key", "build_one_layer"]

@@ -1,0 +1,175 @@
+"""Build configuration: defaults < preset file < command-line options, resolved and validated.
+
+The resolved config is a flat dict recorded in the manifest (and hashed). Bits >= 16 or <= 0 are
+normalised to 0 ("not quantized"). `block_out` defaults to `block`; it is recorded as None when
+the row rotation is disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
+
+from .errors import ConfigError
+from .layer import LayerSpec
+
+OLD_INCLUDE = r".*(q_proj|k_proj|v_proj|o_proj|out_proj|fc1|fc2|gate_proj|up_proj|down_proj).*"
+OLD_EXCLUDE = r"(?:^|\.)(norm|ln|layernorm|emb)(?:\.|$)"
+PERMUTE_CHOICES = ("zigzag", "interleave", "none")
+METRIC_CHOICES = ("absmax", "energy")
+ROW_ROT_CHOICES = ("restore", "disabled", "propagate")
+SCALE_CHOICES = ("mse", "max")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Every option of a build. Field names match the CLI options (with '-' for '_')."""
+
+    scope: str = ""
+    include: str = OLD_INCLUDE
+    exclude: str = OLD_EXCLUDE
+    layers: tuple[str, ...] | None = None
+    wbits: int = 4
+    abits: int = 8
+    layer_wbits: dict = field(default_factory=dict)
+    block: int = 64
+    block_out: int | None = None
+    permute: str = "zigzag"
+    permute_metric: str = "absmax"
+    row_rot: str = "disabled"
+    scale: str = "mse"
+    act_percentile: float = 99.9
+    calib_steps: int = 32
+    lambda_smooth: float | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        d["layer_wbits"] = dict(sorted(self.layer_wbits.items()))
+        return d
+
+    def layer_spec(self, name: str) -> LayerSpec:
+        """The per-layer settings of layer `name`."""
+        return LayerSpec(wbits=self.layer_wbits.get(name, self.wbits), block=self.block,
+                         block_out=self.block_out, permute=self.permute,
+                         permute_metric=self.permute_metric, scale=self.scale)
+
+
+FIELD_NAMES = {f.name for f in fields(BuildConfig)}
+
+
+def normalize_bits(bits: int, what: str) -> int:
+    if bits >= 16 or bits <= 0:
+        return 0
+    if bits == 1:
+        raise ConfigError(f"{what}: 1-bit symmetric quantization is not supported (use 2..15, or 0/16 for off)")
+    return bits
+
+
+def parse_layer_wbits(text: str) -> dict:
+    """Parse 'name:bits,name:bits' (the OPENPI_DUQUANT_WBITS syntax)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, bits = item.rpartition(":")
+        if not sep or not name:
+            raise ConfigError(f"--layer-wbits: '{item}' is not NAME:BITS")
+        try:
+            out[name.strip()] = int(bits)
+        except ValueError:
+            raise ConfigError(f"--layer-wbits: '{item}': bits '{bits}' is not an integer") from None
+    return out
+
+
+def resolve(preset: str | None = None, **overrides) -> tuple[BuildConfig, dict | None]:
+    """Merge defaults, a preset and overrides (None values are ignored); validate. Returns (config, preset)."""
+    values: dict = {}
+    preset_data = None
+    if preset is not None:
+        preset_data = load_preset(preset)
+        values.update(preset_data["config"])
+    for key, val in overrides.items():
+        if key not in FIELD_NAMES:
+            raise ConfigError(f"unknown option '{key}'")
+        if val is not None:
+            values[key] = val
+    try:
+        cfg = BuildConfig(**values)
+    except TypeError as err:
+        raise ConfigError(f"invalid configuration: {err}") from None
+    return validate(cfg), preset_data
+
+
+def validate(cfg: BuildConfig) -> BuildConfig:
+    """Check values and return the normalised config (bits, block_out)."""
+    for name in ("include", "exclude"):
+        try:
+            re.compile(getattr(cfg, name))
+        except re.error as err:
+            raise ConfigError(f"--{name}: invalid regular expression {getattr(cfg, name)!r} ({err})") from None
+    if cfg.block <= 0:
+        raise ConfigError(f"--block must be a positive integer, got {cfg.block}")
+    if cfg.block_out is not None and cfg.block_out <= 0:
+        raise ConfigError(f"--block-out must be a positive integer, got {cfg.block_out}")
+    for opt, val, choices in (("--permute", cfg.permute, PERMUTE_CHOICES),
+                              ("--permute-metric", cfg.permute_metric, METRIC_CHOICES),
+                              ("--row-rot", cfg.row_rot, ROW_ROT_CHOICES),
+                              ("--scale", cfg.scale, SCALE_CHOICES)):
+        if val not in choices:
+            raise ConfigError(f"{opt}: '{val}' is not one of {', '.join(choices)}")
+    if cfg.row_rot == "propagate":
+        raise ConfigError("--row-rot propagate is not implemented (the old code applied it without restoring "
+                          "the output: wrong results); use 'restore' or 'disabled'")
+    if not 0 < cfg.act_percentile <= 100:
+        raise ConfigError(f"--act-percentile must be in (0, 100], got {cfg.act_percentile}")
+    if cfg.calib_steps < 1:
+        raise ConfigError(f"--calib-steps must be >= 1, got {cfg.calib_steps}")
+    if cfg.lambda_smooth is not None and not 0 <= cfg.lambda_smooth <= 1:
+        raise ConfigError(f"--lambda-smooth must be in [0, 1], got {cfg.lambda_smooth}")
+    if cfg.layers is not None and not cfg.layers:
+        raise ConfigError("--layers is empty")
+    block_out = (cfg.block_out or cfg.block) if cfg.row_rot == "restore" else None
+    return replace(
+        cfg,
+        layers=tuple(cfg.layers) if cfg.layers is not None else None,
+        wbits=normalize_bits(int(cfg.wbits), "--wbits"),
+        abits=normalize_bits(int(cfg.abits), "--abits"),
+        layer_wbits={k: normalize_bits(int(v), f"--layer-wbits {k}") for k, v in cfg.layer_wbits.items()},
+        block_out=block_out,
+        act_percentile=float(cfg.act_percentile),
+        lambda_smooth=float(cfg.lambda_smooth) if cfg.lambda_smooth is not None else None,
+    )
+
+
+def config_from_dict(d: dict) -> BuildConfig:
+    """Rebuild a BuildConfig from a manifest's resolved config."""
+    unknown = set(d) - FIELD_NAMES
+    if unknown:
+        raise ConfigError(f"config has unknown fields {sorted(unknown)}")
+    d = dict(d)
+    if d.get("layers") is not None:
+        d["layers"] = tuple(d["layers"])
+    return BuildConfig(**d)
+
+
+# --- presets -----------------------------------------------------------------------------------
+
+def preset_names() -> list[str]:
+    files = resources.files("duquant_pack").joinpath("presets")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict:
+    """A preset file's content: {name, description, expected_layers, config}."""
+    names = preset_names()
+    if name not in names:
+        import difflib
+        near = difflib.get_close_matches(name, names, n=3, cutoff=0.3)
+        hint = f"; did you mean {', '.join(near)}?" if near else f"; known: {', '.join(names)}"
+        raise ConfigError(f"unknown preset '{name}'{hint}")
+    data = json.loads(resources.files("duquant_pack").joinpath("presets", name + ".json").read_text())
+    bad = set(data["config"]) - FIELD_NAMES
+    if bad:
+        raise ConfigError(f"preset '{name}' has unknown fields {sorted(bad)}")
+    return data

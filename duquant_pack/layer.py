@@ -1,0 +1,86 @@
+"""The per-layer DuQuant algorithm: from a weight W (out, in) to its transforms and scales.
+
+    perm  = permutation of input channels (zigzag / interleave / none)
+    R_in  = canonical principal-axis rotation per block of B permuted input columns
+    R_out = same per block of B_out output rows (row rotation 'restore'), else none
+    W_t   = BD(R_out)^T W P BD(R_in)         (float32, with the stored float32 rotations)
+    scale = per-row scale of W_t ('mse' grid search or 'max')
+
+Rotations are computed in float64 and stored in float32; W_t is computed from the stored float32
+rotations with the runtime's own `transform_weight`, so the scales fit what the runtime quantizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from duquant_runtime.quant import absmax_scales, fake_quantize_rows, is_quantized
+from duquant_runtime.transforms import transform_weight
+
+from .permutation import compute_permutation
+from .rotation import input_rotations, output_rotations
+from .scales import weight_scales
+
+ALGORITHM_VERSION = 1  # bump when the numbers a given spec produces change
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Everything the layer's data depends on (besides the weight itself)."""
+
+    wbits: int  # 0: not quantized
+    block: int
+    block_out: int | None  # None: no output rotation
+    permute: str  # zigzag | interleave | none
+    permute_metric: str  # absmax | energy
+    scale: str  # mse | max
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LayerResult:
+    perm: np.ndarray | None  # int32 (in,)
+    r_in: np.ndarray  # float32 (nb_in, B_in, B_in)
+    r_out: np.ndarray | None  # float32 (nb_out, B_out, B_out)
+    weight_scale: np.ndarray | None  # float32 (out,)
+    block_in: int
+    block_out: int | None
+    stats: dict
+
+
+def compute_layer(w: torch.Tensor, spec: LayerSpec) -> LayerResult:
+    """Transforms and scales of one float32 weight W (out, in). Deterministic for a given W and spec."""
+    out_f, in_f = w.shape
+    b_in = min(spec.block, in_f)
+    perm = compute_permutation(w, spec.permute, b_in, spec.permute_metric)
+    perm_t = torch.from_numpy(perm) if perm is not None else None
+    w_perm = w[:, perm_t] if perm_t is not None else w
+    r_in = input_rotations(w_perm, b_in).to(torch.float32)
+    del w_perm
+    b_out = r_out = None
+    if spec.block_out is not None:
+        b_out = min(spec.block_out, out_f)
+        r_out = output_rotations(w, b_out).to(torch.float32)
+    w_t = transform_weight(w, perm_t, r_in, r_out)
+    stats: dict = {}
+    scale = None
+    if is_quantized(spec.wbits):
+        scale, row_err = weight_scales(w_t, spec.wbits, spec.scale)
+        norm2 = float(w.to(torch.float64).pow(2).sum())
+        rtn = w - fake_quantize_rows(w, absmax_scales(w, spec.wbits), spec.wbits)
+        rtn_err2 = float(rtn.to(torch.float64).pow(2).sum())
+        stats = {"w_rel_err": _rel(float(row_err.sum()), norm2), "rtn_rel_err": _rel(rtn_err2, norm2)}
+        scale = scale.numpy()
+    return LayerResult(
+        perm=perm.astype(np.int32) if perm is not None else None,
+        r_in=r_in.numpy(), r_out=r_out.numpy() if r_out is not None else None,
+        weight_scale=scale, block_in=b_in, block_out=b_out, stats=stats)
+
+
+def _rel(err2: float, norm2: float) -> float:
+    return float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0

@@ -1,0 +1,86 @@
+"""Write side of the pack format: layer files and the manifest, each atomically.
+
+Every file goes to a temporary name in the same directory, is fsynced, renamed over its final
+name, and the directory is fsynced: a reader sees either the old file or the complete new one.
+HDF5 files are written without timestamps, so equal data gives equal bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from duquant_runtime.format import LAYER_FORMAT_NAME, FORMAT_VERSION, file_sha256
+
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+
+
+def write_layer_file(path: Path, *, name: str, layer_key: str, weight_fingerprint: str,
+                     perm: np.ndarray | None, r_in: np.ndarray, r_out: np.ndarray | None,
+                     weight_scale: np.ndarray | None, entry_json: str) -> str:
+    """Write one layer's HDF5 file atomically; returns its sha256."""
+    tmp = _tmp_name(path)
+    try:
+        with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+            f.attrs["format"] = LAYER_FORMAT_NAME
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["name"] = name
+            f.attrs["layer_key"] = layer_key
+            f.attrs["weight_fingerprint"] = weight_fingerprint
+            f.attrs["entry"] = entry_json
+            for key, arr, dtype in (("perm", perm, np.int32), ("r_in", r_in, np.float32),
+                                    ("r_out", r_out, np.float32), ("weight_scale", weight_scale, np.float32)):
+                if arr is not None:
+                    f.create_dataset(key, data=np.ascontiguousarray(arr, dtype=dtype), track_times=False)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        digest = file_sha256(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return digest
+
+
+def read_layer_key(path: Path) -> str | None:
+    """The layer_key attribute of an existing layer file, or None when it is unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != LAYER_FORMAT_NAME:
+                return None
+            key = f.attrs.get("layer_key")
+            return str(key) if key is not None else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON (sorted keys, indented, trailing newline) atomically."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)

@@ -1,0 +1,119 @@
+"""The pack format, version 1: names, schema checks and hashing (read side; docs/format.md).
+
+A pack is a directory::
+
+    manifest.json          the commit point: written last, atomically
+    layers/<name>-<key>.h5 one HDF5 file per layer (datasets below), referenced by the manifest
+
+Layer file datasets (float32 unless said): ``r_in`` (nb_in, B_in, B_in); optional ``perm``
+int32 (in,) (absent: identity); optional ``r_out`` (nb_out, B_out, B_out) (absent: no output
+rotation); optional ``weight_scale`` (out,) (absent: weight not quantized).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from .errors import PackError
+
+FORMAT_NAME = "duquant-pack"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+LAYER_FORMAT_NAME = "duquant-layer"
+MANIFEST = "manifest.json"
+LAYERS_DIR = "layers"
+ORTHO_TOL = 1e-5
+LAYER_DATASETS = {"perm", "r_in", "r_out", "weight_scale"}
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON text (sorted keys, no spaces) used for hashing."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the canonical JSON of a resolved build config, as ``'sha256:<hex>'``."""
+    return "sha256:" + hashlib.sha256(canonical_json(config).encode()).hexdigest()
+
+
+def file_sha256(path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_LAYER_FIELDS = {
+    "name": str, "file": str, "sha256": str, "in_features": int, "out_features": int,
+    "wbits": int, "block_in": int, "block_out": (int, type(None)), "permuted": bool,
+    "weight_fingerprint": str, "layer_key": str, "source_dtype": str, "stats": dict,
+}
+_TOP_FIELDS = {
+    "format": str, "format_version": int, "tool": dict, "preset": (str, type(None)),
+    "config": dict, "config_hash": str, "checkpoint": dict, "layers": list, "totals": dict,
+}
+
+
+def _need(obj: dict, fields: dict, where: str) -> None:
+    for key, typ in fields.items():
+        if key not in obj:
+            raise PackError(f"{where}: missing field '{key}'")
+        val = obj[key]
+        if isinstance(val, bool) and typ is int:
+            raise PackError(f"{where}: field '{key}' must be an integer, got {val!r}")
+        if not isinstance(val, typ):
+            raise PackError(f"{where}: field '{key}' has the wrong type ({type(val).__name__})")
+
+
+def validate_manifest(m: Any) -> dict:
+    """Check a parsed manifest's schema and internal consistency; return it or raise PackError."""
+    if not isinstance(m, dict):
+        raise PackError("manifest.json: not a JSON object")
+    if m.get("format") != FORMAT_NAME:
+        raise PackError(f"manifest.json: format is {m.get('format')!r}, expected {FORMAT_NAME!r}")
+    ver = m.get("format_version")
+    if ver not in SUPPORTED_VERSIONS:
+        raise PackError(f"manifest.json: format version {ver!r} is not supported by this reader "
+                        f"(supports {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade duquant")
+    _need(m, _TOP_FIELDS, "manifest.json")
+    if config_hash(m["config"]) != m["config_hash"]:
+        raise PackError("manifest.json: config_hash does not match its config (edited or corrupt)")
+    seen_names, seen_files = set(), set()
+    for i, layer in enumerate(m["layers"]):
+        if not isinstance(layer, dict):
+            raise PackError(f"manifest.json: layers[{i}] is not an object")
+        _need(layer, _LAYER_FIELDS, f"manifest.json: layers[{i}]")
+        name = layer["name"]
+        if name in seen_names:
+            raise PackError(f"manifest.json: layer '{name}' listed twice")
+        if layer["file"] in seen_files:
+            raise PackError(f"manifest.json: file '{layer['file']}' used by two layers")
+        seen_names.add(name)
+        seen_files.add(layer["file"])
+        check_relative_path(layer["file"], f"layer '{name}'")
+        for key in ("in_features", "out_features", "block_in"):
+            if layer[key] <= 0:
+                raise PackError(f"manifest.json: layer '{name}': {key} must be positive")
+        if layer["block_out"] is not None and layer["block_out"] <= 0:
+            raise PackError(f"manifest.json: layer '{name}': block_out must be positive")
+        if len(layer["sha256"]) != 64:
+            raise PackError(f"manifest.json: layer '{name}': sha256 is not a hex digest")
+    return m
+
+
+def check_relative_path(rel: str, what: str) -> None:
+    """Refuse manifest paths that could leave the pack directory."""
+    parts = rel.replace("\\", "/").split("/")
+    if rel.startswith(("/", "\\")) or ":" in rel or any(p in ("", ".", "..") for p in parts):
+        raise PackError(f"manifest.json: {what}: file path {rel!r} is not a plain relative path")
+    if parts[0] != LAYERS_DIR or len(parts) != 2:
+        raise PackError(f"manifest.json: {what}: file path {rel!r} is not under {LAYERS_DIR}/")
+
+
+def is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

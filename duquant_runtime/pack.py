@@ -1,0 +1,220 @@
+"""Read side of a pack directory: `load_pack` gives a read-only view with lazy per-layer access.
+
+    pack = load_pack("packs/my-pack")
+    pack.layer_names                       # in manifest order
+    lp = pack.layer("...mlp.down_proj")    # LayerPack: perm, r_in, r_out, weight_scale tensors
+    problems = pack.verify()               # [] when every file and array checks out
+
+Every layer read checks the file's sha256 against the manifest, the HDF5 datasets' names, dtypes
+and shapes, finiteness, permutation validity and orthogonality, and raises `PackError` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from .errors import PackError
+from .format import (LAYER_DATASETS, LAYERS_DIR, MANIFEST, ORTHO_TOL, file_sha256,
+                     validate_manifest)
+from .transforms import n_blocks
+
+
+@dataclass(frozen=True)
+class LayerPack:
+    """One layer's transforms. Tensors are float32 on CPU (perm int64)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    wbits: int  # 0: weight not quantized
+    block_in: int
+    block_out: int | None
+    perm: torch.Tensor | None  # (in,) int64, None = identity
+    r_in: torch.Tensor  # (nb_in, block_in, block_in)
+    r_out: torch.Tensor | None  # (nb_out, block_out, block_out)
+    weight_scale: torch.Tensor | None  # (out,)
+    meta: dict  # the manifest entry
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in
+                   (self.perm, self.r_in, self.r_out, self.weight_scale) if t is not None)
+
+
+class Pack:
+    """A validated pack directory (manifest loaded eagerly, layers read on demand)."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self._entries = {e["name"]: e for e in manifest["layers"]}
+
+    @property
+    def config(self) -> dict:
+        return self.manifest["config"]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [e["name"] for e in self.manifest["layers"]]
+
+    def entry(self, name: str) -> dict:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise PackError(f"{self.path}: no layer named '{name}' in the pack") from None
+
+    def layer(self, name: str) -> LayerPack:
+        """Read, check and return one layer's transforms."""
+        return read_layer(self.path, self.entry(name))
+
+    def layers(self):
+        """Iterate over all layers (each read and checked on the fly)."""
+        for name in self.layer_names:
+            yield self.layer(name)
+
+    def verify(self) -> list[str]:
+        """Check every layer file; return one line per problem (empty when the pack is intact)."""
+        problems = []
+        listed = set()
+        for e in self.manifest["layers"]:
+            listed.add(e["file"])
+            try:
+                read_layer(self.path, e)
+            except PackError as err:
+                problems.append(str(err))
+        return problems
+
+    def __repr__(self) -> str:
+        return f"Pack({str(self.path)!r}, {len(self._entries)} layers, {self.manifest['config_hash'][:19]})"
+
+
+def load_pack(pack_dir) -> Pack:
+    """Open a pack directory: read and validate manifest.json (layers are read lazily)."""
+    path = Path(pack_dir)
+    if not path.is_dir():
+        raise PackError(f"{path}: pack directory does not exist")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        hint = " (an interrupted build? rerun the same build to resume)" if (path / LAYERS_DIR).is_dir() else ""
+        raise PackError(f"{path}: no {MANIFEST}: not a complete pack{hint}")
+    try:
+        text = mpath.read_text(encoding="utf-8")
+        manifest = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PackError(f"{mpath}: not valid JSON ({err.__class__.__name__}: {err})") from None
+    validate_manifest(manifest)
+    return Pack(path, manifest)
+
+
+def _resolve_inside(pack_dir: Path, rel: str) -> Path:
+    p = pack_dir / rel
+    root = os.path.realpath(pack_dir)
+    real = os.path.realpath(p)
+    if os.path.commonpath([root, real]) != root:
+        raise PackError(f"{p}: resolves outside the pack directory")
+    return p
+
+
+def read_layer(pack_dir: Path, entry: dict) -> LayerPack:
+    """Read one layer file described by a manifest entry; every check failure raises PackError."""
+    name = entry["name"]
+    path = _resolve_inside(Path(pack_dir), entry["file"])
+    if not path.is_file():
+        raise PackError(f"{path}: layer file missing (layer '{name}')")
+    if file_sha256(path) != entry["sha256"]:
+        raise PackError(f"{path}: checksum mismatch (file changed or corrupt; layer '{name}')")
+    fin, fout = entry["in_features"], entry["out_features"]
+    bin_, bout = entry["block_in"], entry["block_out"]
+    try:
+        with h5py.File(path, "r") as f:
+            extra = set(f.keys()) - LAYER_DATASETS
+            if extra:
+                raise PackError(f"{path}: unexpected datasets {sorted(extra)}")
+            data = {k: _read_dataset(f, k, path) for k in f.keys()}
+    except PackError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PackError(f"{path}: unreadable HDF5 layer file ({err})") from None
+
+    if "r_in" not in data:
+        raise PackError(f"{path}: missing dataset 'r_in'")
+    r_in = _check_rotation(data["r_in"], fin, bin_, path, "r_in")
+    r_out = None
+    if bout is not None:
+        if "r_out" not in data:
+            raise PackError(f"{path}: missing dataset 'r_out' (manifest says block_out={bout})")
+        r_out = _check_rotation(data["r_out"], fout, bout, path, "r_out")
+    elif "r_out" in data:
+        raise PackError(f"{path}: dataset 'r_out' present but manifest has no output rotation")
+    perm = None
+    if entry["permuted"]:
+        if "perm" not in data:
+            raise PackError(f"{path}: missing dataset 'perm'")
+        perm = _check_perm(data["perm"], fin, path)
+    elif "perm" in data:
+        raise PackError(f"{path}: dataset 'perm' present but manifest says not permuted")
+    scale = None
+    if entry["wbits"] > 0:
+        if "weight_scale" not in data:
+            raise PackError(f"{path}: missing dataset 'weight_scale' (wbits={entry['wbits']})")
+        s = data["weight_scale"]
+        if s.dtype != np.float32 or s.shape != (fout,):
+            raise PackError(f"{path}: weight_scale must be float32 ({fout},), got {s.dtype} {s.shape}")
+        if not (np.isfinite(s).all() and (s > 0).all()):
+            raise PackError(f"{path}: weight_scale has non-finite or non-positive values")
+        scale = torch.from_numpy(s)
+    elif "weight_scale" in data:
+        raise PackError(f"{path}: dataset 'weight_scale' present but layer is not quantized")
+    return LayerPack(name=name, in_features=fin, out_features=fout, wbits=entry["wbits"],
+                     block_in=bin_, block_out=bout, perm=perm, r_in=r_in, r_out=r_out,
+                     weight_scale=scale, meta=entry)
+
+
+def _read_dataset(f, key: str, path: Path) -> np.ndarray:
+    obj = f[key]
+    if not isinstance(obj, h5py.Dataset):
+        raise PackError(f"{path}: '{key}' is not a dataset")
+    if obj.dtype.kind not in "fi":
+        raise PackError(f"{path}: dataset '{key}' has non-numeric dtype {obj.dtype}")
+    return obj[()]
+
+
+def _check_rotation(r: np.ndarray, features: int, block: int, path: Path, key: str) -> torch.Tensor:
+    nb = n_blocks(features, block)
+    if r.dtype != np.float32 or r.shape != (nb, block, block):
+        raise PackError(f"{path}: {key} must be float32 ({nb}, {block}, {block}), got {r.dtype} {r.shape}")
+    if not np.isfinite(r).all():
+        raise PackError(f"{path}: {key} has NaN or Inf")
+    t = torch.from_numpy(r)
+    err = orthogonality_error(t)
+    if err > ORTHO_TOL:
+        raise PackError(f"{path}: {key} is not orthogonal (max |R^T R - I| = {err:.2e} > {ORTHO_TOL:g})")
+    tail = features - (nb - 1) * block
+    if tail != block:
+        last = t[-1].double()
+        expect = torch.eye(block, dtype=torch.float64)
+        if not (torch.equal(last[tail:, :], expect[tail:, :]) and torch.equal(last[:, tail:], expect[:, tail:])):
+            raise PackError(f"{path}: {key} last block must be identity outside its {tail}x{tail} corner")
+    return t
+
+
+def orthogonality_error(r: torch.Tensor) -> float:
+    """max |R_b^T R_b - I| over blocks, computed in float64."""
+    r64 = r.double()
+    eye = torch.eye(r.shape[-1], dtype=torch.float64)
+    return float((r64.transpose(1, 2) @ r64 - eye).abs().max()) if r.numel() else 0.0
+
+
+def _check_perm(p: np.ndarray, features: int, path: Path) -> torch.Tensor:
+    if p.dtype.kind != "i" or p.shape != (features,):
+        raise PackError(f"{path}: perm must be integer ({features},), got {p.dtype} {p.shape}")
+    if not np.array_equal(np.sort(p), np.arange(features)):
+        raise PackError(f"{path}: perm is not a permutation of 0..{features - 1}")
+    return torch.from_numpy(p.astype(np.int64))

@@ -1,0 +1,48 @@
+"""Symmetric integer quantization of weight rows (pure functions).
+
+A b-bit row is stored as integers q in [-2^(b-1), 2^(b-1) - 1] and a positive float32 scale s,
+representing q * s. Rounding is round-half-to-even (torch.round).
+Bits >= 16 or <= 0 mean "not quantized" (see `is_quantized`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def is_quantized(bits: int | None) -> bool:
+    """True for bit widths that quantize (1 < bits < 16)."""
+    return bits is not None and 0 < bits < 16
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Integer range (qmin, qmax) of a symmetric signed b-bit code."""
+    if not 2 <= bits <= 15:
+        raise ValueError(f"quantized bit width must be in 2..15, got {bits}")
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def quantize_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers of w (out, in) float32 with per-row scale (out,): clamp(round(w / s)), as int8/int16."""
+    qmin, qmax = qrange(bits)
+    q = torch.clamp(torch.round(w / scale.unsqueeze(1)), qmin, qmax)
+    return q.to(torch.int8 if bits <= 8 else torch.int16)
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 (out, in) values q * s of integer rows q (out, in) and scales s (out,)."""
+    return q.to(torch.float32) * scale.to(torch.float32).unsqueeze(1)
+
+
+def fake_quantize_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize then dequantize w (out, in) with per-row scales: the values the runtime multiplies."""
+    qmin, qmax = qrange(bits)
+    s = scale.unsqueeze(1)
+    return torch.clamp(torch.round(w / s), qmin, qmax) * s
+
+
+def absmax_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row scale max|w_row| / qmax (float32, shape (out,)); all-zero rows get scale 1."""
+    _, qmax = qrange(bits)
+    amax = w.abs().amax(dim=1).to(torch.float32)
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
