@@ -173,3 +173,9 @@ def load_preset(name: str) -> dict:
     if bad:
         raise ConfigError(f"preset '{name}' has unknown fields {sorted(bad)}")
     return data
+
+
+def config_hash_of(cfg: BuildConfig) -> str:
+    """The hash recorded in the manifest for this resolved config."""
+    from duquant_runtime.format import config_hash
+    return config_hash(cfg.to_dict())

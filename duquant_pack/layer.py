@@ -74,7 +74,8 @@ def compute_layer(w: torch.Tensor, spec: LayerSpec) -> LayerResult:
         norm2 = float(w.to(torch.float64).pow(2).sum())
         rtn = w - fake_quantize_rows(w, absmax_scales(w, spec.wbits), spec.wbits)
         rtn_err2 = float(rtn.to(torch.float64).pow(2).sum())
-        stats = {"w_rel_err": _rel(float(row_err.sum()), norm2), "rtn_rel_err": _rel(rtn_err2, norm2)}
+        stats = {"w_rel_err": _rel(float(row_err.sum()), norm2), "rtn_rel_err": _rel(rtn_err2, norm2),
+                 "w_fro": float(np.sqrt(norm2))}
         scale = scale.numpy()
     return LayerResult(
         perm=perm.astype(np.int32) if perm is not None else None,

@@ -36,6 +36,21 @@ def _nearest(word: str, names: list[str], n: int = 3) -> str:
     return ", ".join(near) if near else "(none)"
 
 
+def _nearest_for_pattern(pattern: str, names: list[str], n: int = 3) -> str:
+    """Names whose dotted components look like the literal words of a regex (e.g. 'q_prjo' -> q_proj)."""
+    words = [w for w in re.split(r"[^A-Za-z0-9_]+", pattern) if len(w) > 1]
+    comps: dict[str, str] = {}
+    for name in names:
+        for c in name.split("."):
+            comps.setdefault(c, name)
+    found: list[str] = []
+    for w in words:
+        for c in difflib.get_close_matches(w, list(comps), n=n, cutoff=0.6):
+            if comps[c] not in found:
+                found.append(comps[c])
+    return ", ".join(found[:n]) if found else _nearest(pattern, names, n)
+
+
 def select_layers(ckpt: Checkpoint, cfg: BuildConfig) -> list[SelectedLayer]:
     """The selected layers in natural name order; raises ConfigError when the selection is unusable."""
     names = sorted((k[: -len(".weight")] for k in ckpt.names() if k.endswith(".weight")), key=natural_key)
@@ -59,7 +74,7 @@ def select_layers(ckpt: Checkpoint, cfg: BuildConfig) -> list[SelectedLayer]:
         chosen = [n for n in scoped if inc.search(n) and not (exc and exc.search(n))]
         if not chosen:
             raise ConfigError(f"no layer matches --include {cfg.include!r} (scope '{cfg.scope}', "
-                              f"exclude {cfg.exclude!r}); nearest names: {_nearest(cfg.include, scoped)}")
+                              f"exclude {cfg.exclude!r}); nearest names: {_nearest_for_pattern(cfg.include, scoped)}")
     chosen_set = set(chosen)
     for name in cfg.layer_wbits:
         if name not in chosen_set:
