@@ -198,12 +198,13 @@ def _print_build(summary) -> None:
 @click.option("--width-div", type=int, default=1, show_default=True, help="Divide widths by 1, 2, 4 or 8.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
-def synth(arch, out, n_layers, width_div, seed, dtype):
+@click.option("--include", metavar="RE", help="Only write tensors whose key matches RE (re.search).")
+def synth(arch, out, n_layers, width_div, seed, dtype, include):
     """Write a synthetic pi0 / pi0.5 checkpoint with the real key names, heavy-tailed weights and
     outlier channels (deterministic for a seed; streamed, so full size needs little memory)."""
     from .synth import write_synth
     t0 = time.perf_counter()
-    path = write_synth(out, arch, n_layers, width_div, seed, dtype)
+    path = write_synth(out, arch, n_layers, width_div, seed, dtype, include)
     click.echo(f"wrote {path} ({_fmt_bytes(path.stat().st_size)}) in {time.perf_counter() - t0:.1f} s")
 
 

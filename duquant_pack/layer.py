@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from duquant_runtime.quant import absmax_scales, fake_quantize_rows, is_quantized
+from duquant_runtime.quant import is_quantized
 from duquant_runtime.transforms import transform_weight
 
 from .permutation import compute_permutation
@@ -71,9 +71,8 @@ def compute_layer(w: torch.Tensor, spec: LayerSpec) -> LayerResult:
     scale = None
     if is_quantized(spec.wbits):
         scale, row_err = weight_scales(w_t, spec.wbits, spec.scale)
-        norm2 = float(w.to(torch.float64).pow(2).sum())
-        rtn = w - fake_quantize_rows(w, absmax_scales(w, spec.wbits), spec.wbits)
-        rtn_err2 = float(rtn.to(torch.float64).pow(2).sum())
+        norm2 = float(torch.linalg.vector_norm(w, dtype=torch.float64) ** 2)
+        rtn_err2 = float(weight_scales(w, spec.wbits, "max")[1].sum())  # plain RTN, absmax scales
         stats = {"w_rel_err": _rel(float(row_err.sum()), norm2), "rtn_rel_err": _rel(rtn_err2, norm2),
                  "w_fro": float(np.sqrt(norm2))}
         scale = scale.numpy()

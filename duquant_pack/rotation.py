@@ -13,19 +13,38 @@ from __future__ import annotations
 
 import torch
 
+_CHUNK_ELEMS = 1 << 20  # float64 elements per row chunk (8 MiB)
 
 def column_block_grams(a: torch.Tensor, block: int) -> torch.Tensor:
     """Gram matrices A_b^T A_b (nb, block, block) float64 of column blocks of a (rows, cols).
 
-    A partial last block is zero-padded (its padding rows/cols of the Gram matrix are zero).
+    Accumulated over chunks of rows (cache-sized float64 copies). A partial last block is
+    zero-padded (its padding rows/cols of the Gram matrix are zero).
     """
     rows, cols = a.shape
     nb = -(-cols // block)
-    a64 = a.to(torch.float64)
-    if nb * block != cols:
-        a64 = torch.nn.functional.pad(a64, (0, nb * block - cols))
-    ab = a64.reshape(rows, nb, block).permute(1, 2, 0)  # (nb, B, rows)
-    return torch.bmm(ab, ab.transpose(1, 2))
+    pad = nb * block - cols
+    g = torch.zeros(nb, block, block, dtype=torch.float64)
+    step = max(1, _CHUNK_ELEMS // (nb * block))
+    for r0 in range(0, rows, step):
+        x = a[r0:r0 + step].to(torch.float64)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, pad))
+        xb = x.reshape(-1, nb, block).transpose(0, 1)  # (nb, rows_chunk, B)
+        g.baddbmm_(xb.transpose(1, 2), xb)
+    return g
+
+
+def row_block_grams(a: torch.Tensor, block: int) -> torch.Tensor:
+    """Gram matrices A_r A_r^T (nb, block, block) float64 of row blocks of a (rows, cols)."""
+    rows, _ = a.shape
+    nb = -(-rows // block)
+    g = torch.zeros(nb, block, block, dtype=torch.float64)
+    for r in range(nb):
+        x = a[r * block:(r + 1) * block].to(torch.float64)
+        n = x.shape[0]
+        g[r, :n, :n] = x @ x.t()
+    return g
 
 
 def principal_rotations(grams: torch.Tensor, last_block_size: int) -> torch.Tensor:
@@ -62,4 +81,5 @@ def output_rotations(w: torch.Tensor, block: int) -> torch.Tensor:
 
     W_r W_r^T is unchanged by the orthogonal input transform, so W or W P R_in give the same R_out.
     """
-    return input_rotations(w.t(), block)
+    rows = w.shape[0]
+    return principal_rotations(row_block_grams(w, block), rows - (-(-rows // block) - 1) * block)

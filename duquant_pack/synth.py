@@ -10,8 +10,10 @@ openpi PyTorch state_dict listings). Values, generated deterministically from (s
 - pi0.5's adaRMS ``dense`` layers (zero in a fresh model) get the linear-weight values.
 
 ``layers`` keeps the first N decoder layers of each tower; ``width_div`` divides the hidden, MLP,
-head and vocabulary sizes (1, 2, 4 or 8: these keep every head dimension an integer). The tied
-``language_model.embed_tokens`` is omitted, as in a converted checkpoint.
+head and vocabulary sizes (1, 2, 4 or 8: these keep every head dimension an integer); ``include``
+keeps only keys matching a regex (benchmarks use it to write just the layers they pack). The tied
+``language_model.embed_tokens`` is omitted, as in a converted checkpoint. Values depend only on
+(seed, key), not on which other keys are written.
 """
 
 from __future__ import annotations
@@ -50,20 +52,27 @@ def arch_table(arch: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def synth_specs(arch: str, layers: int | None = None, width_div: int = 1) -> list[tuple[str, tuple[int, ...]]]:
-    """Key names and (scaled) shapes that `write_synth` writes."""
+def synth_specs(arch: str, layers: int | None = None, width_div: int = 1,
+                include: str | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """Key names and (scaled) shapes that `write_synth` writes (keys matching `include`, re.search)."""
     if width_div not in WIDTH_DIVS:
         raise ConfigError(f"--width-div must be one of {', '.join(map(str, WIDTH_DIVS))}, got {width_div}")
     if layers is not None and layers < 1:
         raise ConfigError(f"--layers must be >= 1, got {layers}")
+    try:
+        inc = re.compile(include) if include else None
+    except re.error as err:
+        raise ConfigError(f"--include: invalid regular expression {include!r} ({err})") from None
     specs = []
     for key, shape in arch_table(arch):
-        if key.endswith("language_model.embed_tokens.weight"):
+        if key.endswith("language_model.embed_tokens.weight") or (inc and not inc.search(key)):
             continue
         m = _LAYER_INDEX.search(key)
         if layers is not None and m and int(m.group(1)) >= layers:
             continue
         specs.append((key, tuple(s // width_div if s in _WIDTHS else s for s in shape)))
+    if not specs:
+        raise ConfigError(f"--include {include!r} keeps no tensor of {arch}")
     return specs
 
 
@@ -121,14 +130,15 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def write_synth(out_dir, arch: str = "pi05", layers: int | None = None, width_div: int = 1,
-                seed: int = 0, dtype: str = "bf16") -> Path:
+                seed: int = 0, dtype: str = "bf16", include: str | None = None) -> Path:
     """Write ``out_dir/model.safetensors``; returns its path. Same arguments, same bytes."""
     if dtype not in _DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype}")
-    specs = synth_specs(arch, layers, width_div)
+    specs = synth_specs(arch, layers, width_div, include)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.safetensors"
-    meta = {"format": "pt", "duquant_synth": f"arch={arch} layers={layers} width_div={width_div} seed={seed}"}
+    meta = {"format": "pt",
+            "duquant_synth": f"arch={arch} layers={layers} width_div={width_div} seed={seed} include={include}"}
     write_streaming(path, specs, _DTYPES[dtype], _produce(seed), meta)
     return path

@@ -42,14 +42,39 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
+def _mul_column_blocks(w: torch.Tensor, blocks: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """W (rows, n) @ BD(blocks) (or BD(blocks)^T), one matmul per column block, no transposed copies."""
+    out = torch.empty_like(w)
+    b = blocks.shape[1]
+    for i in range(blocks.shape[0]):
+        sl = slice(i * b, min((i + 1) * b, w.shape[1]))
+        n = sl.stop - sl.start
+        r = blocks[i, :n, :n]
+        out[:, sl] = w[:, sl] @ (r.t() if transpose else r)
+    return out
+
+
+def _mul_row_blocks(w: torch.Tensor, blocks: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """BD(blocks)^T W (or BD(blocks) W with transpose=True) for W (n, cols), one matmul per row block."""
+    out = torch.empty_like(w)
+    b = blocks.shape[1]
+    for i in range(blocks.shape[0]):
+        sl = slice(i * b, min((i + 1) * b, w.shape[0]))
+        n = sl.stop - sl.start
+        r = blocks[i, :n, :n]
+        out[sl] = (r if transpose else r.t()) @ w[sl]
+    return out
+
+
 def transform_weight(w: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor,
                      r_out: torch.Tensor | None) -> torch.Tensor:
     """W_t = BD(r_out)^T W P BD(r_in) for W (out, in); perm/r_out None mean identity."""
-    a = w[:, perm] if perm is not None else w
-    a = apply_blocks(a, r_in)
+    _check_blocks(w.shape[1], r_in, "r_in")
+    a = _mul_column_blocks(w[:, perm] if perm is not None else w, r_in, transpose=False)
     if r_out is not None:
-        a = apply_blocks(a.t(), r_out).t()
-    return a.contiguous()
+        _check_blocks(w.shape[0], r_out, "r_out")
+        a = _mul_row_blocks(a, r_out, transpose=False)
+    return a
 
 
 def restore_weight(w_t: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor,
@@ -57,11 +82,19 @@ def restore_weight(w_t: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Ten
     """Inverse of `transform_weight`: W = BD(r_out) W_t BD(r_in)^T P^T."""
     a = w_t
     if r_out is not None:
-        a = apply_blocks(a.t(), r_out, transpose=True).t()
-    a = apply_blocks(a, r_in, transpose=True)
+        _check_blocks(w_t.shape[0], r_out, "r_out")
+        a = _mul_row_blocks(a, r_out, transpose=True)
+    _check_blocks(w_t.shape[1], r_in, "r_in")
+    a = _mul_column_blocks(a, r_in, transpose=True)
     if perm is not None:
         a = a[:, inverse_permutation(perm)]
-    return a.contiguous()
+    return a
+
+
+def _check_blocks(n: int, blocks: torch.Tensor, what: str) -> None:
+    nb, b, _ = blocks.shape
+    if not (nb * b - b < n <= nb * b):
+        raise ValueError(f"{what}: {n} features do not fit {nb} blocks of {b}")
 
 
 def input_transform(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor) -> torch.Tensor:
