@@ -39,10 +39,10 @@ from duquant_runtime.pack import load_pack
 
 from .checkpoint import Checkpoint
 from .config import BuildConfig
-from .errors import BuildError
+from .errors import BuildError, CheckpointError
 from .layer import ALGORITHM_VERSION, LayerSpec, compute_layer
 from .selection import SelectedLayer, select_layers
-from .writer import TMP_PREFIX, fsync_dir, read_layer_key, write_json_atomic, write_layer_file
+from .writer import TMP_PREFIX, fsync_dir, reusable_entry, write_json_atomic, write_layer_file
 
 LOCK_NAME = ".lock"
 PENDING_NAME = ".pending.json"  # identity of an unfinished build in this directory
@@ -85,13 +85,20 @@ def layer_key(name: str, spec: LayerSpec, weight_fp: str) -> str:
 
 # --- worker side -------------------------------------------------------------------------------
 
-_CKPT_CACHE: dict[str, Checkpoint] = {}
+_CKPT_CACHE: dict[tuple[str, str], Checkpoint] = {}
 
 
-def _checkpoint(path: str) -> Checkpoint:
-    ck = _CKPT_CACHE.get(path)
+def _checkpoint(path: str, fingerprint: str) -> Checkpoint:
+    """The checkpoint at `path`, opened once per worker process and build; it must still be the
+    one the driver selected layers from (same header fingerprint)."""
+    key = (path, fingerprint)
+    ck = _CKPT_CACHE.get(key)
     if ck is None:
-        ck = _CKPT_CACHE[path] = Checkpoint(path)
+        ck = Checkpoint(path)
+        if ck.fingerprint()["sha256"] != fingerprint:
+            raise CheckpointError(f"{path}: checkpoint changed during the build; rerun")
+        _CKPT_CACHE.clear()  # one checkpoint at a time: drop handles of earlier ones
+        _CKPT_CACHE[key] = ck
     return ck
 
 
@@ -105,18 +112,19 @@ def _single_thread():
         torch.set_num_threads(prev)
 
 
-def build_one_layer(ckpt_path: str, layer: SelectedLayer, spec: LayerSpec, out_dir: str) -> dict:
+def build_one_layer(ckpt_path: str, ckpt_fp: str, layer: SelectedLayer, spec: LayerSpec, out_dir: str) -> dict:
     """Read, fingerprint, compute (or reuse) and write one layer; returns its manifest entry."""
     t0 = time.perf_counter()
     with _single_thread():
-        w = _checkpoint(ckpt_path).read_weight(layer.key)
+        w = _checkpoint(ckpt_path, ckpt_fp).read_weight(layer.key)
         fp = weight_fingerprint(w)
         key = layer_key(layer.name, spec, fp)
         rel = layer_file_name(layer.name, key)
         path = Path(out_dir) / rel
-        reused = path.is_file() and read_layer_key(path) == key
+        entry = reusable_entry(path, key) if path.is_file() else None
+        reused = entry is not None
         if reused:
-            entry = _entry_from_file(path)
+            entry["source_dtype"] = layer.dtype  # values equal; the stored dtype may differ
         else:
             res = compute_layer(w, spec)
             entry = {"name": layer.name, "file": rel, "in_features": layer.in_features,
@@ -132,12 +140,6 @@ def build_one_layer(ckpt_path: str, layer: SelectedLayer, spec: LayerSpec, out_d
     return {"entry": entry, "reused": reused, "seconds": time.perf_counter() - t0}
 
 
-def _entry_from_file(path: Path) -> dict:
-    import h5py
-    with h5py.File(path, "r") as f:
-        return json.loads(f.attrs["entry"])
-
-
 # --- driver side -------------------------------------------------------------------------------
 
 def _inspect_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
@@ -147,7 +149,7 @@ def _inspect_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
     if not out.is_dir():
         raise BuildError(f"{out}: exists and is not a directory")
     entries = {p.name for p in out.iterdir()}
-    foreign = entries - _OWN_ENTRIES
+    foreign = {e for e in entries - _OWN_ENTRIES if not e.startswith(TMP_PREFIX)}
     if foreign:
         raise BuildError(f"{out}: not empty and not a duquant pack (found {sorted(foreign)[:3]}); "
                          "choose another --out")
@@ -224,12 +226,12 @@ def _build_locked(ckpt: Checkpoint, selected: list[SelectedLayer], cfg: BuildCon
                   out: Path, identity: dict, jobs: int, progress: bool) -> tuple[dict, list[dict]]:
     layers_dir = out / LAYERS_DIR
     layers_dir.mkdir(exist_ok=True)
-    for stale in layers_dir.glob(TMP_PREFIX + "*"):
-        stale.unlink()
+    for stale in (*out.glob(TMP_PREFIX + "*"), *layers_dir.glob(TMP_PREFIX + "*")):
+        stale.unlink()  # left by a killed build (we hold the lock: nobody is writing them)
     before = {p.name for p in layers_dir.iterdir()}
     write_json_atomic(out / PENDING_NAME, identity)
     try:
-        results = _run_layers(str(ckpt.path), selected, cfg, str(out), jobs, progress)
+        results = _run_layers(str(ckpt.path), identity["checkpoint"], selected, cfg, str(out), jobs, progress)
     except BaseException as err:
         if not isinstance(err, KeyboardInterrupt):  # an interrupted build keeps its files to resume
             for p in layers_dir.iterdir():
@@ -243,7 +245,7 @@ def _build_locked(ckpt: Checkpoint, selected: list[SelectedLayer], cfg: BuildCon
     cfg_dict = cfg.to_dict()
     manifest = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-        "tool": {"name": "duquant", "version": __version__},
+        "tool": {"name": "duquant", "version": __version__, "algorithm_version": ALGORITHM_VERSION},
         "preset": preset, "config": cfg_dict, "config_hash": identity["config_hash"],
         "checkpoint": ckpt.fingerprint(), "layers": entries,
         "totals": {"layers": len(entries), "weights": sum(s.numel for s in selected),
@@ -281,11 +283,11 @@ def _resolve_jobs(jobs: int | None) -> int:
     return jobs
 
 
-def _run_layers(ckpt_path: str, selected: list[SelectedLayer], cfg: BuildConfig, out: str, jobs: int,
-                progress: bool) -> list[dict]:
+def _run_layers(ckpt_path: str, ckpt_fp: str, selected: list[SelectedLayer], cfg: BuildConfig, out: str,
+                jobs: int, progress: bool) -> list[dict]:
     # biggest layers first: better load balance; results do not depend on the order
     order = sorted(selected, key=lambda s: (-s.numel, s.name))
-    tasks = (delayed(build_one_layer)(ckpt_path, s, cfg.layer_spec(s.name), out) for s in order)
+    tasks = (delayed(build_one_layer)(ckpt_path, ckpt_fp, s, cfg.layer_spec(s.name), out) for s in order)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -294,7 +296,7 @@ def _run_layers(ckpt_path: str, selected: list[SelectedLayer], cfg: BuildConfig,
     results = []
     try:
         if jobs == 1:
-            stream = (build_one_layer(ckpt_path, s, cfg.layer_spec(s.name), out) for s in order)
+            stream = (build_one_layer(ckpt_path, ckpt_fp, s, cfg.layer_spec(s.name), out) for s in order)
         else:
             stream = Parallel(n_jobs=min(jobs, len(order)), backend="loky",
                               return_as="generator_unordered")(tasks)

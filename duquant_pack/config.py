@@ -54,7 +54,8 @@ class BuildConfig:
         """The per-layer settings of layer `name`."""
         return LayerSpec(wbits=self.layer_wbits.get(name, self.wbits), block=self.block,
                          block_out=self.block_out, permute=self.permute,
-                         permute_metric=self.permute_metric, scale=self.scale)
+                         permute_metric=self.permute_metric if self.permute == "zigzag" else None,
+                         scale=self.scale)
 
 
 FIELD_NAMES = {f.name for f in fields(BuildConfig)}

@@ -35,7 +35,7 @@ class LayerSpec:
     block: int
     block_out: int | None  # None: no output rotation
     permute: str  # zigzag | interleave | none
-    permute_metric: str  # absmax | energy
+    permute_metric: str | None  # absmax | energy (zigzag only)
     scale: str  # mse | max
 
     def to_dict(self) -> dict:

@@ -7,6 +7,7 @@ HDF5 files are written without timestamps, so equal data gives equal bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -44,10 +45,13 @@ def write_layer_file(path: Path, *, name: str, layer_key: str, weight_fingerprin
             f.attrs["layer_key"] = layer_key
             f.attrs["weight_fingerprint"] = weight_fingerprint
             f.attrs["entry"] = entry_json
+            arrays = {}
             for key, arr, dtype in (("perm", perm, np.int32), ("r_in", r_in, np.float32),
                                     ("r_out", r_out, np.float32), ("weight_scale", weight_scale, np.float32)):
                 if arr is not None:
-                    f.create_dataset(key, data=np.ascontiguousarray(arr, dtype=dtype), track_times=False)
+                    arrays[key] = np.ascontiguousarray(arr, dtype=dtype)
+                    f.create_dataset(key, data=arrays[key], track_times=False)
+            f.attrs["data_sha256"] = datasets_sha256(arrays)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         digest = file_sha256(tmp)
@@ -59,15 +63,31 @@ def write_layer_file(path: Path, *, name: str, layer_key: str, weight_fingerprin
     return digest
 
 
-def read_layer_key(path: Path) -> str | None:
-    """The layer_key attribute of an existing layer file, or None when it is unreadable."""
+def datasets_sha256(arrays: dict) -> str:
+    """sha256 over the datasets of a layer file: for each name in sorted order, the name, dtype,
+    shape and little-endian bytes. Lets a build check a layer file it is about to reuse."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        h.update(f"{key}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def reusable_entry(path: Path, layer_key: str) -> dict | None:
+    """The stored manifest entry of an existing layer file when it is the finished, intact result
+    of computation `layer_key` (attributes match, datasets match their checksum); else None."""
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != LAYER_FORMAT_NAME:
+            if f.attrs.get("format") != LAYER_FORMAT_NAME or f.attrs.get("layer_key") != layer_key:
                 return None
-            key = f.attrs.get("layer_key")
-            return str(key) if key is not None else None
-    except (OSError, ValueError, KeyError):
+            arrays = {k: f[k][()] for k in f.keys()}
+            if f.attrs.get("data_sha256") != datasets_sha256(arrays):
+                return None
+            entry = json.loads(f.attrs["entry"])
+            return entry if isinstance(entry, dict) and entry.get("layer_key") == layer_key else None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 

@@ -2,8 +2,8 @@
 
 A pack is a directory::
 
-    manifest.json          the commit point: written last, atomically
-    layers/<name>-<key>.h5 one HDF5 file per layer (datasets below), referenced by the manifest
+    manifest.json                 the commit point: written last, atomically
+    layers/<name>.<key16>.h5      one HDF5 file per layer (datasets below), referenced by the manifest
 
 Layer file datasets (float32 unless said): ``r_in`` (nb_in, B_in, B_in); optional ``perm``
 int32 (in,) (absent: identity); optional ``r_out`` (nb_out, B_out, B_out) (absent: no output
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from typing import Any
 
 from .errors import PackError
@@ -27,6 +28,7 @@ MANIFEST = "manifest.json"
 LAYERS_DIR = "layers"
 ORTHO_TOL = 1e-5
 LAYER_DATASETS = {"perm", "r_in", "r_out", "weight_scale"}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def canonical_json(obj: Any) -> str:
@@ -81,8 +83,14 @@ def validate_manifest(m: Any) -> dict:
         raise PackError(f"manifest.json: format version {ver!r} is not supported by this reader "
                         f"(supports {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade duquant")
     _need(m, _TOP_FIELDS, "manifest.json")
-    if config_hash(m["config"]) != m["config_hash"]:
-        raise PackError("manifest.json: config_hash does not match its config (edited or corrupt)")
+    ck = m["checkpoint"]
+    if not (isinstance(ck.get("sha256"), str) and isinstance(ck.get("files"), list)):
+        raise PackError("manifest.json: checkpoint fingerprint lacks 'sha256' or 'files'")
+    try:
+        if config_hash(m["config"]) != m["config_hash"]:
+            raise PackError("manifest.json: config_hash does not match its config (edited or corrupt)")
+    except ValueError:
+        raise PackError("manifest.json: config holds non-finite numbers") from None
     seen_names, seen_files = set(), set()
     for i, layer in enumerate(m["layers"]):
         if not isinstance(layer, dict):
@@ -99,9 +107,11 @@ def validate_manifest(m: Any) -> dict:
         for key in ("in_features", "out_features", "block_in"):
             if layer[key] <= 0:
                 raise PackError(f"manifest.json: layer '{name}': {key} must be positive")
-        if layer["block_out"] is not None and layer["block_out"] <= 0:
-            raise PackError(f"manifest.json: layer '{name}': block_out must be positive")
-        if len(layer["sha256"]) != 64:
+        if layer["block_out"] is not None and (isinstance(layer["block_out"], bool) or layer["block_out"] <= 0):
+            raise PackError(f"manifest.json: layer '{name}': block_out must be a positive integer or null")
+        if not (layer["wbits"] == 0 or 2 <= layer["wbits"] <= 15):
+            raise PackError(f"manifest.json: layer '{name}': wbits {layer['wbits']} is not 0 or 2..15")
+        if not _HEX64.fullmatch(layer["sha256"]):
             raise PackError(f"manifest.json: layer '{name}': sha256 is not a hex digest")
     return m
 

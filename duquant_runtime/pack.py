@@ -82,9 +82,7 @@ class Pack:
     def verify(self) -> list[str]:
         """Check every layer file; return one line per problem (empty when the pack is intact)."""
         problems = []
-        listed = set()
         for e in self.manifest["layers"]:
-            listed.add(e["file"])
             try:
                 read_layer(self.path, e)
             except PackError as err:

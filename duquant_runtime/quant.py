@@ -11,7 +11,7 @@ import torch
 
 
 def is_quantized(bits: int | None) -> bool:
-    """True for bit widths that quantize (1 < bits < 16)."""
+    """True for bit widths that quantize (0 < bits < 16; 1 is invalid and refused by `qrange`)."""
     return bits is not None and 0 < bits < 16
 
 
