@@ -85,13 +85,14 @@ def layer_key(name: str, spec: LayerSpec, weight_fp: str) -> str:
 
 # --- worker side -------------------------------------------------------------------------------
 
-_CKPT_CACHE: dict[tuple[str, str], Checkpoint] = {}
+_CKPT_CACHE: dict[tuple[str, str, str], Checkpoint] = {}
 
 
-def _checkpoint(path: str, fingerprint: str) -> Checkpoint:
-    """The checkpoint at `path`, opened once per worker process and build; it must still be the
-    one the driver selected layers from (same header fingerprint)."""
-    key = (path, fingerprint)
+def _checkpoint(path: str, fingerprint: str, build_id: str) -> Checkpoint:
+    """The checkpoint at `path`, opened once per worker process and build (never reused by a later
+    build: the file may have been rewritten with equal headers); it must still be the one the
+    driver selected layers from (same header fingerprint)."""
+    key = (path, fingerprint, build_id)
     ck = _CKPT_CACHE.get(key)
     if ck is None:
         ck = Checkpoint(path)
@@ -112,30 +113,30 @@ def _single_thread():
         torch.set_num_threads(prev)
 
 
-def build_one_layer(ckpt_path: str, ckpt_fp: str, layer: SelectedLayer, spec: LayerSpec, out_dir: str) -> dict:
+def build_one_layer(ckpt_path: str, ckpt_fp: str, build_id: str, layer: SelectedLayer, spec: LayerSpec,
+                    out_dir: str) -> dict:
     """Read, fingerprint, compute (or reuse) and write one layer; returns its manifest entry."""
     t0 = time.perf_counter()
     with _single_thread():
-        w = _checkpoint(ckpt_path, ckpt_fp).read_weight(layer.key)
+        w = _checkpoint(ckpt_path, ckpt_fp, build_id).read_weight(layer.key)
         fp = weight_fingerprint(w)
         key = layer_key(layer.name, spec, fp)
         rel = layer_file_name(layer.name, key)
         path = Path(out_dir) / rel
         entry = reusable_entry(path, key) if path.is_file() else None
         reused = entry is not None
-        if reused:
-            entry["source_dtype"] = layer.dtype  # values equal; the stored dtype may differ
-        else:
+        if not reused:
             res = compute_layer(w, spec)
             entry = {"name": layer.name, "file": rel, "in_features": layer.in_features,
                      "out_features": layer.out_features, "wbits": spec.wbits, "block_in": res.block_in,
                      "block_out": res.block_out, "permuted": res.perm is not None,
-                     "weight_fingerprint": fp, "layer_key": key, "source_dtype": layer.dtype,
-                     "stats": res.stats}
+                     "weight_fingerprint": fp, "layer_key": key, "stats": res.stats}
             del w
             write_layer_file(path, name=layer.name, layer_key=key, weight_fingerprint=fp, perm=res.perm,
                              r_in=res.r_in, r_out=res.r_out, weight_scale=res.weight_scale,
                              entry_json=canonical_json(entry))
+        # the file holds what depends on the layer key only; these depend on this build
+        entry["source_dtype"] = layer.dtype
         entry["sha256"] = file_sha256(path)
     return {"entry": entry, "reused": reused, "seconds": time.perf_counter() - t0}
 
@@ -203,7 +204,7 @@ def build_pack(ckpt_path, out_dir, cfg: BuildConfig, *, preset: str | None = Non
     _inspect_out_dir(out, identity, overwrite)
     jobs = _resolve_jobs(jobs)
 
-    created = not out.exists()
+    created = _missing_ancestors(out)  # directories this build creates, innermost first
     out.mkdir(parents=True, exist_ok=True)
     try:
         with _locked(out):
@@ -212,6 +213,11 @@ def build_pack(ckpt_path, out_dir, cfg: BuildConfig, *, preset: str | None = Non
     except BaseException as err:
         if created and not isinstance(err, KeyboardInterrupt) and _only_scaffolding(out):
             shutil.rmtree(out, ignore_errors=True)
+            for parent in created[1:]:
+                try:
+                    parent.rmdir()  # only if still empty
+                except OSError:
+                    break
         raise
     reused = sum(1 for r in results if r["reused"])
     entries = manifest["layers"]
@@ -261,6 +267,16 @@ def _build_locked(ckpt: Checkpoint, selected: list[SelectedLayer], cfg: BuildCon
     return manifest, results
 
 
+def _missing_ancestors(out: Path) -> list[Path]:
+    """`out` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    p = out.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
 def _only_scaffolding(out: Path) -> bool:
     """True when `out` holds nothing but an empty layers/ dir, the lock and the pending marker."""
     if not out.is_dir():
@@ -287,7 +303,8 @@ def _run_layers(ckpt_path: str, ckpt_fp: str, selected: list[SelectedLayer], cfg
                 jobs: int, progress: bool) -> list[dict]:
     # biggest layers first: better load balance; results do not depend on the order
     order = sorted(selected, key=lambda s: (-s.numel, s.name))
-    tasks = (delayed(build_one_layer)(ckpt_path, ckpt_fp, s, cfg.layer_spec(s.name), out) for s in order)
+    build_id = f"{os.getpid()}-{time.time_ns()}"
+    tasks = (delayed(build_one_layer)(ckpt_path, ckpt_fp, build_id, s, cfg.layer_spec(s.name), out) for s in order)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -296,7 +313,7 @@ def _run_layers(ckpt_path: str, ckpt_fp: str, selected: list[SelectedLayer], cfg
     results = []
     try:
         if jobs == 1:
-            stream = (build_one_layer(ckpt_path, ckpt_fp, s, cfg.layer_spec(s.name), out) for s in order)
+            stream = (build_one_layer(ckpt_path, ckpt_fp, build_id, s, cfg.layer_spec(s.name), out) for s in order)
         else:
             stream = Parallel(n_jobs=min(jobs, len(order)), backend="loky",
                               return_as="generator_unordered")(tasks)

@@ -58,7 +58,7 @@ class Checkpoint:
                     raise CheckpointError(f"{f}: tensor '{name}' also appears in {self.tensors[name].file.name}")
                 self.tensors[name] = TensorInfo(name, info["dtype"], tuple(info["shape"]), f)
         for name, fname in (index_map or {}).items():
-            if name not in self.tensors:
+            if name not in self.tensors or self.tensors[name].file.name != fname:
                 raise CheckpointError(f"{self.path}: index lists '{name}' in {fname} but that shard does not hold it")
         self._handles: dict[Path, object] = {}
 
