@@ -1,0 +1,141 @@
+"""Apply a pack to a model: map pack entries to modules, check everything, then swap the modules.
+
+    report = apply_pack(model, "packs/pi05-w4a8")
+    print(report.summary())
+
+All checks run before the model is touched (module exists and is an `nn.Linear`, shape, weight
+fingerprint against the one recorded at build time, every layer file's integrity); a failure
+raises `PackError` and leaves the model unchanged. Module names equal checkpoint keys minus
+``.weight``; a model whose names carry an extra prefix (LeRobot's ``model.``) or lack one is
+matched automatically when the match is unambiguous, or through an explicit `name_map`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import PackError
+from .fingerprint import weight_fingerprint
+from .linear import DuQuantLinear
+from .pack import LayerPack, Pack, load_pack
+
+
+@dataclass
+class ApplyReport:
+    """What `apply_pack` did: replaced module names, skipped ones with reasons, resident bytes."""
+
+    pack: str
+    replaced: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (pack layer name, reason)
+    bytes_before: int = 0  # float weight + bias of the replaced modules
+    bytes_after: int = 0  # everything the DuQuantLinear modules keep
+    per_layer_bytes: dict = field(default_factory=dict)  # module name -> (before, after)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        ratio = self.bytes_after / self.bytes_before if self.bytes_before else 0.0
+        return (f"{len(self.replaced)} layers replaced, {len(self.skipped)} skipped; "
+                f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x)")
+
+
+def resolve_module_names(pack_names: list[str], module_names: list[str],
+                         name_map: Mapping[str, str] | Callable[[str], str] | None = None) -> dict[str, str | None]:
+    """Map each pack layer name to a module name (None when absent).
+
+    Without `name_map`: the exact name, else the unique module name that ends with ``'.' + name``
+    (an extra prefix in the model) or that the name ends with (a prefix in the pack). Two or more
+    candidates are an error naming them.
+    """
+    modules = set(module_names)
+    out: dict[str, str | None] = {}
+    for name in pack_names:
+        if name_map is not None:
+            target = name_map(name) if callable(name_map) else name_map.get(name, name)
+            out[name] = target if target in modules else None
+            continue
+        if name in modules:
+            out[name] = name
+            continue
+        cands = [m for m in module_names if m.endswith("." + name) or name.endswith("." + m)]
+        if len(cands) > 1:
+            raise PackError(f"pack layer '{name}' matches several modules ({', '.join(cands[:4])}); "
+                            "pass name_map to choose")
+        out[name] = cands[0] if cands else None
+    targets = [t for t in out.values() if t is not None]
+    if len(set(targets)) != len(targets):
+        dup = sorted({t for t in targets if targets.count(t) > 1})
+        raise PackError(f"several pack layers map to the same module(s) {dup[:3]}; pass name_map")
+    return out
+
+
+def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
+               name_map: Mapping[str, str] | Callable[[str], str] | None = None,
+               device: torch.device | str | None = None, act_mode: str = "static",
+               abits: int | None = None, force: bool = False) -> ApplyReport:
+    """Replace the pack's layers of `model` by `DuQuantLinear` modules; returns an `ApplyReport`.
+
+    strict: a pack layer without a matching module is an error (else it is skipped and reported).
+    force: apply even when a module's weights differ from those the pack was built from (warns).
+    abits: override the pack's activation bits (0 = off). act_mode: 'static' or 'dynamic'.
+    """
+    pack = pack_dir if isinstance(pack_dir, Pack) else load_pack(pack_dir)
+    cfg = pack.config
+    abits = cfg.get("abits", 0) if abits is None else abits
+    report = ApplyReport(pack=str(pack.path))
+    modules = dict(model.named_modules())
+    mapping = resolve_module_names(pack.layer_names, list(modules), name_map)
+
+    planned: list[tuple[str, str, LayerPack]] = []
+    for pname, mname in mapping.items():
+        if mname is None:
+            if strict:
+                raise PackError(f"pack layer '{pname}' has no module in the model "
+                                "(strict=False skips it; name_map maps names)")
+            report.skipped.append((pname, "no such module"))
+            continue
+        mod = modules[mname]
+        if isinstance(mod, DuQuantLinear):
+            raise PackError(f"module '{mname}' is already a DuQuantLinear (pack applied twice?)")
+        if not isinstance(mod, nn.Linear):
+            raise PackError(f"module '{mname}' is a {type(mod).__name__}, not nn.Linear")
+        entry = pack.entry(pname)
+        if tuple(mod.weight.shape) != (entry["out_features"], entry["in_features"]):
+            raise PackError(f"module '{mname}' has weight {list(mod.weight.shape)}, pack layer expects "
+                            f"[{entry['out_features']}, {entry['in_features']}]")
+        if not bool(torch.isfinite(mod.weight).all()):
+            raise PackError(f"module '{mname}' has NaN/Inf weights")
+        fp = weight_fingerprint(mod.weight)
+        if fp != entry["weight_fingerprint"]:
+            msg = (f"module '{mname}' holds other weights than the checkpoint the pack was built from "
+                   f"(fingerprint {fp[:17]} vs {entry['weight_fingerprint'][:17]})")
+            if not force:
+                raise PackError(msg + "; rebuild the pack for these weights, or force=True")
+            warnings.warn(msg + "; applying anyway (force=True)", stacklevel=2)
+            report.warnings.append(msg)
+        planned.append((pname, mname, pack.layer(pname)))  # reads and checks the layer file
+
+    built: list[tuple[str, nn.Module, DuQuantLinear]] = []
+    for pname, mname, layer in planned:
+        lin = modules[mname]
+        q = DuQuantLinear.from_linear(lin, layer, abits=abits, act_mode=act_mode,
+                                      act_percentile=cfg.get("act_percentile", 99.9),
+                                      calib_steps=cfg.get("calib_steps", 32))
+        if device is not None:
+            q = q.to(device)
+        built.append((mname, lin, q))
+    for mname, lin, q in built:  # nothing can fail from here on
+        parent_name, _, attr = mname.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attr, q)
+        before = lin.weight.numel() * lin.weight.element_size()
+        if lin.bias is not None:
+            before += lin.bias.numel() * lin.bias.element_size()
+        report.replaced.append(mname)
+        report.per_layer_bytes[mname] = (before, q.nbytes)
+        report.bytes_before += before
+        report.bytes_after += q.nbytes
+    return report
