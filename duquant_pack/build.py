@@ -16,7 +16,6 @@ previous pack in the directory stays intact until the new manifest replaces its 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -31,10 +30,11 @@ import torch
 from joblib import Parallel, delayed
 
 from duquant_runtime import __version__
+from duquant_runtime.atomic import LOCK_NAME, TMP_PREFIX, fsync_dir, pack_lock, write_json_atomic
 from duquant_runtime.errors import PackError
 from duquant_runtime.fingerprint import weight_fingerprint
-from duquant_runtime.format import (FORMAT_NAME, FORMAT_VERSION, LAYERS_DIR, MANIFEST, canonical_json,
-                                    config_hash, file_sha256)
+from duquant_runtime.format import (CALIBRATION_DIR, FORMAT_NAME, FORMAT_VERSION, LAYERS_DIR, MANIFEST,
+                                    canonical_json, config_hash, file_sha256)
 from duquant_runtime.pack import load_pack
 
 from .checkpoint import Checkpoint
@@ -42,11 +42,10 @@ from .config import BuildConfig
 from .errors import BuildError, CheckpointError
 from .layer import ALGORITHM_VERSION, LayerSpec, compute_layer
 from .selection import SelectedLayer, select_layers
-from .writer import TMP_PREFIX, fsync_dir, reusable_entry, write_json_atomic, write_layer_file
+from .writer import reusable_entry, write_layer_file
 
-LOCK_NAME = ".lock"
 PENDING_NAME = ".pending.json"  # identity of an unfinished build in this directory
-_OWN_ENTRIES = {MANIFEST, LAYERS_DIR, LOCK_NAME, PENDING_NAME}
+_OWN_ENTRIES = {MANIFEST, LAYERS_DIR, LOCK_NAME, PENDING_NAME, CALIBRATION_DIR}
 
 
 @dataclass
@@ -173,20 +172,6 @@ def _inspect_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
                          "use --overwrite to replace it, or another --out")
 
 
-@contextmanager
-def _locked(out: Path):
-    lock_path = out / LOCK_NAME
-    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BuildError(f"{out}: another build is writing this pack (lock {lock_path} is held)") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def default_out_dir(ckpt_path: Path, cfg_hash: str, preset: str | None, root: Path = Path("packs")) -> Path:
     base = ckpt_path.name if ckpt_path.is_dir() else ckpt_path.parent.name
     return root / f"{base or 'checkpoint'}-{preset or 'custom'}-{cfg_hash.split(':')[1][:8]}"
@@ -207,7 +192,7 @@ def build_pack(ckpt_path, out_dir, cfg: BuildConfig, *, preset: str | None = Non
     created = _missing_ancestors(out)  # directories this build creates, innermost first
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with _locked(out):
+        with pack_lock(out, BuildError, "another build is writing this pack"):
             _inspect_out_dir(out, identity, overwrite)  # again, now that we hold the lock
             manifest, results = _build_locked(ckpt, selected, cfg, preset, out, identity, jobs, progress)
     except BaseException as err:
@@ -232,8 +217,10 @@ def _build_locked(ckpt: Checkpoint, selected: list[SelectedLayer], cfg: BuildCon
                   out: Path, identity: dict, jobs: int, progress: bool) -> tuple[dict, list[dict]]:
     layers_dir = out / LAYERS_DIR
     layers_dir.mkdir(exist_ok=True)
-    for stale in (*out.glob(TMP_PREFIX + "*"), *layers_dir.glob(TMP_PREFIX + "*")):
-        stale.unlink()  # left by a killed build (we hold the lock: nobody is writing them)
+    cal_dir = out / CALIBRATION_DIR
+    for stale in (*out.glob(TMP_PREFIX + "*"), *layers_dir.glob(TMP_PREFIX + "*"),
+                  *(cal_dir.glob(TMP_PREFIX + "*") if cal_dir.is_dir() else ())):
+        stale.unlink()  # left by a killed build or save (we hold the lock: nobody is writing them)
     before = {p.name for p in layers_dir.iterdir()}
     write_json_atomic(out / PENDING_NAME, identity)
     try:
@@ -257,14 +244,46 @@ def _build_locked(ckpt: Checkpoint, selected: list[SelectedLayer], cfg: BuildCon
         "totals": {"layers": len(entries), "weights": sum(s.numel for s in selected),
                    "layer_bytes": sum((out / e["file"]).stat().st_size for e in entries)},
     }
+    calibration = _kept_calibration(out, entries)
+    if calibration is not None:
+        manifest["calibration"] = calibration
     write_json_atomic(out / MANIFEST, manifest)  # the commit point
     (out / PENDING_NAME).unlink(missing_ok=True)
+    _prune_calibration(cal_dir, calibration)
     keep = {Path(e["file"]).name for e in entries}
     for p in layers_dir.iterdir():
         if p.name not in keep:
             p.unlink()
     fsync_dir(layers_dir)
     return manifest, results
+
+
+def _kept_calibration(out: Path, entries: list[dict]) -> dict | None:
+    """The previous manifest's saved activation scales (duquant_runtime.save_calibration), kept only
+    when the new manifest lists exactly the same layer entries; any change drops them."""
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        prev = load_pack(out).manifest
+    except PackError:
+        return None
+    if "calibration" not in prev or prev["layers"] != json.loads(json.dumps(entries)):
+        return None
+    return prev["calibration"]
+
+
+def _prune_calibration(cal_dir: Path, calibration: dict | None) -> None:
+    """After the commit: delete calibration files the new manifest does not reference."""
+    if not cal_dir.is_dir():
+        return
+    keep = Path(calibration["file"]).name if calibration is not None else None
+    for p in cal_dir.iterdir():
+        if p.name != keep:
+            p.unlink()
+    if keep is None:
+        cal_dir.rmdir()
+    else:
+        fsync_dir(cal_dir)
 
 
 def _missing_ancestors(out: Path) -> list[Path]:

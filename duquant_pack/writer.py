@@ -15,28 +15,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from duquant_runtime.atomic import fsync_dir, fsync_file, tmp_path
 from duquant_runtime.format import LAYER_FORMAT_NAME, FORMAT_VERSION, file_sha256
 
-TMP_PREFIX = ".tmp-"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
 
 
 def write_layer_file(path: Path, *, name: str, layer_key: str, weight_fingerprint: str,
                      perm: np.ndarray | None, r_in: np.ndarray, r_out: np.ndarray | None,
                      weight_scale: np.ndarray | None, entry_json: str) -> str:
     """Write one layer's HDF5 file atomically; returns its sha256."""
-    tmp = _tmp_name(path)
+    tmp = tmp_path(path)
     try:
         with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
             f.attrs["format"] = LAYER_FORMAT_NAME
@@ -52,8 +40,7 @@ def write_layer_file(path: Path, *, name: str, layer_key: str, weight_fingerprin
                     arrays[key] = np.ascontiguousarray(arr, dtype=dtype)
                     f.create_dataset(key, data=arrays[key], track_times=False)
             f.attrs["data_sha256"] = datasets_sha256(arrays)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(tmp)
         digest = file_sha256(tmp)
         os.replace(tmp, path)
     finally:
@@ -89,18 +76,3 @@ def reusable_entry(path: Path, layer_key: str) -> dict | None:
             return entry if isinstance(entry, dict) and entry.get("layer_key") == layer_key else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON (sorted keys, indented, trailing newline) atomically."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)

@@ -5,7 +5,9 @@
 
 All checks run before the model is touched (module exists and is an `nn.Linear`, shape, weight
 fingerprint against the one recorded at build time, every layer file's integrity); a failure
-raises `PackError` and leaves the model unchanged. Module names equal checkpoint keys minus
+raises `PackError` and leaves the model unchanged. When the pack holds saved activation scales
+(`save_calibration`) that fit the run (static mode, same abits, percentile and steps), every
+layer they cover starts calibrated: no calibration runs, so runs are reproducible. Module names equal checkpoint keys minus
 ``.weight``; a model whose names carry an extra prefix (LeRobot's ``model.``) or lack one is
 matched automatically when the match is unambiguous, or through an explicit `name_map`.
 """
@@ -23,6 +25,7 @@ from .errors import PackError
 from .fingerprint import weight_fingerprint
 from .linear import DuQuantLinear
 from .pack import LayerPack, Pack, load_pack
+from .quant import is_quantized
 
 
 @dataclass
@@ -36,10 +39,16 @@ class ApplyReport:
     bytes_after: int = 0  # everything the DuQuantLinear modules keep
     per_layer_bytes: dict = field(default_factory=dict)  # module name -> (before, after)
     warnings: list[str] = field(default_factory=list)
+    calibrated: int = 0  # replaced layers whose activation scales came from the pack's calibration
+    planned: list[str] = field(default_factory=list)  # module names a dry run would replace
+    compiled: bool = False  # enable_duquant_if_configured compiled the pack in this call
 
     def summary(self) -> str:
+        if not self.replaced and self.planned:
+            return f"dry run: {len(self.planned)} layers would be replaced, {len(self.skipped)} skipped"
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 0.0
-        return (f"{len(self.replaced)} layers replaced, {len(self.skipped)} skipped; "
+        cal = f", {self.calibrated} with saved activation scales" if self.calibrated else ""
+        return (f"{len(self.replaced)} layers replaced{cal}, {len(self.skipped)} skipped; "
                 f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x)")
 
 
@@ -76,12 +85,15 @@ def resolve_module_names(pack_names: list[str], module_names: list[str],
 def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
                name_map: Mapping[str, str] | Callable[[str], str] | None = None,
                device: torch.device | str | None = None, act_mode: str = "static",
-               abits: int | None = None, force: bool = False) -> ApplyReport:
+               abits: int | None = None, force: bool = False, dry_run: bool = False) -> ApplyReport:
     """Replace the pack's layers of `model` by `DuQuantLinear` modules; returns an `ApplyReport`.
 
     strict: a pack layer without a matching module is an error (else it is skipped and reported).
     force: apply even when a module's weights differ from those the pack was built from (warns).
     abits: override the pack's activation bits (0 = off). act_mode: 'static' or 'dynamic'.
+    dry_run: run every check (layer files included), fill `report.planned`, change nothing.
+    Saved activation scales (the manifest's ``calibration``) are installed when act_mode is
+    'static' and abits, act_percentile and calib_steps equal those they were calibrated with.
     """
     pack = pack_dir if isinstance(pack_dir, Pack) else load_pack(pack_dir)
     cfg = pack.config
@@ -119,14 +131,22 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
             report.warnings.append(msg)
         planned.append((pname, mname, pack.layer(pname)))  # reads and checks the layer file
 
+    act_percentile, calib_steps = cfg.get("act_percentile", 99.9), cfg.get("calib_steps", 32)
+    scales = _saved_scales(pack, report, act_mode, abits, act_percentile, calib_steps)
+    if dry_run:
+        report.planned = [mname for _, mname, _ in planned]
+        return report
     built: list[tuple[str, nn.Module, DuQuantLinear]] = []
     for pname, mname, layer in planned:
         lin = modules[mname]
         q = DuQuantLinear.from_linear(lin, layer, abits=abits, act_mode=act_mode,
-                                      act_percentile=cfg.get("act_percentile", 99.9),
-                                      calib_steps=cfg.get("calib_steps", 32))
+                                      act_percentile=act_percentile, calib_steps=calib_steps,
+                                      act_scale=scales.get(pname))
+        q.layer_key = layer.meta["layer_key"]  # identifies the transforms (checked by save_calibration)
         if device is not None:
             q = q.to(device)
+        if pname in scales:
+            report.calibrated += 1
         built.append((mname, lin, q))
     for mname, lin, q in built:  # nothing can fail from here on
         parent_name, _, attr = mname.rpartition(".")
@@ -139,3 +159,18 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
         report.bytes_before += before
         report.bytes_after += q.nbytes
     return report
+
+
+def _saved_scales(pack: Pack, report: ApplyReport, act_mode: str, abits: int, act_percentile: float,
+                  calib_steps: int) -> dict:
+    """The pack's saved activation scales when they fit this run (checked; raises on a bad file), else {}."""
+    cal = pack.calibration
+    if cal is None or act_mode != "static" or not is_quantized(abits):
+        return {}
+    want = {"abits": abits, "act_percentile": act_percentile, "calib_steps": calib_steps}
+    diff = [f"{k}={cal[k]!r} (this run: {v!r})" for k, v in want.items() if cal[k] != v]
+    if diff:
+        report.warnings.append(f"saved activation scales not used: calibrated with {', '.join(diff)}; "
+                               "layers calibrate again")
+        return {}
+    return pack.calibration_scales()

@@ -4,6 +4,7 @@ A pack is a directory::
 
     manifest.json                 the commit point: written last, atomically
     layers/<name>.<key16>.h5      one HDF5 file per layer (datasets below), referenced by the manifest
+    calibration/act_scales.<sha16>.h5   optional: saved static activation scales (manifest "calibration")
 
 Layer file datasets (float32 unless said): ``r_in`` (nb_in, B_in, B_in); optional ``perm``
 int32 (in,) (absent: identity); optional ``r_out`` (nb_out, B_out, B_out) (absent: no output
@@ -26,9 +27,16 @@ SUPPORTED_VERSIONS = (1,)
 LAYER_FORMAT_NAME = "duquant-layer"
 MANIFEST = "manifest.json"
 LAYERS_DIR = "layers"
+CALIBRATION_DIR = "calibration"
+CALIBRATION_FORMAT_NAME = "duquant-calibration"
+CALIBRATION_FORMAT_VERSION = 1
 ORTHO_TOL = 1e-5
 LAYER_DATASETS = {"perm", "r_in", "r_out", "weight_scale"}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_CALIBRATION_FIELDS = {
+    "file": str, "sha256": str, "layers": int, "act_percentile": (int, float), "calib_steps": int,
+    "abits": int, "act_mode": str,
+}
 
 
 def canonical_json(obj: Any) -> str:
@@ -113,16 +121,41 @@ def validate_manifest(m: Any) -> dict:
             raise PackError(f"manifest.json: layer '{name}': wbits {layer['wbits']} is not 0 or 2..15")
         if not _HEX64.fullmatch(layer["sha256"]):
             raise PackError(f"manifest.json: layer '{name}': sha256 is not a hex digest")
+    if "calibration" in m:
+        validate_calibration(m["calibration"], len(m["layers"]))
     return m
 
 
-def check_relative_path(rel: str, what: str) -> None:
-    """Refuse manifest paths that could leave the pack directory."""
+def validate_calibration(c: Any, n_layers: int) -> dict:
+    """Check the optional top-level ``calibration`` object (saved activation scales; docs/format.md §10)."""
+    where = "manifest.json: calibration"
+    if not isinstance(c, dict):
+        raise PackError(f"{where}: not a JSON object")
+    _need(c, _CALIBRATION_FIELDS, where)
+    check_relative_path(c["file"], "calibration", directory=CALIBRATION_DIR)
+    if not _HEX64.fullmatch(c["sha256"]):
+        raise PackError(f"{where}: sha256 is not a hex digest")
+    if not 1 <= c["layers"] <= n_layers:
+        raise PackError(f"{where}: layers must be 1..{n_layers} (the pack's layer count), got {c['layers']}")
+    if isinstance(c["act_percentile"], bool) or not is_finite_number(c["act_percentile"]) \
+            or not 0 < c["act_percentile"] <= 100:
+        raise PackError(f"{where}: act_percentile must be a number in (0, 100], got {c['act_percentile']!r}")
+    if c["calib_steps"] < 1:
+        raise PackError(f"{where}: calib_steps must be >= 1, got {c['calib_steps']}")
+    if not 2 <= c["abits"] <= 15:
+        raise PackError(f"{where}: abits {c['abits']} is not 2..15")
+    if c["act_mode"] != "static":
+        raise PackError(f"{where}: act_mode must be 'static', got {c['act_mode']!r}")
+    return c
+
+
+def check_relative_path(rel: str, what: str, directory: str = LAYERS_DIR) -> None:
+    """Refuse manifest paths that could leave the pack directory (must be ``<directory>/<file>``)."""
     parts = rel.replace("\\", "/").split("/")
     if rel.startswith(("/", "\\")) or ":" in rel or any(p in ("", ".", "..") for p in parts):
         raise PackError(f"manifest.json: {what}: file path {rel!r} is not a plain relative path")
-    if parts[0] != LAYERS_DIR or len(parts) != 2:
-        raise PackError(f"manifest.json: {what}: file path {rel!r} is not under {LAYERS_DIR}/")
+    if parts[0] != directory or len(parts) != 2:
+        raise PackError(f"manifest.json: {what}: file path {rel!r} is not under {directory}/")
 
 
 def is_finite_number(x: Any) -> bool:

@@ -23,6 +23,9 @@ from .quant import is_quantized, qrange, quantize_rows
 from .transforms import input_transform, output_restore, transform_weight
 
 
+_FLOAT32_BUFFERS = ("r_in", "r_out", "w_scale", "act_scale", "weight_t")
+
+
 class DuQuantLinear(nn.Module):
     """Linear layer with DuQuant input/output rotations, int weights and quantized activations.
 
@@ -30,6 +33,11 @@ class DuQuantLinear(nn.Module):
     ``r_out`` float32 or absent; ``qweight`` int8 (out, in) and ``w_scale`` float32 (out,) when the
     weight is quantized, else ``weight_t`` (out, in) float; ``act_scale`` float32 (in,) once static
     activation scales are calibrated. ``bias`` stays a parameter in the original dtype.
+
+    ``model.to(dtype)`` / ``.half()`` move these float buffers between devices but never narrow
+    them (transforms stay float32; ``.double()`` widens them); the dtype change is recorded and reported by
+    ``weight``: a data-free stand-in (meta tensor of shape (out, in)) for model code that reads
+    ``layer.weight.dtype`` or ``.shape``; using its values fails loudly.
     """
 
     def __init__(self, in_features: int, out_features: int, *, wbits: int, abits: int,
@@ -50,6 +58,7 @@ class DuQuantLinear(nn.Module):
         self.calib_steps = calib_steps
         self.name = name
         self._observer: TopKPercentile | None = None
+        self._weight_dtype = torch.float32
         self.calib_calls = 0
         for key in ("perm", "r_in", "r_out", "qweight", "w_scale", "weight_t", "act_scale"):
             self.register_buffer(key, None)
@@ -87,6 +96,7 @@ class DuQuantLinear(nn.Module):
                 m.weight_t = w_t
             del w_t
             m.perm = perm
+            m._weight_dtype = w.dtype
             m.r_in = layer.r_in.to(dev, torch.float32)
             m.r_out = layer.r_out.to(dev, torch.float32) if layer.r_out is not None else None
             if linear.bias is not None:
@@ -104,6 +114,24 @@ class DuQuantLinear(nn.Module):
         self.act_scale = s.to(self.r_in.device if self.r_in is not None else s.device)
         self._observer = None
         self.calib_calls = self.calib_steps
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Meta tensor (out, in) with the module's dtype: shape/dtype for model code, no data."""
+        return torch.empty((self.out_features, self.in_features), dtype=self._weight_dtype, device="meta")
+
+    def _apply(self, fn, recurse=True):
+        keep = {k: self._buffers[k] for k in _FLOAT32_BUFFERS if self._buffers.get(k) is not None}
+        dev = self.r_in.device if self.r_in is not None else torch.device("cpu")
+        probe = fn(torch.empty(0, dtype=self._weight_dtype, device=dev))
+        super()._apply(fn, recurse)
+        for k, old in keep.items():
+            new = self._buffers[k]
+            if new.element_size() < old.element_size():  # narrowing cast: keep the values, follow the device
+                self._buffers[k] = old.to(new.device)
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self._weight_dtype = probe.dtype
+        return self
 
     @property
     def calibrating(self) -> bool:

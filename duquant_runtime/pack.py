@@ -4,6 +4,7 @@
     pack.layer_names                       # in manifest order
     lp = pack.layer("...mlp.down_proj")    # LayerPack: perm, r_in, r_out, weight_scale tensors
     problems = pack.verify()               # [] when every file and array checks out
+    pack.calibration_scales()              # {layer: act_scale (in,)} when the pack holds saved scales
 
 Every layer read checks the file's sha256 against the manifest, the HDF5 datasets' names, dtypes
 and shapes, finiteness, permutation validity and orthogonality, and raises `PackError` otherwise.
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 
 from .errors import PackError
-from .format import (LAYER_DATASETS, LAYERS_DIR, MANIFEST, ORTHO_TOL, file_sha256,
-                     validate_manifest)
+from .format import (CALIBRATION_FORMAT_NAME, CALIBRATION_FORMAT_VERSION, LAYER_DATASETS, LAYERS_DIR,
+                     MANIFEST, ORTHO_TOL, file_sha256, validate_manifest)
 from .transforms import n_blocks
 
 
@@ -79,12 +80,29 @@ class Pack:
         for name in self.layer_names:
             yield self.layer(name)
 
+    @property
+    def calibration(self) -> dict | None:
+        """The manifest's ``calibration`` object (saved activation scales), or None."""
+        return self.manifest.get("calibration")
+
+    def calibration_scales(self) -> dict[str, torch.Tensor]:
+        """{pack layer name: static activation scale float32 (in_features,)} of the saved
+        calibration, after checking the file's checksum, layout, names, shapes and values."""
+        if self.calibration is None:
+            raise PackError(f"{self.path}: the pack holds no calibration (see save_calibration)")
+        return read_calibration(self.path, self.manifest)
+
     def verify(self) -> list[str]:
-        """Check every layer file; return one line per problem (empty when the pack is intact)."""
+        """Check every layer file (and the calibration file, if any); one line per problem."""
         problems = []
         for e in self.manifest["layers"]:
             try:
                 read_layer(self.path, e)
+            except PackError as err:
+                problems.append(str(err))
+        if self.calibration is not None:
+            try:
+                read_calibration(self.path, self.manifest)
             except PackError as err:
                 problems.append(str(err))
         return problems
@@ -173,6 +191,71 @@ def read_layer(pack_dir: Path, entry: dict) -> LayerPack:
     return LayerPack(name=name, in_features=fin, out_features=fout, wbits=entry["wbits"],
                      block_in=bin_, block_out=bout, perm=perm, r_in=r_in, r_out=r_out,
                      weight_scale=scale, meta=entry)
+
+
+def calibration_dataset_names(n: int) -> list[str]:
+    """Dataset names of a calibration file with n layers: ``scale_<index>``, zero-padded to 5 digits
+    (more when n > 100000), index = position in the file's ``names`` list."""
+    width = max(5, len(str(n - 1)))
+    return [f"scale_{i:0{width}d}" for i in range(n)]
+
+
+def read_calibration(pack_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """Read and check the calibration file a (validated) manifest points to; see docs/format.md §10."""
+    cal = manifest["calibration"]
+    entries = {e["name"]: e for e in manifest["layers"]}
+    path = _resolve_inside(Path(pack_dir), cal["file"])
+    if not path.is_file():
+        raise PackError(f"{path}: calibration file missing")
+    if file_sha256(path) != cal["sha256"]:
+        raise PackError(f"{path}: checksum mismatch (calibration file changed or corrupt)")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: f.attrs[k] for k in ("format", "format_version", "names", "layer_keys", "abits",
+                                             "act_mode", "act_percentile", "calib_steps") if k in f.attrs}
+            attrs = {k: v.item() if isinstance(v, np.generic) else v for k, v in attrs.items()}
+            if attrs.get("format") != CALIBRATION_FORMAT_NAME:
+                raise PackError(f"{path}: not a duquant calibration file (format {attrs.get('format')!r})")
+            if attrs.get("format_version") != CALIBRATION_FORMAT_VERSION:
+                raise PackError(f"{path}: calibration format version {attrs.get('format_version')!r} is not "
+                                f"supported (supports {CALIBRATION_FORMAT_VERSION}); upgrade duquant")
+            names, keys = json.loads(attrs["names"]), json.loads(attrs["layer_keys"])
+            if not (isinstance(names, list) and isinstance(keys, list) and len(names) == len(keys)
+                    and all(isinstance(n, str) for n in names)):
+                raise PackError(f"{path}: attributes 'names' and 'layer_keys' must be lists of equal length")
+            expect = calibration_dataset_names(len(names))
+            if set(f.keys()) != set(expect):
+                odd = sorted(set(f.keys()) ^ set(expect))
+                raise PackError(f"{path}: datasets do not match the {len(names)} listed names "
+                                f"(missing or unexpected: {', '.join(odd[:3])})")
+            data = {n: _read_dataset(f, k, path) for n, k in zip(names, expect)}
+    except PackError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PackError(f"{path}: unreadable calibration file ({err.__class__.__name__}: {err})") from None
+    if len(set(names)) != len(names):
+        raise PackError(f"{path}: a layer name is listed twice")
+    if len(names) != cal["layers"]:
+        raise PackError(f"{path}: holds {len(names)} layers, manifest says {cal['layers']}")
+    for key in ("abits", "act_mode", "act_percentile", "calib_steps"):
+        val = attrs.get(key)
+        if not (isinstance(val, (str, int, float)) and val == cal[key]):
+            raise PackError(f"{path}: attribute {key}={val!r} disagrees with the manifest ({cal[key]!r})")
+    out = {}
+    for (name, arr), key in zip(data.items(), keys):
+        e = entries.get(name)
+        if e is None:
+            raise PackError(f"{path}: layer '{name}' is not a layer of the pack")
+        if key != e["layer_key"]:
+            raise PackError(f"{path}: layer '{name}' was calibrated for other transforms (layer_key "
+                            f"{str(key)[:16]} vs {e['layer_key'][:16]})")
+        if arr.dtype != np.float32 or arr.shape != (e["in_features"],):
+            raise PackError(f"{path}: scales of '{name}' must be float32 ({e['in_features']},), "
+                            f"got {arr.dtype} {arr.shape}")
+        if not (np.isfinite(arr).all() and (arr > 0).all()):
+            raise PackError(f"{path}: scales of '{name}' have non-finite or non-positive values")
+        out[name] = torch.from_numpy(arr)
+    return out
 
 
 def _read_dataset(f, key: str, path: Path) -> np.ndarray:

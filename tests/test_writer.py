@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from duquant_pack.safetensors_writer import write_streaming
-from duquant_pack.writer import (datasets_sha256, reusable_entry, write_json_atomic, write_layer_file)
+from duquant_pack.writer import datasets_sha256, reusable_entry, write_layer_file
+from duquant_runtime.atomic import write_json_atomic
 from duquant_runtime.format import file_sha256
 
 

@@ -1,0 +1,64 @@
+"""Atomic, durable file writes and the pack directory lock (shared by compiler and runtime).
+
+A file is written to ``.tmp-<pid>-<name>`` in its directory, fsynced, renamed over its final
+name and the directory fsynced: readers see the old file or the complete new one, never a part.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+LOCK_NAME = ".lock"
+
+
+def tmp_path(path: Path) -> Path:
+    """The temporary name `path` is written under before its atomic rename."""
+    return path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON (sorted keys, 2-space indent, trailing newline) atomically."""
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+@contextmanager
+def pack_lock(directory: Path, error_cls, what: str):
+    """Hold an exclusive non-blocking flock on ``directory/.lock``; raise error_cls(message) if taken."""
+    lock_path = Path(directory) / LOCK_NAME
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise error_cls(f"{directory}: {what} (lock {lock_path} is held)") from None
+        yield
+    finally:
+        os.close(fd)
