@@ -1,6 +1,9 @@
-"""Benchmark: the runtime on CPU for one full-size pi0.5 language-model decoder layer.
+"""Benchmark: the runtime on CPU for full-size pi0.5 language-model decoder layers.
 
-    python benchmarks/runtime_cpu.py [--repeats 7] [--load-repeats 3] [--tokens 1,64] [--out FILE]
+    python benchmarks/runtime_cpu.py [--layers 1] [--repeats 7] [--load-repeats 3] [--tokens 1,64] [--out FILE]
+
+With --layers 18 the load+apply part covers the whole pi05-llm set (126 linears); forward timings
+always use decoder layer 0. The description below is for the default, one layer:
 
 Synthesizes (in a temporary directory) exactly the 7 linears of decoder layer 0 of the pi0.5 language
 model at full size (q/k/v/o 2048 wide, gate/up/down 2048 <-> 16384; 110,100,480 weights, bf16) and
@@ -29,6 +32,7 @@ import gc
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -48,6 +52,7 @@ from duquant_runtime.activation import fake_quantize_per_channel
 from duquant_runtime.transforms import input_transform, output_restore
 
 LAYER0 = r"language_model\.layers\.0\.(self_attn|mlp)\."
+LLM_LAYERS = r"language_model\.layers\.\d+\.(self_attn|mlp)\."
 PRESET = "pi05-llm"
 
 
@@ -132,6 +137,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7, help="timing samples per forward measurement")
     ap.add_argument("--load-repeats", type=int, default=3, help="fresh load+apply runs")
     ap.add_argument("--tokens", default="1,64", help="comma-separated token counts M")
+    ap.add_argument("--layers", type=int, default=1,
+                    help="LLM decoder layers for load+apply (18 = the whole pi05-llm set, 126 linears); "
+                         "forward timings use layer 0")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime_cpu.json"))
     args = ap.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -140,13 +148,14 @@ def main(argv=None) -> int:
         "benchmark": "runtime_cpu", "machine": {
             "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__},
-        "settings": {"preset": PRESET, "layer_set": "pi0.5 LLM decoder layer 0 (7 linears, bf16)",
+        "settings": {"preset": PRESET, "layer_set": f"pi0.5 LLM decoder layers 0..{args.layers - 1} "
+                                                    f"({7 * args.layers} linears, bf16)",
                      "repeats": args.repeats, "load_repeats": args.load_repeats, "tokens": tokens},
     }
     with tempfile.TemporaryDirectory(prefix="duquant-rt-bench-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        ckpt = write_synth(tmp / "ckpt", "pi05", layers=1, include=LAYER0)
+        ckpt = write_synth(tmp / "ckpt", "pi05", layers=args.layers, include=LLM_LAYERS)
         synth_s = time.perf_counter() - t0
         cfg, _ = resolve(PRESET)
         t0 = time.perf_counter()
@@ -178,9 +187,11 @@ def main(argv=None) -> int:
                          "rss_model_loaded_bytes": rss_loaded - rss0, "rss_after_apply_bytes": rss_applied - rss0})
             if i < args.load_repeats - 1:
                 del model, report, pack
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k.endswith("_s")}
         result["load_apply"] = {
-            "median": {k: (round(v, 4) if k.endswith("_s") else int(v)) for k, v in med.items()},
+            "median": {k: round(v, 4) for k, v in med.items()},
+            "rss_note": "process RSS deltas per run (allocator reuse between runs blurs them); "
+                        "bytes_before/bytes_after are the exact tensor bytes",
             "runs": [{k: (round(v, 4) if k.endswith("_s") else int(v)) for k, v in r.items()} for r in runs],
             "replaced": len(report.replaced),
             "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
@@ -194,6 +205,7 @@ def main(argv=None) -> int:
         state = load_file(str(ckpt))
         modules = dict(model.named_modules())
         layers = []
+        state = {k: v for k, v in state.items() if re.search(LAYER0, k)}
         for key in sorted(state, key=lambda k: state[k].numel()):
             name = key[: -len(".weight")]
             w = state[key]

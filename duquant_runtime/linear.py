@@ -170,7 +170,9 @@ class DuQuantLinear(nn.Module):
         if self.calib_calls >= self.calib_steps:
             _, qmax = qrange(self.abits)
             s = self._observer.value() / qmax
-            self.act_scale = torch.where(s > 0, s, torch.ones_like(s)).to(xt.device, torch.float32)
+            s = torch.where(s > 0, s, torch.ones_like(s)).to(xt.device, torch.float32)
+            with torch.inference_mode(False):  # calibrated under inference_mode: store a normal tensor
+                self.act_scale = s.clone()
             self._observer = None
 
     # --- reporting ---------------------------------------------------------------------------
