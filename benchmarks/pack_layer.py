@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shutil
 import statistics
@@ -31,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from machine import machine_info
+
 from duquant_pack.build import build_pack
 from duquant_pack.checkpoint import Checkpoint
 from duquant_pack.config import resolve
@@ -39,16 +39,6 @@ from duquant_pack.synth import write_synth
 LLM = r"language_model\.layers\.0\.(self_attn|mlp)\.[a-z_]+_proj\.weight$"
 EXPERT = r"gemma_expert\.model\.layers\.0\.(self_attn|mlp)\.[a-z_]+_proj\.weight$"
 SETS = {"llm_layer": LLM, "expert_layer": EXPERT}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def old_block_svd_seconds(w: torch.Tensor, block: int, max_blocks: int) -> dict:
@@ -79,9 +69,7 @@ def main(argv=None) -> int:
     jobs_list = [int(j) for j in args.jobs.split(",")]
 
     cfg, _ = resolve("pi05-llm-expert")
-    report = {"benchmark": "pack_layer", "machine": {
-        "cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-        "torch": torch.__version__, "platform": platform.platform()},
+    report = {"benchmark": "pack_layer", "machine": machine_info(),
         "config": {"preset": "pi05-llm-expert", "block": cfg.block, "row_rot": cfg.row_rot, "scale": cfg.scale},
         "repeats": args.repeats, "sets": {}}
     with tempfile.TemporaryDirectory(prefix="duquant-bench-") as tmp:

@@ -31,7 +31,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -44,6 +43,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from machine import machine_info
+
 from duquant_pack.build import build_pack
 from duquant_pack.config import resolve
 from duquant_pack.synth import write_synth
@@ -54,16 +55,6 @@ from duquant_runtime.transforms import input_transform, output_restore
 LAYER0 = r"language_model\.layers\.0\.(self_attn|mlp)\."
 LLM_LAYERS = r"language_model\.layers\.\d+\.(self_attn|mlp)\."
 PRESET = "pi05-llm"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def rss_bytes() -> int:
@@ -145,9 +136,7 @@ def main(argv=None) -> int:
     tokens = [int(t) for t in args.tokens.split(",")]
 
     result: dict = {
-        "benchmark": "runtime_cpu", "machine": {
-            "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__},
+        "benchmark": "runtime_cpu", "machine": machine_info(),
         "settings": {"preset": PRESET, "layer_set": f"pi0.5 LLM decoder layers 0..{args.layers - 1} "
                                                     f"({7 * args.layers} linears, bf16)",
                      "repeats": args.repeats, "load_repeats": args.load_repeats, "tokens": tokens},

@@ -8,12 +8,13 @@ temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+
+from duquant_runtime.atomic import atomic_file
 
 _ST_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
@@ -37,24 +38,16 @@ def write_streaming(path, specs: list[tuple[str, tuple[int, ...]]], dtype: torch
         offset += n * item
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name, shape in specs:
-                written = 0
-                for chunk in produce(name, shape):
-                    b = chunk.to(dtype).contiguous().view(torch.uint8).numpy().tobytes()
-                    f.write(b)
-                    written += len(b)
-                expect = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
-                if written != expect:
-                    raise RuntimeError(f"producer wrote {written} bytes for {name}, expected {expect}")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path) as t, open(t.tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape in specs:
+            written = 0
+            for chunk in produce(name, shape):
+                b = chunk.to(dtype).contiguous().view(torch.uint8).numpy().tobytes()
+                f.write(b)
+                written += len(b)
+            expect = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            if written != expect:
+                raise RuntimeError(f"producer wrote {written} bytes for {name}, expected {expect}")
     return path.stat().st_size

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from duquant_runtime.atomic import fsync_dir, fsync_file, tmp_path
+from duquant_runtime.atomic import atomic_file
 from duquant_runtime.format import LAYER_FORMAT_NAME, FORMAT_VERSION, file_sha256
 
 
@@ -24,9 +23,8 @@ def write_layer_file(path: Path, *, name: str, layer_key: str, weight_fingerprin
                      perm: np.ndarray | None, r_in: np.ndarray, r_out: np.ndarray | None,
                      weight_scale: np.ndarray | None, entry_json: str) -> str:
     """Write one layer's HDF5 file atomically; returns its sha256."""
-    tmp = tmp_path(path)
-    try:
-        with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+    with atomic_file(path) as t:
+        with h5py.File(t.tmp, "w", libver="earliest", track_order=False) as f:
             f.attrs["format"] = LAYER_FORMAT_NAME
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["name"] = name
@@ -40,13 +38,7 @@ def write_layer_file(path: Path, *, name: str, layer_key: str, weight_fingerprin
                     arrays[key] = np.ascontiguousarray(arr, dtype=dtype)
                     f.create_dataset(key, data=arrays[key], track_times=False)
             f.attrs["data_sha256"] = datasets_sha256(arrays)
-        fsync_file(tmp)
-        digest = file_sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+        digest = file_sha256(t.tmp)
     return digest
 
 

@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
@@ -34,19 +35,32 @@ def fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+@dataclass
+class AtomicTarget:
+    tmp: Path  # write here
+    final: Path  # renamed to this on success (the body may change it, e.g. to a content hash)
+
+
+@contextmanager
+def atomic_file(path: Path):
+    """Yield an `AtomicTarget` for `path`; when the body succeeds, fsync the temporary file,
+    rename it to ``target.final`` and fsync the directory; when it fails, remove it."""
+    target = AtomicTarget(tmp=tmp_path(Path(path)), final=Path(path))
+    try:
+        yield target
+        fsync_file(target.tmp)
+        os.replace(target.tmp, target.final)
+    finally:
+        if target.tmp.exists():
+            target.tmp.unlink()
+    fsync_dir(target.final.parent)
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
     """Write JSON (sorted keys, 2-space indent, trailing newline) atomically."""
-    tmp = tmp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    with atomic_file(path) as t:
+        t.tmp.write_text(text, encoding="utf-8")
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import TMP_PREFIX, fsync_dir, fsync_file, pack_lock, write_json_atomic
+from .atomic import TMP_PREFIX, atomic_file, fsync_dir, pack_lock, write_json_atomic
 from .errors import PackError
 from .format import (CALIBRATION_DIR, CALIBRATION_FORMAT_NAME, CALIBRATION_FORMAT_VERSION, MANIFEST,
                      file_sha256, validate_manifest)
@@ -129,9 +129,8 @@ def _write_scales(cal_dir: Path, layers: list[tuple[str, DuQuantLinear]], keys: 
                   settings: dict) -> tuple[str, str]:
     """Write the HDF5 file under a temporary name, fsync, rename to act_scales.<sha16>.h5."""
     names = [n for n, _ in layers]
-    tmp = cal_dir / f"{TMP_PREFIX}{os.getpid()}-act_scales.h5"
-    try:
-        with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+    with atomic_file(cal_dir / "act_scales.h5") as t:
+        with h5py.File(t.tmp, "w", libver="earliest", track_order=False) as f:
             f.attrs["format"] = CALIBRATION_FORMAT_NAME
             f.attrs["format_version"] = CALIBRATION_FORMAT_VERSION
             f.attrs["names"] = json.dumps(names)
@@ -141,14 +140,9 @@ def _write_scales(cal_dir: Path, layers: list[tuple[str, DuQuantLinear]], keys: 
             for dname, (_, mod) in zip(calibration_dataset_names(len(layers)), layers):
                 arr = np.ascontiguousarray(mod.act_scale.detach().to("cpu", torch.float32).numpy(), dtype="<f4")
                 f.create_dataset(dname, data=arr, track_times=False)
-        fsync_file(tmp)
-        digest = file_sha256(tmp)
-        final = cal_dir / f"act_scales.{digest[:16]}.h5"
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(cal_dir)
+        digest = file_sha256(t.tmp)
+        t.final = cal_dir / f"act_scales.{digest[:16]}.h5"
+    final = t.final
     return f"{CALIBRATION_DIR}/{final.name}", digest
 
 
