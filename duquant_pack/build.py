@@ -33,7 +33,7 @@ from duquant_runtime import __version__
 from duquant_runtime.atomic import LOCK_NAME, TMP_PREFIX, fsync_dir, pack_lock, write_json_atomic
 from duquant_runtime.errors import PackError
 from duquant_runtime.fingerprint import weight_fingerprint
-from duquant_runtime.format import (CALIBRATION_DIR, FORMAT_NAME, FORMAT_VERSION, LAYERS_DIR, MANIFEST,
+from duquant_runtime.format import (PENDING_NAME, CALIBRATION_DIR, FORMAT_NAME, FORMAT_VERSION, LAYERS_DIR, MANIFEST,
                                     canonical_json, config_hash, file_sha256)
 from duquant_runtime.pack import load_pack
 
@@ -44,7 +44,6 @@ from .layer import ALGORITHM_VERSION, LayerSpec, compute_layer
 from .selection import SelectedLayer, select_layers
 from .writer import reusable_entry, write_layer_file
 
-PENDING_NAME = ".pending.json"  # identity of an unfinished build in this directory
 _OWN_ENTRIES = {MANIFEST, LAYERS_DIR, LOCK_NAME, PENDING_NAME, CALIBRATION_DIR}
 
 

@@ -18,22 +18,9 @@ import click
 from duquant_runtime import __version__
 
 from .errors import DuquantError
+from .formatting import fmt_bytes, fmt_n
 
 _DEBUG = False
-
-
-def _fmt_n(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n} B"
 
 
 def _selection_options(f):
@@ -177,8 +164,8 @@ def _print_build(summary) -> None:
     click.echo(f"pack      {summary.out_dir}")
     click.echo(f"layers    {summary.layers} ({summary.computed} computed, {summary.reused} reused), "
                f"{summary.weights:,} weights")
-    click.echo(f"time      {summary.seconds:.2f} s ({_fmt_n(summary.weights_per_second)} weights/s)")
-    click.echo(f"size      {_fmt_bytes(summary.pack_bytes)}")
+    click.echo(f"time      {summary.seconds:.2f} s ({fmt_n(summary.weights_per_second)} weights/s)")
+    click.echo(f"size      {fmt_bytes(summary.pack_bytes)}")
     click.echo(f"config    {summary.config_hash}")
     groups = group_summary(summary.entries)
     click.echo("")
@@ -186,7 +173,7 @@ def _print_build(summary) -> None:
     for name, g in groups.items():
         we = f"{g['w_rel_err']:.4f}" if g["w_rel_err"] is not None else "-"
         re_ = f"{g['rtn_rel_err']:.4f}" if g["rtn_rel_err"] is not None else "-"
-        click.echo(f"{name:<16} {g['layers']:>6} {_fmt_n(g['weights']):>9}  {we:>10}  {re_:>9}")
+        click.echo(f"{name:<16} {g['layers']:>6} {fmt_n(g['weights']):>9}  {we:>10}  {re_:>9}")
     click.echo("(W err: relative Frobenius error of the quantized weight, pack transforms vs plain "
                "round-to-nearest with per-row absmax scales, same bits)")
 
@@ -205,7 +192,7 @@ def synth(arch, out, n_layers, width_div, seed, dtype, include):
     from .synth import write_synth
     t0 = time.perf_counter()
     path = write_synth(out, arch, n_layers, width_div, seed, dtype, include)
-    click.echo(f"wrote {path} ({_fmt_bytes(path.stat().st_size)}) in {time.perf_counter() - t0:.1f} s")
+    click.echo(f"wrote {path} ({fmt_bytes(path.stat().st_size)}) in {time.perf_counter() - t0:.1f} s")
 
 
 @cli.command()
@@ -232,7 +219,7 @@ def demo(out, n_layers, width_div, jobs, as_json):
         t_synth = time.perf_counter() - t0
         if not as_json:
             click.echo(f"synthetic pi0.5 ({n_layers} layers per tower, widths / {width_div}): "
-                       f"{_fmt_bytes(ckpt.stat().st_size)} in {t_synth:.1f} s")
+                       f"{fmt_bytes(ckpt.stat().st_size)} in {t_synth:.1f} s")
         summary = build_pack(ckpt.parent, out, cfg, preset="pi05-llm-expert", jobs=jobs,
                              progress=not as_json and sys.stderr.isatty())
     if as_json:
@@ -241,6 +228,40 @@ def demo(out, n_layers, width_div, jobs, as_json):
                                    groups=group_summary(summary.entries)), indent=2))
         return
     _print_build(summary)
+
+
+@cli.command("inspect")
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_cmd(pack, as_json):
+    """Show what a pack holds: format and tool versions, config, checkpoint fingerprint, layers by
+    group with their weight error, bits and block sizes, calibration, bytes on disk."""
+    from .inspect import format_inspect, inspect_pack
+    info = inspect_pack(pack)
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
+
+
+@cli.command("verify")
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--ckpt", type=click.Path(path_type=Path),
+              help="Also check the pack against this checkpoint: fingerprints, shapes, and that the "
+                   "transforms followed by their inverse reproduce every weight.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def verify_cmd(pack, ckpt, as_json):
+    """Check a pack: manifest schema and version, every file's checksum, rotations orthogonal to
+    1e-5, permutations valid, scales finite and positive, no stray files. Exit 0 when everything
+    holds, 1 with one line per problem otherwise."""
+    from .verify import verify_pack, verify_summary
+    problems = verify_pack(pack, ckpt)
+    if as_json:
+        click.echo(json.dumps(verify_summary(problems, pack, ckpt), indent=2))
+    elif problems:
+        for line in problems:
+            click.echo(" ".join(line.split()))
+    else:
+        click.echo(f"ok: {pack}" + (f" matches {ckpt}" if ckpt else ""))
+    if problems:
+        raise click.exceptions.Exit(1)
 
 
 def main(argv=None) -> int:

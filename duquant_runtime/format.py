@@ -26,6 +26,7 @@ FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 LAYER_FORMAT_NAME = "duquant-layer"
 MANIFEST = "manifest.json"
+PENDING_NAME = ".pending.json"  # identity of an unfinished build in a pack directory
 LAYERS_DIR = "layers"
 CALIBRATION_DIR = "calibration"
 CALIBRATION_FORMAT_NAME = "duquant-calibration"
