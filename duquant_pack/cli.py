@@ -264,6 +264,36 @@ def verify_cmd(pack, ckpt, as_json):
         raise click.exceptions.Exit(1)
 
 
+@cli.command("diff")
+@click.argument("pack_a", type=click.Path(path_type=Path))
+@click.argument("pack_b", type=click.Path(path_type=Path))
+@click.option("--ckpt", type=click.Path(path_type=Path),
+              help="Recompute each pack's weight reconstruction error per layer from this checkpoint "
+                   "(otherwise the errors recorded at build time are compared).")
+@click.option("--top", type=int, default=10, show_default=True, help="Most-changed layers to list.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every layer).")
+def diff_cmd(pack_a, pack_b, ckpt, top, as_json):
+    """Compare two packs: is config B better than A, and where? Leads with the verdict and a
+    per-group error table, then the config differences and the most-changed layers (permutation,
+    rotations after sign canonicalization, scales, weight error of each)."""
+    from .diff import diff_packs, format_diff
+    d = diff_packs(pack_a, pack_b, ckpt)
+    click.echo(json.dumps(d, indent=2) if as_json else format_diff(d, top=top))
+
+
+@cli.command("report")
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="The checkpoint the pack was built from.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="report.png or report.html")
+def report_cmd(pack, ckpt, out):
+    """Draw where quantization hurts: per layer group, the weight error with the pack vs plain
+    round-to-nearest at the same bits, and per input block the max/median of the transformed
+    weights. Needs matplotlib (pip install 'duquant[report]')."""
+    from .report import write_report
+    path = write_report(pack, ckpt, out)
+    click.echo(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     """Console entry point: run the group, turn expected errors into one line and an exit code."""
     try:
