@@ -297,8 +297,8 @@ def report_cmd(pack, ckpt, out):
 def main(argv=None) -> int:
     """Console entry point: run the group, turn expected errors into one line and an exit code."""
     try:
-        cli.main(args=argv, prog_name="duquant-pack", standalone_mode=False)
-        return 0
+        rv = cli.main(args=argv, prog_name="duquant-pack", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0  # click returns an Exit's code here
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:
