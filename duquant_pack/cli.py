@@ -128,6 +128,9 @@ def layers(ckpt, as_json, **sel):
 @click.option("--act-percentile", type=float, help="Activation percentile for runtime calibration (ACT_PCT). Default 99.9.")
 @click.option("--calib-steps", type=int, help="Runtime calibration batches (CALIB_STEPS). Default 32.")
 @click.option("--lambda-smooth", type=float, help="Recorded only: cannot change a weight-only build (LS).")
+@click.option("--compat", type=click.Choice(["openpi-duquant"]),
+              help="Reproduce the openpi_duquant fork's numerics (interleave permutation, its R_out "
+                   "convention, MSE scales) so old and new packs can be diffed.")
 @click.option("--jobs", "-j", type=int, default=0, show_default=True,
               help="Worker processes; 0 = all cores. Results do not depend on it.")
 @click.option("--overwrite", is_flag=True, help="Replace a pack of another config/checkpoint in --out.")
@@ -292,6 +295,30 @@ def report_cmd(pack, ckpt, out):
     from .report import write_report
     path = write_report(pack, ckpt, out)
     click.echo(f"wrote {path}")
+
+
+@cli.command("import-legacy")
+@click.argument("npz_dir", type=click.Path(path_type=Path))
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True,
+              help="The checkpoint the .npz files were made from (every shape is checked against it).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Pack directory to write.")
+@click.option("--wbits", type=int, help="Weight bits (default: the files' meta, else 4).")
+@click.option("--abits", type=int, default=8, show_default=True, help="Activation bits recorded for the runtime.")
+@click.option("--row-rot", type=click.Choice(["restore", "disabled"]), default="restore", show_default=True,
+              help="Import the files' output rotations (old ROW_ROT=restore) or drop them (ROW_ROT=0).")
+@click.option("--overwrite", is_flag=True, help="Replace a duquant pack already in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+def import_legacy_cmd(npz_dir, ckpt, out, wbits, abits, row_rot, overwrite, as_json):
+    """Convert a directory of openpi_duquant per-layer .npz packs (layer name = file name minus
+    .npz) into a versioned pack. Never unpickles; every file and shape is checked before anything
+    is written."""
+    from .legacy import import_legacy
+    summary = import_legacy(npz_dir, ckpt, out, overwrite=overwrite, wbits=wbits, abits=abits, row_rot=row_rot)
+    if as_json:
+        from .groups import group_summary
+        click.echo(json.dumps(dict(summary.to_dict(), groups=group_summary(summary.entries)), indent=2))
+        return
+    _print_build(summary)
 
 
 def main(argv=None) -> int:

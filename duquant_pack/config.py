@@ -21,6 +21,13 @@ PERMUTE_CHOICES = ("zigzag", "interleave", "none")
 METRIC_CHOICES = ("absmax", "energy")
 ROW_ROT_CHOICES = ("restore", "disabled", "propagate")
 SCALE_CHOICES = ("mse", "max")
+COMPAT_CHOICES = ("openpi-duquant",)
+# what --compat openpi-duquant allows (the first value is what it sets; an explicit other value is
+# an error): permute interleave (the old PERMUTE=1) or none (PERMUTE=0), permute_metric energy
+# (what interleave sorts by), scale mse. row_rot becomes
+# 'restore' (the old default ROW_ROT=restore) unless given explicitly ('disabled' = ROW_ROT=0).
+COMPAT_ALLOWED = {"openpi-duquant": {"permute": ("interleave", "none"), "permute_metric": ("energy",),
+                                     "scale": ("mse",)}}
 
 
 @dataclass(frozen=True)
@@ -43,11 +50,14 @@ class BuildConfig:
     act_percentile: float = 99.9
     calib_steps: int = 32
     lambda_smooth: float | None = None
+    compat: str | None = None  # 'openpi-duquant': reproduce the old fork's numerics (algorithm.md §13)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = list(self.layers) if self.layers is not None else None
         d["layer_wbits"] = dict(sorted(self.layer_wbits.items()))
+        if d["compat"] is None:
+            del d["compat"]  # absent = null: packs built before the field existed keep their hash
         return d
 
     def layer_spec(self, name: str) -> LayerSpec:
@@ -55,7 +65,7 @@ class BuildConfig:
         return LayerSpec(wbits=self.layer_wbits.get(name, self.wbits), block=self.block,
                          block_out=self.block_out, permute=self.permute,
                          permute_metric=self.permute_metric if self.permute == "zigzag" else None,
-                         scale=self.scale)
+                         scale=self.scale, compat=self.compat)
 
 
 FIELD_NAMES = {f.name for f in fields(BuildConfig)}
@@ -90,11 +100,25 @@ def resolve(preset: str | None = None, **overrides) -> tuple[BuildConfig, dict |
     if preset is not None:
         preset_data = load_preset(preset)
         values.update(preset_data["config"])
+    explicit = set()
     for key, val in overrides.items():
         if key not in FIELD_NAMES:
             raise ConfigError(f"unknown option '{key}'")
         if val is not None:
             values[key] = val
+            explicit.add(key)
+    compat = values.get("compat")
+    if compat is not None:
+        if compat not in COMPAT_CHOICES:
+            raise ConfigError(f"--compat: '{compat}' is not one of {', '.join(COMPAT_CHOICES)}")
+        for key, allowed in COMPAT_ALLOWED[compat].items():
+            if key not in explicit:
+                values[key] = allowed[0]  # a preset's value is overridden
+            elif values[key] not in allowed:
+                raise ConfigError(f"--compat {compat} needs --{key.replace('_', '-')} {' or '.join(allowed)}, "
+                                  f"got '{values[key]}'")
+        if "row_rot" not in explicit:
+            values["row_rot"] = "restore"
     try:
         cfg = BuildConfig(**values)
     except TypeError as err:
@@ -119,6 +143,13 @@ def validate(cfg: BuildConfig) -> BuildConfig:
                               ("--scale", cfg.scale, SCALE_CHOICES)):
         if val not in choices:
             raise ConfigError(f"{opt}: '{val}' is not one of {', '.join(choices)}")
+    if cfg.compat is not None:
+        if cfg.compat not in COMPAT_CHOICES:
+            raise ConfigError(f"--compat: '{cfg.compat}' is not one of {', '.join(COMPAT_CHOICES)}")
+        for key, allowed in COMPAT_ALLOWED[cfg.compat].items():
+            if getattr(cfg, key) not in allowed:
+                raise ConfigError(f"--compat {cfg.compat} needs --{key.replace('_', '-')} {' or '.join(allowed)}, "
+                                  f"got '{getattr(cfg, key)}'")
     if cfg.row_rot == "propagate":
         raise ConfigError("--row-rot propagate is not implemented (the old code applied it without restoring "
                           "the output: wrong results); use 'restore' or 'disabled'")

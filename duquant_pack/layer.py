@@ -37,9 +37,13 @@ class LayerSpec:
     permute: str  # zigzag | interleave | none
     permute_metric: str | None  # absmax | energy (zigzag only)
     scale: str  # mse | max
+    compat: str | None = None  # 'openpi-duquant': the old fork's R_out convention (stored r_out = U^T)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["compat"] is None:
+            del d["compat"]  # absent = null: layer keys of ordinary builds are unchanged
+        return d
 
 
 @dataclass
@@ -65,21 +69,31 @@ def compute_layer(w: torch.Tensor, spec: LayerSpec) -> LayerResult:
     b_out = r_out = None
     if spec.block_out is not None:
         b_out = min(spec.block_out, out_f)
-        r_out = output_rotations(w, b_out).to(torch.float32)
+        r_out = output_rotations(w, b_out)
+        if spec.compat == "openpi-duquant":
+            # the old code applied W_t = U W' (U: principal axes of the row block) and restored with
+            # y U; in this format W_t = BD(r_out)^T W', so r_out = U^T per block (algorithm.md §13)
+            r_out = r_out.transpose(1, 2).contiguous()
+        r_out = r_out.to(torch.float32)
     w_t = transform_weight(w, perm_t, r_in, r_out)
-    stats: dict = {}
-    scale = None
-    if is_quantized(spec.wbits):
-        scale, row_err = weight_scales(w_t, spec.wbits, spec.scale)
-        norm2 = float(torch.linalg.vector_norm(w, dtype=torch.float64) ** 2)
-        rtn_err2 = float(weight_scales(w, spec.wbits, "max")[1].sum())  # plain RTN, absmax scales
-        stats = {"w_rel_err": _rel(float(row_err.sum()), norm2), "rtn_rel_err": _rel(rtn_err2, norm2),
-                 "w_fro": float(np.sqrt(norm2))}
-        scale = scale.numpy()
+    scale, stats = scales_and_stats(w, w_t, spec.wbits, spec.scale)
     return LayerResult(
         perm=perm.astype(np.int32) if perm is not None else None,
         r_in=r_in.numpy(), r_out=r_out.numpy() if r_out is not None else None,
         weight_scale=scale, block_in=b_in, block_out=b_out, stats=stats)
+
+
+def scales_and_stats(w: torch.Tensor, w_t: torch.Tensor, wbits: int, method: str) -> tuple[np.ndarray | None, dict]:
+    """Per-row scales (float32 numpy, or None when not quantized) of the transformed weight W_t and
+    the manifest stats (w_rel_err, rtn_rel_err, w_fro; {} when not quantized) for the original W."""
+    if not is_quantized(wbits):
+        return None, {}
+    scale, row_err = weight_scales(w_t, wbits, method)
+    norm2 = float(torch.linalg.vector_norm(w, dtype=torch.float64) ** 2)
+    rtn_err2 = float(weight_scales(w, wbits, "max")[1].sum())  # plain RTN, absmax scales
+    stats = {"w_rel_err": _rel(float(row_err.sum()), norm2), "rtn_rel_err": _rel(rtn_err2, norm2),
+             "w_fro": float(np.sqrt(norm2))}
+    return scale.numpy(), stats
 
 
 def _rel(err2: float, norm2: float) -> float:

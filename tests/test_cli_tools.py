@@ -76,3 +76,15 @@ def test_tools_on_missing_pack_one_line_error(tmp_path, capsys):
     for argv in (["inspect", str(tmp_path / "nope")], ["diff", str(tmp_path / "a"), str(tmp_path / "b")]):
         rc, out, err = _run(capsys, argv)
         assert rc == 1 and err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def test_import_legacy_refuses_pickled_npz(synth2, tmp_path, capsys):
+    import numpy as np
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    name = "paligemma_with_expert.paligemma.model.language_model.layers.0.self_attn.q_proj"
+    np.savez(legacy / f"{name}.npz", meta=np.array([{"evil": 1}], dtype=object))  # needs pickle to load
+    out = tmp_path / "pack"
+    rc, _, err = _run(capsys, ["import-legacy", str(legacy), "--ckpt", str(synth2), "--out", str(out)])
+    assert rc == 1 and err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert name in err and not out.exists()
