@@ -288,13 +288,20 @@ def diff_cmd(pack_a, pack_b, ckpt, top, as_json):
 @click.argument("pack", type=click.Path(path_type=Path))
 @click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="The checkpoint the pack was built from.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="report.png or report.html")
-def report_cmd(pack, ckpt, out):
+@click.option("--json", "as_json", is_flag=True, help="Also print the per-group and per-layer numbers as JSON.")
+def report_cmd(pack, ckpt, out, as_json):
     """Draw where quantization hurts: per layer group, the weight error with the pack vs plain
     round-to-nearest at the same bits, and per input block the max/median of the transformed
     weights. Needs matplotlib (pip install 'duquant[report]')."""
-    from .report import write_report
-    path = write_report(pack, ckpt, out)
-    click.echo(f"wrote {path}")
+    from .report import build_report
+    rep = build_report(pack, ckpt, out)
+    if as_json:
+        click.echo(json.dumps(dict(rep, out=str(rep["out"])), indent=2))
+        return
+    click.echo(f"wrote {rep['out']}")
+    for name, g in rep["groups"].items():
+        click.echo(f"  {name:<16} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in g.items()))
 
 
 @cli.command("import-legacy")

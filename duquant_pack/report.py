@@ -20,11 +20,11 @@ import base64
 import html
 import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from duquant_runtime.atomic import atomic_file
 from duquant_runtime.errors import DuquantError
 from duquant_runtime.fingerprint import weight_fingerprint
 from duquant_runtime.pack import Pack, load_pack
@@ -198,6 +198,11 @@ def render_html(rows: list[dict], png: bytes, title: str) -> str:
 def write_report(pack, ckpt, out_path) -> Path:
     """Write the quality report of `pack` (Pack or directory) against `ckpt` (Checkpoint or path) to
     `out_path` (.png or .html); returns the path written."""
+    return build_report(pack, ckpt, out_path)["out"]
+
+
+def build_report(pack, ckpt, out_path) -> dict:
+    """Like `write_report`; returns {"out": Path, "groups": per-group summary, "layers": rows}."""
     out = Path(out_path)
     kind = out.suffix.lower()
     if kind not in (".png", ".html", ".htm"):
@@ -210,13 +215,6 @@ def write_report(pack, ckpt, out_path) -> Path:
     png = render_png(rows, title)
     data = png if kind == ".png" else render_html(rows, png, title).encode("utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
-__all__ = ["write_report", "collect_quality", "summarize", "render_png", "render_html"]
+    with atomic_file(out) as t:
+        t.tmp.write_bytes(data)
+    return {"out": out, "groups": summarize(rows), "layers": rows}
