@@ -141,7 +141,7 @@ def build_one_layer(ckpt_path: str, ckpt_fp: str, build_id: str, layer: Selected
 
 # --- driver side -------------------------------------------------------------------------------
 
-def _inspect_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
+def inspect_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
     """Refuse to build into a directory holding something else, unless --overwrite for our own packs."""
     if not out.exists():
         return
@@ -185,17 +185,17 @@ def build_pack(ckpt_path, out_dir, cfg: BuildConfig, *, preset: str | None = Non
     chash = config_hash(cfg.to_dict())
     out = Path(out_dir)
     identity = {"config_hash": chash, "checkpoint": ckpt.fingerprint()["sha256"]}
-    _inspect_out_dir(out, identity, overwrite)
+    inspect_out_dir(out, identity, overwrite)
     jobs = _resolve_jobs(jobs)
 
-    created = _missing_ancestors(out)  # directories this build creates, innermost first
+    created = missing_ancestors(out)  # directories this build creates, innermost first
     out.mkdir(parents=True, exist_ok=True)
     try:
         with pack_lock(out, BuildError, "another build is writing this pack"):
-            _inspect_out_dir(out, identity, overwrite)  # again, now that we hold the lock
+            inspect_out_dir(out, identity, overwrite)  # again, now that we hold the lock
             manifest, results = _build_locked(ckpt, selected, cfg, preset, out, identity, jobs, progress)
     except BaseException as err:
-        if created and not isinstance(err, KeyboardInterrupt) and _only_scaffolding(out):
+        if created and not isinstance(err, KeyboardInterrupt) and only_scaffolding(out):
             shutil.rmtree(out, ignore_errors=True)
             for parent in created[1:]:
                 try:
@@ -248,7 +248,7 @@ def _build_locked(ckpt: Checkpoint, selected: list[SelectedLayer], cfg: BuildCon
         manifest["calibration"] = calibration
     write_json_atomic(out / MANIFEST, manifest)  # the commit point
     (out / PENDING_NAME).unlink(missing_ok=True)
-    _prune_calibration(cal_dir, calibration)
+    prune_calibration(cal_dir, calibration)
     keep = {Path(e["file"]).name for e in entries}
     for p in layers_dir.iterdir():
         if p.name not in keep:
@@ -271,7 +271,7 @@ def _kept_calibration(out: Path, entries: list[dict]) -> dict | None:
     return prev["calibration"]
 
 
-def _prune_calibration(cal_dir: Path, calibration: dict | None) -> None:
+def prune_calibration(cal_dir: Path, calibration: dict | None) -> None:
     """After the commit: delete calibration files the new manifest does not reference."""
     if not cal_dir.is_dir():
         return
@@ -285,7 +285,7 @@ def _prune_calibration(cal_dir: Path, calibration: dict | None) -> None:
         fsync_dir(cal_dir)
 
 
-def _missing_ancestors(out: Path) -> list[Path]:
+def missing_ancestors(out: Path) -> list[Path]:
     """`out` and its ancestors that do not exist yet, innermost first."""
     missing = []
     p = out.absolute()
@@ -295,7 +295,7 @@ def _missing_ancestors(out: Path) -> list[Path]:
     return missing
 
 
-def _only_scaffolding(out: Path) -> bool:
+def only_scaffolding(out: Path) -> bool:
     """True when `out` holds nothing but an empty layers/ dir, the lock and the pending marker."""
     if not out.is_dir():
         return False

@@ -40,8 +40,8 @@ from duquant_runtime.format import (CALIBRATION_DIR, FORMAT_NAME, FORMAT_VERSION
 from duquant_runtime.format import PENDING_NAME
 from duquant_runtime.transforms import n_blocks, transform_weight
 
-from .build import (BuildSummary, _inspect_out_dir, _missing_ancestors, _only_scaffolding,
-                    _prune_calibration, layer_file_name)
+from .build import (BuildSummary, inspect_out_dir, missing_ancestors, only_scaffolding,
+                    prune_calibration, layer_file_name)
 from .checkpoint import FLOAT_DTYPES, Checkpoint, natural_key
 from .config import BuildConfig, config_hash_of, normalize_bits, validate
 from .errors import BuildError, CheckpointError, DuquantError
@@ -297,14 +297,14 @@ def import_legacy(npz_dir, ckpt, out_dir, *, overwrite: bool = False, wbits: int
         if not out.is_dir() or any(out.iterdir()):
             raise BuildError(f"{out}: exists and is not empty; use --overwrite to replace a pack there, "
                              "or another --out")
-    _inspect_out_dir(out, identity, True)  # even with overwrite: only our own packs are replaced
-    created = _missing_ancestors(out)
+    inspect_out_dir(out, identity, True)  # even with overwrite: only our own packs are replaced
+    created = missing_ancestors(out)
     out.mkdir(parents=True, exist_ok=True)
     try:
         with pack_lock(out, BuildError, "another build is writing this pack"):
             manifest = _write(out, checkpoint, cfg, identity, layers, len(files))
     except BaseException:
-        if created and _only_scaffolding(out):
+        if created and only_scaffolding(out):
             shutil.rmtree(out, ignore_errors=True)
             for parent in created[1:]:
                 try:
@@ -395,7 +395,7 @@ def _write(out: Path, ckpt: Checkpoint, cfg: BuildConfig, identity: dict, layers
             (out / PENDING_NAME).unlink(missing_ok=True)
         raise
     (out / PENDING_NAME).unlink(missing_ok=True)
-    _prune_calibration(out / CALIBRATION_DIR, None)  # a replaced pack's activation scales do not apply
+    prune_calibration(out / CALIBRATION_DIR, None)  # a replaced pack's activation scales do not apply
     keep = {Path(e["file"]).name for e in entries}
     for p in layers_dir.iterdir():
         if p.name not in keep:
