@@ -226,11 +226,7 @@ def _build_locked(ckpt: Checkpoint, selected: list[SelectedLayer], cfg: BuildCon
         results = _run_layers(str(ckpt.path), identity["checkpoint"], selected, cfg, str(out), jobs, progress)
     except BaseException as err:
         if not isinstance(err, KeyboardInterrupt):  # an interrupted build keeps its files to resume
-            for p in layers_dir.iterdir():
-                if p.name not in before:
-                    p.unlink(missing_ok=True)
-            if not before:
-                (out / PENDING_NAME).unlink(missing_ok=True)
+            discard_new_layer_files(out, before)
         raise
     by_name = {r["entry"]["name"]: r["entry"] for r in results}
     entries = [by_name[s.name] for s in selected]
@@ -283,6 +279,16 @@ def prune_calibration(cal_dir: Path, calibration: dict | None) -> None:
         cal_dir.rmdir()
     else:
         fsync_dir(cal_dir)
+
+
+def discard_new_layer_files(out: Path, before: set) -> None:
+    """After a failed write: delete the layer files not in `before` (the names present when the
+    write began), and the pending marker when the directory held no layer files then."""
+    for p in (out / LAYERS_DIR).iterdir():
+        if p.name not in before:
+            p.unlink(missing_ok=True)
+    if not before:
+        (out / PENDING_NAME).unlink(missing_ok=True)
 
 
 def missing_ancestors(out: Path) -> list[Path]:

@@ -40,7 +40,7 @@ from duquant_runtime.format import (CALIBRATION_DIR, FORMAT_NAME, FORMAT_VERSION
 from duquant_runtime.format import PENDING_NAME
 from duquant_runtime.transforms import n_blocks, transform_weight
 
-from .build import (BuildSummary, inspect_out_dir, missing_ancestors, only_scaffolding,
+from .build import (BuildSummary, discard_new_layer_files, inspect_out_dir, missing_ancestors, only_scaffolding,
                     prune_calibration, layer_file_name)
 from .checkpoint import FLOAT_DTYPES, Checkpoint, natural_key
 from .config import BuildConfig, config_hash_of, normalize_bits, validate
@@ -388,11 +388,7 @@ def _write(out: Path, ckpt: Checkpoint, cfg: BuildConfig, identity: dict, layers
         }
         write_json_atomic(out / MANIFEST, manifest)  # the commit point
     except BaseException:
-        for p in layers_dir.iterdir():
-            if p.name not in before:
-                p.unlink(missing_ok=True)
-        if not before:
-            (out / PENDING_NAME).unlink(missing_ok=True)
+        discard_new_layer_files(out, before)
         raise
     (out / PENDING_NAME).unlink(missing_ok=True)
     prune_calibration(out / CALIBRATION_DIR, None)  # a replaced pack's activation scales do not apply
