@@ -1,4 +1,4 @@
-"""The pack format, version 1: names, schema checks and hashing (read side; docs/format.md).
+"""The pack format, version 2 (reads 1 and 2): names, schema checks and hashing (read side; docs/format.md).
 
 A pack is a directory::
 
@@ -8,7 +8,10 @@ A pack is a directory::
 
 Layer file datasets (float32 unless said): ``r_in`` (nb_in, B_in, B_in); optional ``perm``
 int32 (in,) (absent: identity); optional ``r_out`` (nb_out, B_out, B_out) (absent: no output
-rotation); optional ``weight_scale`` (out,) (absent: weight not quantized).
+rotation); optional ``weight_scale`` (out,) or (out, n_groups) (absent: weight not quantized);
+version 2 adds optional ``smooth`` float32 (in,) (SmoothQuant divisor applied to x before the
+permutation) and optional ``qweight`` (stored quantized weight of W_t; layout in `quant.pack_int4`:
+uint8 (out, ceil(in/2)) for wbits <= 4, int8 (out, in) for 5..8, int16 (out, in) above).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from typing import Any
 from .errors import PackError
 
 FORMAT_NAME = "duquant-pack"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2  # written by this version
+SUPPORTED_VERSIONS = (1, 2)
 LAYER_FORMAT_NAME = "duquant-layer"
 MANIFEST = "manifest.json"
 PENDING_NAME = ".pending.json"  # identity of an unfinished build in a pack directory
@@ -32,7 +35,7 @@ CALIBRATION_DIR = "calibration"
 CALIBRATION_FORMAT_NAME = "duquant-calibration"
 CALIBRATION_FORMAT_VERSION = 1
 ORTHO_TOL = 1e-5
-LAYER_DATASETS = {"perm", "r_in", "r_out", "weight_scale"}
+LAYER_DATASETS = {"perm", "r_in", "r_out", "weight_scale", "smooth", "qweight"}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _CALIBRATION_FIELDS = {
     "file": str, "sha256": str, "layers": int, "act_percentile": (int, float), "calib_steps": int,

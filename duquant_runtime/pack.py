@@ -40,13 +40,17 @@ class LayerPack:
     perm: torch.Tensor | None  # (in,) int64, None = identity
     r_in: torch.Tensor  # (nb_in, block_in, block_in)
     r_out: torch.Tensor | None  # (nb_out, block_out, block_out)
-    weight_scale: torch.Tensor | None  # (out,)
+    weight_scale: torch.Tensor | None  # (out,) or (out, n_groups)
     meta: dict  # the manifest entry
+    smooth: torch.Tensor | None = None  # (in,) float32: x / smooth before the permutation (v2)
+    qweight: torch.Tensor | None = None  # stored integers of W_t (v2; layout: quant.pack_int4)
+    group_size: int | None = None  # columns per weight_scale group (None: one scale per row)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
-                   (self.perm, self.r_in, self.r_out, self.weight_scale) if t is not None)
+                   (self.perm, self.r_in, self.r_out, self.weight_scale, self.smooth, self.qweight)
+                   if t is not None)
 
 
 class Pack:

@@ -46,3 +46,36 @@ def absmax_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
     _, qmax = qrange(bits)
     amax = w.abs().amax(dim=1).to(torch.float32)
     return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack integers q (out, in) in [-8, 7] two per byte: uint8 (out, ceil(in/2)).
+
+    Column 2j goes to the low nibble of byte j, column 2j+1 to the high nibble, each as a 4-bit
+    two's complement code (q & 0xF); an odd last column leaves a zero high nibble.
+    """
+    if q.dim() != 2:
+        raise ValueError(f"pack_int4 expects a 2-D tensor, got shape {tuple(q.shape)}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError("pack_int4: values outside [-8, 7]")
+    out, cols = q.shape
+    codes = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    if cols % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of `pack_int4`: int8 (out, cols) from uint8 (out, ceil(cols/2))."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != (cols + 1) // 2:
+        raise ValueError(f"unpack_int4 expects uint8 (out, {(cols + 1) // 2}), got {packed.dtype} "
+                         f"{tuple(packed.shape)}")
+    lo = (packed & 0xF).to(torch.int8)
+    hi = (packed >> 4).to(torch.int8)
+    both = torch.stack((lo, hi), dim=2).reshape(packed.shape[0], -1)[:, :cols]
+    return torch.where(both > 7, both - 16, both)
+
+
+def storage_dtype(bits: int) -> torch.dtype:
+    """dtype of stored integers: uint8 packed for <= 4 bits (see pack_int4), int8 to 8, else int16."""
+    return torch.uint8 if bits <= 4 else (torch.int8 if bits <= 8 else torch.int16)

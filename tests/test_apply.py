@@ -306,11 +306,11 @@ def test_bf16_cast_of_float32_checkpoint_is_refused_but_bf16_exact_values_match(
 
 def test_unknown_format_version(plain_copy):
     m = json.loads((plain_copy / "manifest.json").read_text())
-    m["format_version"] = 2
+    m["format_version"] = 3
     (plain_copy / "manifest.json").write_text(json.dumps(m))
     model = _net()
     snap = _snapshot(model)
-    with pytest.raises(PackError, match="format version 2"):
+    with pytest.raises(PackError, match="format version 3"):
         apply_pack(model, plain_copy)
     _assert_unchanged(model, snap)
 

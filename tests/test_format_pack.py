@@ -29,7 +29,7 @@ def test_intact_pack_loads_and_verifies(built_pack):
     pack = load_pack(built_pack)
     assert pack.verify() == []
     m = pack.manifest
-    assert (m["format"], m["format_version"]) == (FORMAT_NAME, FORMAT_VERSION) == ("duquant-pack", 1)
+    assert (m["format"], m["format_version"]) == (FORMAT_NAME, FORMAT_VERSION) == ("duquant-pack", 2)
     assert m["config_hash"] == config_hash(m["config"])
     assert len(pack.layer_names) == 28 and m["preset"] == "pi05-llm-expert"
     assert pack.config["block"] == 64 and "Pack(" in repr(pack)
@@ -94,7 +94,7 @@ def test_manifest_not_an_object(pack_copy):
         load_pack(pack_copy)
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 0, "1", None])
 def test_unknown_format_version(pack_copy, version):
     m = _manifest(pack_copy)
     m["format_version"] = version

@@ -18,7 +18,7 @@ def test_inspect_built_pack(built_pack):
     info = inspect_pack(built_pack)
     json.dumps(info, allow_nan=False)  # JSON-serialisable
     m = _manifest(built_pack)
-    assert (info["format"], info["format_version"]) == ("duquant-pack", 1)
+    assert (info["format"], info["format_version"]) == ("duquant-pack", 2)
     assert info["tool"]["name"] == "duquant" and info["tool"]["version"] == m["tool"]["version"]
     assert info["tool"]["algorithm_version"] == m["tool"]["algorithm_version"]
     assert info["preset"] == "pi05-llm-expert"
@@ -78,7 +78,7 @@ def test_format_inspect(built_pack):
     text = format_inspect(info)
     assert info["config_hash"] in text
     assert info["checkpoint"]["sha256"] in text
-    assert "pi05-llm-expert" in text and "duquant-pack v1" in text
+    assert "pi05-llm-expert" in text and "duquant-pack v2" in text
     assert "language_model" in text and "action_expert" in text
     assert "calibration  none" in text
     lines = text.splitlines()

@@ -86,7 +86,7 @@ def test_layer_in_features_edited(pack_copy, synth2):
     assert any(f"layer '{e['name']}'" in line and "shape" in line for line in problems), problems
 
 
-@pytest.mark.parametrize("version", [2, 0, "1"])
+@pytest.mark.parametrize("version", [3, 0, "1"])
 def test_unknown_format_version(pack_copy, version):
     m = _manifest(pack_copy)
     m["format_version"] = version
