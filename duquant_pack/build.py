@@ -129,10 +129,12 @@ def build_one_layer(ckpt_path: str, ckpt_fp: str, build_id: str, layer: Selected
                      "out_features": layer.out_features, "wbits": spec.wbits, "block_in": res.block_in,
                      "block_out": res.block_out, "permuted": res.perm is not None,
                      "weight_fingerprint": fp, "layer_key": key, "stats": res.stats}
+            if res.qweight is not None:
+                entry["qweight"] = True
             del w
             write_layer_file(path, name=layer.name, layer_key=key, weight_fingerprint=fp, perm=res.perm,
                              r_in=res.r_in, r_out=res.r_out, weight_scale=res.weight_scale,
-                             entry_json=canonical_json(entry))
+                             entry_json=canonical_json(entry), qweight=res.qweight)
         # the file holds what depends on the layer key only; these depend on this build
         entry["source_dtype"] = layer.dtype
         entry["sha256"] = file_sha256(path)

@@ -128,6 +128,9 @@ def layers(ckpt, as_json, **sel):
 @click.option("--act-percentile", type=float, help="Activation percentile for runtime calibration (ACT_PCT). Default 99.9.")
 @click.option("--calib-steps", type=int, help="Runtime calibration batches (CALIB_STEPS). Default 32.")
 @click.option("--lambda-smooth", type=float, help="Recorded only: cannot change a weight-only build (LS).")
+@click.option("--store-qweights/--no-store-qweights", default=None,
+              help="Store the quantized integers of each layer in the pack (int4 packed two per byte), so "
+                   "a deployment loads them instead of quantizing the float weights. Default: off.")
 @click.option("--compat", type=click.Choice(["openpi-duquant"]),
               help="Reproduce the openpi_duquant fork's numerics (interleave permutation, its R_out "
                    "convention, MSE scales) so old and new packs can be diffed.")

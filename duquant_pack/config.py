@@ -51,6 +51,7 @@ class BuildConfig:
     calib_steps: int = 32
     lambda_smooth: float | None = None
     compat: str | None = None  # 'openpi-duquant': reproduce the old fork's numerics (algorithm.md §13)
+    store_qweights: bool = False  # store the quantized integers of W_t in the pack (format v2 'qweight')
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -58,6 +59,8 @@ class BuildConfig:
         d["layer_wbits"] = dict(sorted(self.layer_wbits.items()))
         if d["compat"] is None:
             del d["compat"]  # absent = null: packs built before the field existed keep their hash
+        if not d["store_qweights"]:
+            del d["store_qweights"]  # absent = false, likewise
         return d
 
     def layer_spec(self, name: str) -> LayerSpec:
@@ -65,7 +68,7 @@ class BuildConfig:
         return LayerSpec(wbits=self.layer_wbits.get(name, self.wbits), block=self.block,
                          block_out=self.block_out, permute=self.permute,
                          permute_metric=self.permute_metric if self.permute == "zigzag" else None,
-                         scale=self.scale, compat=self.compat)
+                         scale=self.scale, compat=self.compat, store_qweights=self.store_qweights)
 
 
 FIELD_NAMES = {f.name for f in fields(BuildConfig)}
@@ -171,6 +174,7 @@ def validate(cfg: BuildConfig) -> BuildConfig:
         block_out=block_out,
         act_percentile=float(cfg.act_percentile),
         lambda_smooth=float(cfg.lambda_smooth) if cfg.lambda_smooth is not None else None,
+        store_qweights=bool(cfg.store_qweights),
     )
 
 

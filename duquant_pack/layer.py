@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from duquant_runtime.quant import is_quantized
+from duquant_runtime.quant import is_quantized, pack_int4, quantize_rows, storage_dtype
 from duquant_runtime.transforms import transform_weight
 
 from .permutation import compute_permutation
@@ -38,11 +38,14 @@ class LayerSpec:
     permute_metric: str | None  # absmax | energy (zigzag only)
     scale: str  # mse | max
     compat: str | None = None  # 'openpi-duquant': the old fork's R_out convention (stored r_out = U^T)
+    store_qweights: bool = False  # also store the quantized integers of W_t
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if d["compat"] is None:
             del d["compat"]  # absent = null: layer keys of ordinary builds are unchanged
+        if not d["store_qweights"]:
+            del d["store_qweights"]
         return d
 
 
@@ -55,6 +58,7 @@ class LayerResult:
     block_in: int
     block_out: int | None
     stats: dict
+    qweight: np.ndarray | None = None  # stored integers of W_t (layout: duquant_runtime.quant.pack_int4)
 
 
 def compute_layer(w: torch.Tensor, spec: LayerSpec) -> LayerResult:
@@ -77,10 +81,21 @@ def compute_layer(w: torch.Tensor, spec: LayerSpec) -> LayerResult:
         r_out = r_out.to(torch.float32)
     w_t = transform_weight(w, perm_t, r_in, r_out)
     scale, stats = scales_and_stats(w, w_t, spec.wbits, spec.scale)
+    qweight = None
+    if spec.store_qweights and scale is not None:
+        qweight = store_integers(quantize_rows(w_t, torch.from_numpy(scale), spec.wbits), spec.wbits)
+    del w_t
     return LayerResult(
         perm=perm.astype(np.int32) if perm is not None else None,
         r_in=r_in.numpy(), r_out=r_out.numpy() if r_out is not None else None,
-        weight_scale=scale, block_in=b_in, block_out=b_out, stats=stats)
+        weight_scale=scale, block_in=b_in, block_out=b_out, stats=stats, qweight=qweight)
+
+
+def store_integers(q: torch.Tensor, wbits: int) -> np.ndarray:
+    """The stored form of integers q (out, in): packed uint8 for <= 4 bits, else int8/int16."""
+    if wbits <= 4:
+        return pack_int4(q).numpy()
+    return q.to(storage_dtype(wbits)).numpy()
 
 
 def scales_and_stats(w: torch.Tensor, w_t: torch.Tensor, wbits: int, method: str) -> tuple[np.ndarray | None, dict]:

@@ -21,7 +21,8 @@ from duquant_runtime.format import LAYER_FORMAT_NAME, FORMAT_VERSION, file_sha25
 
 def write_layer_file(path: Path, *, name: str, layer_key: str, weight_fingerprint: str,
                      perm: np.ndarray | None, r_in: np.ndarray, r_out: np.ndarray | None,
-                     weight_scale: np.ndarray | None, entry_json: str) -> str:
+                     weight_scale: np.ndarray | None, entry_json: str, qweight: np.ndarray | None = None,
+                     smooth: np.ndarray | None = None) -> str:
     """Write one layer's HDF5 file atomically; returns its sha256."""
     with atomic_file(path) as t:
         with h5py.File(t.tmp, "w", libver="earliest", track_order=False) as f:
@@ -33,7 +34,9 @@ def write_layer_file(path: Path, *, name: str, layer_key: str, weight_fingerprin
             f.attrs["entry"] = entry_json
             arrays = {}
             for key, arr, dtype in (("perm", perm, np.int32), ("r_in", r_in, np.float32),
-                                    ("r_out", r_out, np.float32), ("weight_scale", weight_scale, np.float32)):
+                                    ("r_out", r_out, np.float32), ("weight_scale", weight_scale, np.float32),
+                                    ("smooth", smooth, np.float32),
+                                    ("qweight", qweight, qweight.dtype if qweight is not None else None)):
                 if arr is not None:
                     arrays[key] = np.ascontiguousarray(arr, dtype=dtype)
                     f.create_dataset(key, data=arrays[key], track_times=False)

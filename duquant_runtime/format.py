@@ -67,6 +67,7 @@ _LAYER_FIELDS = {
     "wbits": int, "block_in": int, "block_out": (int, type(None)), "permuted": bool,
     "weight_fingerprint": str, "layer_key": str, "source_dtype": str, "stats": dict,
 }
+_OPTIONAL_LAYER_FIELDS = {"qweight": bool}  # version 2: true when the file stores the integers
 _TOP_FIELDS = {
     "format": str, "format_version": int, "tool": dict, "preset": (str, type(None)),
     "config": dict, "config_hash": str, "checkpoint": dict, "layers": list, "totals": dict,
@@ -123,6 +124,10 @@ def validate_manifest(m: Any) -> dict:
             raise PackError(f"manifest.json: layer '{name}': block_out must be a positive integer or null")
         if not (layer["wbits"] == 0 or 2 <= layer["wbits"] <= 15):
             raise PackError(f"manifest.json: layer '{name}': wbits {layer['wbits']} is not 0 or 2..15")
+        for key, typ in _OPTIONAL_LAYER_FIELDS.items():
+            if key in layer and not isinstance(layer[key], typ):
+                raise PackError(f"manifest.json: layer '{name}': field '{key}' has the wrong type "
+                                f"({type(layer[key]).__name__})")
         if not _HEX64.fullmatch(layer["sha256"]):
             raise PackError(f"manifest.json: layer '{name}': sha256 is not a hex digest")
     if "calibration" in m:

@@ -19,7 +19,7 @@ from torch import nn
 from .activation import ACT_MODES, TopKPercentile, fake_quantize_per_channel, fake_quantize_per_token
 from .errors import PackError
 from .pack import LayerPack
-from .quant import is_quantized, qrange, quantize_rows
+from .quant import is_quantized, qrange, quantize_rows, unpack_int4
 from .transforms import input_transform, output_restore, transform_weight
 
 
@@ -87,14 +87,19 @@ class DuQuantLinear(nn.Module):
             perm = layer.perm.to(dev) if layer.perm is not None else None
             r_in = layer.r_in.to(dev, wdt)
             r_out = layer.r_out.to(dev, wdt) if layer.r_out is not None else None
-            w_t = transform_weight(w.detach().to(wdt), perm, r_in, r_out)
-            if m.wbits:
-                scale = layer.weight_scale.to(dev, torch.float32)
-                m.qweight = quantize_rows(w_t.to(torch.float32), scale, m.wbits)
-                m.w_scale = scale
+            if m.wbits and layer.qweight is not None:  # stored integers: the float weight is not read
+                q = layer.qweight
+                m.qweight = (unpack_int4(q, layer.in_features) if m.wbits <= 4 else q.to(torch.int16 if m.wbits > 8 else torch.int8)).to(dev)
+                m.w_scale = layer.weight_scale.to(dev, torch.float32)
             else:
-                m.weight_t = w_t
-            del w_t
+                w_t = transform_weight(w.detach().to(wdt), perm, r_in, r_out)
+                if m.wbits:
+                    scale = layer.weight_scale.to(dev, torch.float32)
+                    m.qweight = quantize_rows(w_t.to(torch.float32), scale, m.wbits)
+                    m.w_scale = scale
+                else:
+                    m.weight_t = w_t
+                del w_t
             m.perm = perm
             m._weight_dtype = w.dtype
             m.r_in = layer.r_in.to(dev, torch.float32)

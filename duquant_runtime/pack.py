@@ -24,6 +24,7 @@ import torch
 from .errors import PackError
 from .format import (CALIBRATION_FORMAT_NAME, CALIBRATION_FORMAT_VERSION, LAYER_DATASETS, LAYERS_DIR,
                      MANIFEST, ORTHO_TOL, file_sha256, validate_manifest)
+from .quant import qrange, unpack_int4
 from .transforms import n_blocks
 
 
@@ -192,9 +193,40 @@ def read_layer(pack_dir: Path, entry: dict) -> LayerPack:
         scale = torch.from_numpy(s)
     elif "weight_scale" in data:
         raise PackError(f"{path}: dataset 'weight_scale' present but layer is not quantized")
+    qweight = None
+    if entry.get("qweight", False) is True:
+        if "qweight" not in data:
+            raise PackError(f"{path}: missing dataset 'qweight' (manifest says the integers are stored)")
+        if entry["wbits"] <= 0:
+            raise PackError(f"{path}: stored integers for a layer that is not quantized")
+        qweight = _check_qweight(data["qweight"], fout, fin, entry["wbits"], path)
+    elif "qweight" in data:
+        raise PackError(f"{path}: dataset 'qweight' present but the manifest does not list it")
     return LayerPack(name=name, in_features=fin, out_features=fout, wbits=entry["wbits"],
                      block_in=bin_, block_out=bout, perm=perm, r_in=r_in, r_out=r_out,
-                     weight_scale=scale, meta=entry)
+                     weight_scale=scale, meta=entry, qweight=qweight)
+
+
+def _check_qweight(q: np.ndarray, out_f: int, in_f: int, wbits: int, path: Path) -> torch.Tensor:
+    """Stored integers: uint8 (out, ceil(in/2)) packed for wbits <= 4, int8 (out, in) for 5..8,
+    int16 (out, in) above; values within the wbits range."""
+    want_dtype = np.uint8 if wbits <= 4 else (np.int8 if wbits <= 8 else np.int16)
+    want_shape = (out_f, (in_f + 1) // 2) if wbits <= 4 else (out_f, in_f)
+    if q.dtype != want_dtype or q.shape != want_shape:
+        raise PackError(f"{path}: qweight must be {np.dtype(want_dtype).name} {want_shape} for "
+                        f"wbits={wbits}, got {q.dtype} {q.shape}")
+    t = torch.from_numpy(q)
+    if wbits <= 4:
+        if in_f % 2 and q.size and (q[:, -1] >> 4).any():
+            raise PackError(f"{path}: qweight padding nibbles are not zero")
+        vals = unpack_int4(t, in_f) if wbits < 4 else None
+    else:
+        vals = t
+    if vals is not None and vals.numel():
+        qmin, qmax = qrange(wbits)
+        if int(vals.min()) < qmin or int(vals.max()) > qmax:
+            raise PackError(f"{path}: qweight values outside the {wbits}-bit range [{qmin}, {qmax}]")
+    return t
 
 
 def calibration_dataset_names(n: int) -> list[str]:
@@ -266,7 +298,7 @@ def _read_dataset(f, key: str, path: Path) -> np.ndarray:
     obj = f[key]
     if not isinstance(obj, h5py.Dataset):
         raise PackError(f"{path}: '{key}' is not a dataset")
-    if obj.dtype.kind not in "fi":
+    if obj.dtype.kind not in "fiu":
         raise PackError(f"{path}: dataset '{key}' has non-numeric dtype {obj.dtype}")
     return obj[()]
 
