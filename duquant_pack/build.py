@@ -22,12 +22,11 @@ import os
 import re
 import shutil
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from joblib import Parallel, delayed
 
 from duquant_runtime import __version__
 from duquant_runtime.atomic import LOCK_NAME, TMP_PREFIX, fsync_dir, pack_lock, write_json_atomic
@@ -40,7 +39,9 @@ from duquant_runtime.pack import load_pack
 from .checkpoint import Checkpoint
 from .config import BuildConfig
 from .errors import BuildError, CheckpointError
+from .act_stats import check_stats_file, layer_stats_digest, read_layer_stats, write_offline_calibration
 from .layer import ALGORITHM_VERSION, LayerSpec, compute_layer
+from .parallel import BACKENDS, run_unordered
 from .selection import SelectedLayer, select_layers
 from .writer import reusable_entry, write_layer_file
 
@@ -75,10 +76,14 @@ def layer_file_name(name: str, key: str) -> str:
     return f"{LAYERS_DIR}/{safe}.{key[:16]}.h5"
 
 
-def layer_key(name: str, spec: LayerSpec, weight_fp: str) -> str:
-    return hashlib.sha256(canonical_json({
-        "algorithm": ALGORITHM_VERSION, "format": FORMAT_VERSION, "name": name,
-        "spec": spec.to_dict(), "weight": weight_fp}).encode()).hexdigest()
+def layer_key(name: str, spec: LayerSpec, weight_fp: str, device: str = "cpu") -> str:
+    """Identity of one layer's computation. A CUDA build's float rounding differs from the CPU's,
+    so its files get their own keys (and a CPU rebuild never reuses them, nor the reverse)."""
+    ident = {"algorithm": ALGORITHM_VERSION, "format": FORMAT_VERSION, "name": name,
+             "spec": spec.to_dict(), "weight": weight_fp}
+    if device != "cpu":
+        ident["device"] = device
+    return hashlib.sha256(canonical_json(ident).encode()).hexdigest()
 
 
 # --- worker side -------------------------------------------------------------------------------
@@ -112,29 +117,39 @@ def _single_thread():
 
 
 def build_one_layer(ckpt_path: str, ckpt_fp: str, build_id: str, layer: SelectedLayer, spec: LayerSpec,
-                    out_dir: str) -> dict:
-    """Read, fingerprint, compute (or reuse) and write one layer; returns its manifest entry."""
+                    out_dir: str, act_stats: str | None = None, device: str = "cpu") -> dict:
+    """Read, fingerprint, compute (or reuse) and write one layer; returns its manifest entry.
+    On the CPU the computation is single-threaded (results do not depend on the job count)."""
     t0 = time.perf_counter()
-    with _single_thread():
-        w = _checkpoint(ckpt_path, ckpt_fp, build_id).read_weight(layer.key)
-        fp = weight_fingerprint(w)
-        key = layer_key(layer.name, spec, fp)
+    with (_single_thread() if device == "cpu" else nullcontext()):
+        raw = _checkpoint(ckpt_path, ckpt_fp, build_id).read_weight(layer.key, dtype=None)
+        fp = weight_fingerprint(raw)  # of the stored dtype: bf16 bytes hash directly
+        w = raw.to(torch.float32) if device == "cpu" else raw.to(device).to(torch.float32)
+        del raw
+        if act_stats is not None:  # the layer's statistics are part of its computation (act_stats.py)
+            spec = replace(spec, act_stats=layer_stats_digest(act_stats, layer.name))
+        key = layer_key(layer.name, spec, fp, _device_kind(device))
         rel = layer_file_name(layer.name, key)
         path = Path(out_dir) / rel
         entry = reusable_entry(path, key) if path.is_file() else None
         reused = entry is not None
         if not reused:
-            res = compute_layer(w, spec)
+            res = compute_layer(w, spec, read_layer_stats(act_stats, layer.name, layer.in_features,
+                                                          xtx=spec.rounding == "gptq") if act_stats else None)
             entry = {"name": layer.name, "file": rel, "in_features": layer.in_features,
                      "out_features": layer.out_features, "wbits": spec.wbits, "block_in": res.block_in,
                      "block_out": res.block_out, "permuted": res.perm is not None,
                      "weight_fingerprint": fp, "layer_key": key, "stats": res.stats}
             if res.qweight is not None:
                 entry["qweight"] = True
+            if res.smooth is not None:
+                entry["smoothed"] = True
+            if spec.group_size and res.weight_scale is not None:
+                entry["group_size"] = spec.group_size
             del w
             write_layer_file(path, name=layer.name, layer_key=key, weight_fingerprint=fp, perm=res.perm,
                              r_in=res.r_in, r_out=res.r_out, weight_scale=res.weight_scale,
-                             entry_json=canonical_json(entry), qweight=res.qweight)
+                             entry_json=canonical_json(entry), qweight=res.qweight, smooth=res.smooth)
         # the file holds what depends on the layer key only; these depend on this build
         entry["source_dtype"] = layer.dtype
         entry["sha256"] = file_sha256(path)
@@ -179,23 +194,35 @@ def default_out_dir(ckpt_path: Path, cfg_hash: str, preset: str | None, root: Pa
 
 
 def build_pack(ckpt_path, out_dir, cfg: BuildConfig, *, preset: str | None = None, jobs: int | None = None,
-               overwrite: bool = False, progress: bool = True) -> BuildSummary:
-    """Build (or resume, or refresh) the pack of `cfg` for a checkpoint into `out_dir`."""
+               overwrite: bool = False, progress: bool = True, act_stats=None, device: str = "cpu",
+               backend: str = "local", scheduler: str | None = None) -> BuildSummary:
+    """Build (or resume, or refresh) the pack of `cfg` for a checkpoint into `out_dir`.
+
+    act_stats: the activation statistics file (duquant_runtime.collect_stats) whose id
+    (act_stats.stats_file_id) is `cfg.act_stats`; needed exactly when that is set."""
     t0 = time.perf_counter()
+    act_stats = check_stats_file(cfg, act_stats)
+    device = check_device(device)
+    if backend not in BACKENDS:
+        raise BuildError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
+    if backend == "dask" and not scheduler:
+        raise BuildError("--backend dask needs --scheduler ADDRESS (the address of a running Dask scheduler)")
     ckpt = Checkpoint(ckpt_path)
     selected = select_layers(ckpt, cfg)
     chash = config_hash(cfg.to_dict())
     out = Path(out_dir)
     identity = {"config_hash": chash, "checkpoint": ckpt.fingerprint()["sha256"]}
     inspect_out_dir(out, identity, overwrite)
-    jobs = _resolve_jobs(jobs)
+    # jobs: CPU worker processes, or threads feeding the GPU (default 4)
+    jobs = _resolve_jobs(jobs) if device == "cpu" or backend != "local" else (jobs if jobs and jobs > 0 else 4)
+    run = dict(jobs=jobs, device=device, backend=backend, scheduler=scheduler)
 
     created = missing_ancestors(out)  # directories this build creates, innermost first
     out.mkdir(parents=True, exist_ok=True)
     try:
         with pack_lock(out, BuildError, "another build is writing this pack"):
             inspect_out_dir(out, identity, overwrite)  # again, now that we hold the lock
-            manifest, results = _build_locked(ckpt, selected, cfg, preset, out, identity, jobs, progress)
+            manifest, results = _build_locked(ckpt, selected, cfg, preset, out, identity, run, progress, act_stats)
     except BaseException as err:
         if created and not isinstance(err, KeyboardInterrupt) and only_scaffolding(out):
             shutil.rmtree(out, ignore_errors=True)
@@ -215,7 +242,9 @@ def build_pack(ckpt_path, out_dir, cfg: BuildConfig, *, preset: str | None = Non
 
 
 def _build_locked(ckpt: Checkpoint, selected: list[SelectedLayer], cfg: BuildConfig, preset: str | None,
-                  out: Path, identity: dict, jobs: int, progress: bool) -> tuple[dict, list[dict]]:
+                  out: Path, identity: dict, run: dict, progress: bool,
+                  act_stats: str | None = None) -> tuple[dict, list[dict]]:
+    """The build proper, under the lock. `run`: jobs, device, backend, scheduler (see build_pack)."""
     layers_dir = out / LAYERS_DIR
     layers_dir.mkdir(exist_ok=True)
     cal_dir = out / CALIBRATION_DIR
@@ -225,7 +254,8 @@ def _build_locked(ckpt: Checkpoint, selected: list[SelectedLayer], cfg: BuildCon
     before = {p.name for p in layers_dir.iterdir()}
     write_json_atomic(out / PENDING_NAME, identity)
     try:
-        results = _run_layers(str(ckpt.path), identity["checkpoint"], selected, cfg, str(out), jobs, progress)
+        results = _run_layers(str(ckpt.path), identity["checkpoint"], selected, cfg, str(out), progress,
+                              act_stats, **run)
     except BaseException as err:
         if not isinstance(err, KeyboardInterrupt):  # an interrupted build keeps its files to resume
             discard_new_layer_files(out, before)
@@ -235,13 +265,16 @@ def _build_locked(ckpt: Checkpoint, selected: list[SelectedLayer], cfg: BuildCon
     cfg_dict = cfg.to_dict()
     manifest = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-        "tool": {"name": "duquant", "version": __version__, "algorithm_version": ALGORITHM_VERSION},
+        "tool": {"name": "duquant", "version": __version__, "algorithm_version": ALGORITHM_VERSION,
+                 **({"device": _device_kind(run["device"])} if run["device"] != "cpu" else {})},
         "preset": preset, "config": cfg_dict, "config_hash": identity["config_hash"],
         "checkpoint": ckpt.fingerprint(), "layers": entries,
         "totals": {"layers": len(entries), "weights": sum(s.numel for s in selected),
                    "layer_bytes": sum((out / e["file"]).stat().st_size for e in entries)},
     }
     calibration = _kept_calibration(out, entries)
+    if act_stats is not None:  # static activation scales computed offline from the statistics
+        calibration = write_offline_calibration(out, entries, act_stats, cfg) or calibration
     if calibration is not None:
         manifest["calibration"] = calibration
     write_json_atomic(out / MANIFEST, manifest)  # the commit point
@@ -325,12 +358,33 @@ def _resolve_jobs(jobs: int | None) -> int:
     return jobs
 
 
+def check_device(device: str) -> str:
+    """'cpu', or a CUDA device ('cuda', 'cuda:N') that exists; else a BuildError."""
+    if device == "cpu":
+        return device
+    if not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise BuildError(f"--device: '{device}' is not 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise BuildError(f"--device {device}: no CUDA device is available (torch {torch.__version__})")
+    index = int(device[5:]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise BuildError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _device_kind(device: str) -> str:
+    return device.split(":")[0]
+
+
 def _run_layers(ckpt_path: str, ckpt_fp: str, selected: list[SelectedLayer], cfg: BuildConfig, out: str,
-                jobs: int, progress: bool) -> list[dict]:
+                progress: bool, act_stats: str | None, jobs: int, device: str, backend: str,
+                scheduler: str | None) -> list[dict]:
     # biggest layers first: better load balance; results do not depend on the order
     order = sorted(selected, key=lambda s: (-s.numel, s.name))
     build_id = f"{os.getpid()}-{time.time_ns()}"
-    tasks = (delayed(build_one_layer)(ckpt_path, ckpt_fp, build_id, s, cfg.layer_spec(s.name), out) for s in order)
+    args = [(ckpt_path, ckpt_fp, build_id, s, cfg.layer_spec(s.name), out, act_stats, device) for s in order]
+    if backend == "local" and device != "cpu":
+        backend = "threads"  # one process feeds the GPU; threads overlap reading/hashing/writing
     bar = None
     if progress:
         from tqdm import tqdm
@@ -338,12 +392,7 @@ def _run_layers(ckpt_path: str, ckpt_fp: str, selected: list[SelectedLayer], cfg
                    dynamic_ncols=True, leave=False)
     results = []
     try:
-        if jobs == 1:
-            stream = (build_one_layer(ckpt_path, ckpt_fp, build_id, s, cfg.layer_spec(s.name), out) for s in order)
-        else:
-            stream = Parallel(n_jobs=min(jobs, len(order)), backend="loky",
-                              return_as="generator_unordered")(tasks)
-        for r in stream:
+        for r in run_unordered(build_one_layer, args, backend=backend, jobs=jobs, scheduler=scheduler):
             results.append(r)
             if bar is not None:
                 e = r["entry"]

@@ -7,6 +7,7 @@ Every expected failure prints one line, ``error: ...``, on stderr and exits non-
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -127,7 +128,23 @@ def layers(ckpt, as_json, **sel):
 @click.option("--scale", type=click.Choice(["mse", "max"]), help="Weight scale search. Default mse.")
 @click.option("--act-percentile", type=float, help="Activation percentile for runtime calibration (ACT_PCT). Default 99.9.")
 @click.option("--calib-steps", type=int, help="Runtime calibration batches (CALIB_STEPS). Default 32.")
-@click.option("--lambda-smooth", type=float, help="Recorded only: cannot change a weight-only build (LS).")
+@click.option("--lambda-smooth", type=float,
+              help="SmoothQuant strength a in [0, 1] (LS): with --act-stats, s_j = max|X_j|^a / max|W_j|^(1-a) "
+                   "is folded into the weights and divided out of x; without statistics it is recorded only.")
+@click.option("--rotation", type=click.Choice(["svd", "hadamard", "random", "greedy", "none"]),
+              help="Input block rotation: svd = principal axes of the weight (default), hadamard = block "
+                   "Hadamard, random = seeded random orthogonal, greedy = the DuQuant paper's outlier-driven "
+                   "rotation (needs --act-stats), none = identity (no-transform baseline).")
+@click.option("--rotation-seed", type=int, help="Seed of the random (and non-power-of-two Hadamard) blocks. Default 0.")
+@click.option("--act-stats", "act_stats_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Activation statistics (duquant_runtime.collect_stats): enables smoothing, zigzag on "
+                   "activation maxima, --rotation greedy, --rounding gptq, and static activation scales "
+                   "computed offline (stored as the pack's calibration). Its sha256 enters the config.")
+@click.option("--rounding", type=click.Choice(["rtn", "gptq"]),
+              help="Weight rounding: rtn (round to nearest, default) or gptq (error-compensating, from the "
+                   "statistics' X^T X; stores the integers in the pack).")
+@click.option("--group-size", type=int, help="One weight scale per group of N consecutive columns of W_t "
+                                             "(default: one per row); stores the integers in the pack.")
 @click.option("--store-qweights/--no-store-qweights", default=None,
               help="Store the quantized integers of each layer in the pack (int4 packed two per byte), so "
                    "a deployment loads them instead of quantizing the float weights. Default: off.")
@@ -135,11 +152,19 @@ def layers(ckpt, as_json, **sel):
               help="Reproduce the openpi_duquant fork's numerics (interleave permutation, its R_out "
                    "convention, MSE scales) so old and new packs can be diffed.")
 @click.option("--jobs", "-j", type=int, default=0, show_default=True,
-              help="Worker processes; 0 = all cores. Results do not depend on it.")
+              help="Worker processes (CPU; 0 = all cores) or threads feeding the GPU (--device cuda; "
+                   "0 = 4). Results do not depend on it.")
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
+              help="Where the layers are computed. A CUDA build agrees with the CPU build up to float32 "
+                   "rounding (docs/algorithm.md) and is byte-identical between CUDA runs.")
+@click.option("--backend", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+              help="local: this machine. dask: the workers of an existing Dask cluster (needs --scheduler; "
+                   "workers must see CKPT and --out at the same paths).")
+@click.option("--scheduler", metavar="ADDRESS", help="Dask scheduler address for --backend dask, e.g. tcp://host:8786.")
 @click.option("--overwrite", is_flag=True, help="Replace a pack of another config/checkpoint in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def build(ckpt, out, jobs, overwrite, as_json, quiet, **opts):
+def build(ckpt, out, jobs, device, backend, scheduler, overwrite, as_json, quiet, **opts):
     """Compile the DuQuant pack of CKPT: per selected layer a permutation, block rotations and
     weight scales, written as a versioned pack directory.
 
@@ -150,14 +175,21 @@ def build(ckpt, out, jobs, overwrite, as_json, quiet, **opts):
     """
     from .build import build_pack, default_out_dir
     from .config import config_hash_of
+    act_stats_path = opts.pop("act_stats_path")
+    if act_stats_path is not None:
+        from .act_stats import stats_file_id
+        opts["act_stats"] = stats_file_id(act_stats_path)
     cfg, preset = _resolve_cfg(**opts)
     if out is None:
         out = default_out_dir(ckpt, config_hash_of(cfg), opts["preset"])
-    if cfg.lambda_smooth is not None and not as_json:
+    if cfg.lambda_smooth is not None and cfg.act_stats is None and not as_json:
         click.echo("note: --lambda-smooth is recorded but has no effect on a weight-only build "
                    "(it rescales channel energies monotonically, so no order changes)", err=True)
+    if scheduler is not None and backend != "dask":
+        raise click.UsageError("--scheduler is only used with --backend dask")
     summary = build_pack(ckpt, out, cfg, preset=opts["preset"], jobs=jobs, overwrite=overwrite,
-                         progress=not quiet and not as_json and sys.stderr.isatty())
+                         progress=not quiet and not as_json and sys.stderr.isatty(), act_stats=act_stats_path,
+                         device=device, backend=backend, scheduler=scheduler)
     if as_json:
         from .groups import group_summary
         click.echo(json.dumps(dict(summary.to_dict(), groups=group_summary(summary.entries)), indent=2))
@@ -357,6 +389,13 @@ def main(argv=None) -> int:
         if _DEBUG:
             raise
         click.echo(f"error: {' '.join(str(e).split())}", err=True)
+        return 1
+    except OSError as e:  # the system refused (disk full, read-only file system, permissions): not a bug
+        if _DEBUG:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        reason = os.strerror(e.errno) if e.errno else " ".join(str(e).split()) or e.__class__.__name__
+        click.echo(f"error: {where}{reason}", err=True)
         return 1
     except Exception as e:  # an unexpected failure: still one line, with a way to see more
         if _DEBUG:

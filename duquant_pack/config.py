@@ -22,6 +22,11 @@ METRIC_CHOICES = ("absmax", "energy")
 ROW_ROT_CHOICES = ("restore", "disabled", "propagate")
 SCALE_CHOICES = ("mse", "max")
 COMPAT_CHOICES = ("openpi-duquant",)
+ROTATION_CHOICES = ("svd", "hadamard", "random", "greedy", "none")
+ROUNDING_CHOICES = ("rtn", "gptq")
+# activation-aware fields (docs/quality.md): omitted from to_dict() at these defaults, so packs built
+# before they existed keep their config hash
+QUALITY_DEFAULTS = {"rotation": "svd", "rotation_seed": 0, "act_stats": None, "rounding": "rtn", "group_size": None}
 # what --compat openpi-duquant allows (the first value is what it sets; an explicit other value is
 # an error): permute interleave (the old PERMUTE=1) or none (PERMUTE=0), permute_metric energy
 # (what interleave sorts by), scale mse. row_rot becomes
@@ -52,6 +57,11 @@ class BuildConfig:
     lambda_smooth: float | None = None
     compat: str | None = None  # 'openpi-duquant': reproduce the old fork's numerics (algorithm.md §13)
     store_qweights: bool = False  # store the quantized integers of W_t in the pack (format v2 'qweight')
+    rotation: str = "svd"  # input rotation: svd (weight principal axes) | hadamard | random | greedy | none
+    rotation_seed: int = 0  # seed of the random / non-power-of-two Hadamard blocks
+    act_stats: str | None = None  # "sha256:<hex>" of the activation statistics file (--act-stats)
+    rounding: str = "rtn"  # rtn | gptq (needs act_stats with X^T X)
+    group_size: int | None = None  # weight-scale groups of consecutive columns of W_t (None: per row)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -61,6 +71,9 @@ class BuildConfig:
             del d["compat"]  # absent = null: packs built before the field existed keep their hash
         if not d["store_qweights"]:
             del d["store_qweights"]  # absent = false, likewise
+        for key, default in QUALITY_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
         return d
 
     def layer_spec(self, name: str) -> LayerSpec:
@@ -68,7 +81,10 @@ class BuildConfig:
         return LayerSpec(wbits=self.layer_wbits.get(name, self.wbits), block=self.block,
                          block_out=self.block_out, permute=self.permute,
                          permute_metric=self.permute_metric if self.permute == "zigzag" else None,
-                         scale=self.scale, compat=self.compat, store_qweights=self.store_qweights)
+                         scale=self.scale, compat=self.compat, store_qweights=self.store_qweights,
+                         rotation=self.rotation, rotation_seed=self.rotation_seed, rounding=self.rounding,
+                         group_size=self.group_size,
+                         lambda_smooth=self.lambda_smooth if self.act_stats is not None else None)
 
 
 FIELD_NAMES = {f.name for f in fields(BuildConfig)}
@@ -162,6 +178,7 @@ def validate(cfg: BuildConfig) -> BuildConfig:
         raise ConfigError(f"--calib-steps must be >= 1, got {cfg.calib_steps}")
     if cfg.lambda_smooth is not None and not 0 <= cfg.lambda_smooth <= 1:
         raise ConfigError(f"--lambda-smooth must be in [0, 1], got {cfg.lambda_smooth}")
+    _validate_quality(cfg)
     if cfg.layers is not None and not cfg.layers:
         raise ConfigError("--layers is empty")
     block_out = (cfg.block_out or cfg.block) if cfg.row_rot == "restore" else None
@@ -176,6 +193,29 @@ def validate(cfg: BuildConfig) -> BuildConfig:
         lambda_smooth=float(cfg.lambda_smooth) if cfg.lambda_smooth is not None else None,
         store_qweights=bool(cfg.store_qweights),
     )
+
+
+def _validate_quality(cfg: BuildConfig) -> None:
+    """The activation-aware options (rotation, act_stats, rounding, group_size); one-line ConfigErrors."""
+    if cfg.rotation not in ROTATION_CHOICES:
+        raise ConfigError(f"--rotation: '{cfg.rotation}' is not one of {', '.join(ROTATION_CHOICES)}")
+    if cfg.rounding not in ROUNDING_CHOICES:
+        raise ConfigError(f"--rounding: '{cfg.rounding}' is not one of {', '.join(ROUNDING_CHOICES)}")
+    if isinstance(cfg.rotation_seed, bool) or not isinstance(cfg.rotation_seed, int) or cfg.rotation_seed < 0:
+        raise ConfigError(f"--rotation-seed must be a non-negative integer, got {cfg.rotation_seed!r}")
+    if cfg.group_size is not None and (isinstance(cfg.group_size, bool) or not isinstance(cfg.group_size, int)
+                                       or cfg.group_size < 1):
+        raise ConfigError(f"--group-size must be a positive integer, got {cfg.group_size!r}")
+    if cfg.act_stats is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", str(cfg.act_stats)):
+        raise ConfigError(f"act_stats must be 'sha256:<64 hex>' (the statistics file's digest), got {cfg.act_stats!r}")
+    if cfg.act_stats is None:
+        for opt, bad in (("--rotation greedy", cfg.rotation == "greedy"), ("--rounding gptq", cfg.rounding == "gptq")):
+            if bad:
+                raise ConfigError(f"{opt} needs activation statistics (--act-stats stats.h5)")
+    if cfg.compat is not None and (cfg.rotation != "svd" or cfg.rounding != "rtn" or cfg.act_stats is not None
+                                   or cfg.group_size is not None):
+        raise ConfigError(f"--compat {cfg.compat} reproduces the old numerics: it cannot be combined with "
+                          "--rotation, --act-stats, --rounding or --group-size")
 
 
 def config_from_dict(d: dict) -> BuildConfig:

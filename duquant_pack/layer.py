@@ -20,11 +20,13 @@ import torch
 from duquant_runtime.quant import is_quantized, pack_int4, quantize_rows, storage_dtype
 from duquant_runtime.transforms import transform_weight
 
+from .input_side import input_side, uses_input_side
 from .permutation import compute_permutation
 from .rotation import input_rotations, output_rotations
+from .rounding import quantize_weight
 from .scales import weight_scales
 
-ALGORITHM_VERSION = 1  # bump when the numbers a given spec produces change
+ALGORITHM_VERSION = 2  # bump when the numbers a given spec produces change (2: cache-sized Gram chunks)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,13 @@ class LayerSpec:
     scale: str  # mse | max
     compat: str | None = None  # 'openpi-duquant': the old fork's R_out convention (stored r_out = U^T)
     store_qweights: bool = False  # also store the quantized integers of W_t
+    # activation-aware options (input_side.py, rounding.py); left out of the key at their defaults
+    rotation: str = "svd"  # svd | hadamard | random | greedy | none
+    rotation_seed: int = 0
+    act_stats: str | None = None  # data_sha256 of the layer's activation statistics
+    lambda_smooth: float | None = None  # smoothing strength (only with act_stats)
+    rounding: str = "rtn"  # rtn | gptq
+    group_size: int | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -46,7 +55,14 @@ class LayerSpec:
             del d["compat"]  # absent = null: layer keys of ordinary builds are unchanged
         if not d["store_qweights"]:
             del d["store_qweights"]
+        for key, default in _SPEC_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
         return d
+
+
+_SPEC_DEFAULTS = {"rotation": "svd", "rotation_seed": 0, "act_stats": None, "lambda_smooth": None,
+                  "rounding": "rtn", "group_size": None}
 
 
 @dataclass
@@ -59,17 +75,22 @@ class LayerResult:
     block_out: int | None
     stats: dict
     qweight: np.ndarray | None = None  # stored integers of W_t (layout: duquant_runtime.quant.pack_int4)
+    smooth: np.ndarray | None = None  # float32 (in,): x / smooth before the permutation (smoothing.py)
 
 
-def compute_layer(w: torch.Tensor, spec: LayerSpec) -> LayerResult:
-    """Transforms and scales of one float32 weight W (out, in). Deterministic for a given W and spec."""
+def compute_layer(w: torch.Tensor, spec: LayerSpec, act_stats=None) -> LayerResult:
+    """Transforms and scales of one float32 weight W (out, in) on the CPU or a CUDA device; the
+    result's arrays are numpy (host). Deterministic for a given W, spec and device."""
     out_f, in_f = w.shape
     b_in = min(spec.block, in_f)
-    perm = compute_permutation(w, spec.permute, b_in, spec.permute_metric)
-    perm_t = torch.from_numpy(perm) if perm is not None else None
-    w_perm = w[:, perm_t] if perm_t is not None else w
-    r_in = input_rotations(w_perm, b_in).to(torch.float32)
-    del w_perm
+    if uses_input_side(spec):  # smoothing, activation zigzag, other rotations (input_side.py)
+        w, smooth, perm, r_in = input_side(w, spec, b_in, act_stats)
+    else:
+        smooth, r_in, perm = None, None, compute_permutation(w, spec.permute, b_in, spec.permute_metric)
+    perm_t = torch.from_numpy(perm).to(w.device) if perm is not None else None
+    w_perm = w.index_select(1, perm_t) if perm_t is not None else w
+    if r_in is None:
+        r_in = input_rotations(w_perm, b_in).to(torch.float32)
     b_out = r_out = None
     if spec.block_out is not None:
         b_out = min(spec.block_out, out_f)
@@ -79,16 +100,21 @@ def compute_layer(w: torch.Tensor, spec: LayerSpec) -> LayerResult:
             # y U; in this format W_t = BD(r_out)^T W', so r_out = U^T per block (algorithm.md §13)
             r_out = r_out.transpose(1, 2).contiguous()
         r_out = r_out.to(torch.float32)
-    w_t = transform_weight(w, perm_t, r_in, r_out)
+    w_t = transform_weight(w_perm, None, r_in, r_out)  # = transform_weight(w, perm, r_in, r_out)
+    del w_perm
     scale, stats = scales_and_stats(w, w_t, spec.wbits, spec.scale)
     qweight = None
     if spec.store_qweights and scale is not None:
-        qweight = store_integers(quantize_rows(w_t, torch.from_numpy(scale), spec.wbits), spec.wbits)
+        qweight = store_integers(quantize_rows(w_t, torch.from_numpy(scale).to(w.device), spec.wbits).cpu(),
+                                 spec.wbits)
+    if scale is not None and (spec.rounding != "rtn" or spec.group_size):  # GPTQ, group scales (rounding.py)
+        scale, stats, qweight = quantize_weight(w, w_t, spec, act_stats, smooth, perm_t, r_in)
     del w_t
     return LayerResult(
         perm=perm.astype(np.int32) if perm is not None else None,
-        r_in=r_in.numpy(), r_out=r_out.numpy() if r_out is not None else None,
-        weight_scale=scale, block_in=b_in, block_out=b_out, stats=stats, qweight=qweight)
+        r_in=r_in.cpu().numpy(), r_out=r_out.cpu().numpy() if r_out is not None else None,
+        weight_scale=scale, block_in=b_in, block_out=b_out, stats=stats, qweight=qweight,
+        smooth=smooth.cpu().numpy() if smooth is not None else None)
 
 
 def store_integers(q: torch.Tensor, wbits: int) -> np.ndarray:
@@ -104,11 +130,11 @@ def scales_and_stats(w: torch.Tensor, w_t: torch.Tensor, wbits: int, method: str
     if not is_quantized(wbits):
         return None, {}
     scale, row_err = weight_scales(w_t, wbits, method)
-    norm2 = float(torch.linalg.vector_norm(w, dtype=torch.float64) ** 2)
+    norm2 = float(torch.linalg.vecdot(w, w, dim=1).to(torch.float64).sum())
     rtn_err2 = float(weight_scales(w, wbits, "max")[1].sum())  # plain RTN, absmax scales
     stats = {"w_rel_err": _rel(float(row_err.sum()), norm2), "rtn_rel_err": _rel(rtn_err2, norm2),
              "w_fro": float(np.sqrt(norm2))}
-    return scale.numpy(), stats
+    return scale.cpu().numpy(), stats
 
 
 def _rel(err2: float, norm2: float) -> float:

@@ -300,18 +300,20 @@ def import_legacy(npz_dir, ckpt, out_dir, *, overwrite: bool = False, wbits: int
     inspect_out_dir(out, identity, True)  # even with overwrite: only our own packs are replaced
     created = missing_ancestors(out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        with pack_lock(out, BuildError, "another build is writing this pack"):
+    with pack_lock(out, BuildError, "another build is writing this pack"):
+        try:
             manifest = _write(out, checkpoint, cfg, identity, layers, len(files))
-    except BaseException:
-        if created and only_scaffolding(out):
-            shutil.rmtree(out, ignore_errors=True)
-            for parent in created[1:]:
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
-        raise
+        except BaseException:
+            # only while we hold the lock: a writer that lost the race for it must not delete the
+            # directory the lock holder is filling
+            if created and only_scaffolding(out):
+                shutil.rmtree(out, ignore_errors=True)
+                for parent in created[1:]:
+                    try:
+                        parent.rmdir()
+                    except OSError:
+                        break
+            raise
     entries = manifest["layers"]
     return BuildSummary(out_dir=out, config_hash=chash, layers=len(entries), computed=len(entries), reused=0,
                         weights=manifest["totals"]["weights"], seconds=time.perf_counter() - t0,

@@ -16,9 +16,9 @@ import torch
 def channel_metric(w: torch.Tensor, kind: str) -> np.ndarray:
     """Per-input-channel magnitude of W (out, in) as float64 (in,): 'absmax' or 'energy' (mean W^2)."""
     if kind == "absmax":
-        return w.abs().amax(dim=0).to(torch.float64).numpy()
+        return torch.maximum(w.amax(dim=0), -w.amin(dim=0)).to(torch.float64).cpu().numpy()
     if kind == "energy":
-        return (w.to(torch.float64) ** 2).mean(dim=0).numpy()
+        return (w.to(torch.float64) ** 2).mean(dim=0).cpu().numpy()
     raise ValueError(f"unknown channel metric {kind!r}")
 
 

@@ -13,37 +13,54 @@ from __future__ import annotations
 
 import torch
 
-_CHUNK_ELEMS = 1 << 20  # float64 elements per row chunk (8 MiB)
+_CHUNK_ELEMS = 1 << 18  # float64 elements per row chunk (2 MiB: stays in cache)
 
 def column_block_grams(a: torch.Tensor, block: int) -> torch.Tensor:
     """Gram matrices A_b^T A_b (nb, block, block) float64 of column blocks of a (rows, cols).
 
-    Accumulated over chunks of rows (cache-sized float64 copies). A partial last block is
-    zero-padded (its padding rows/cols of the Gram matrix are zero).
+    Accumulated over chunks of rows, each copied into a cache-sized contiguous float64 buffer
+    (nb, rows_chunk, B). A partial last block is zero-padded (its padding rows/cols of the Gram
+    matrix are zero). Runs on the device of `a`.
     """
     rows, cols = a.shape
     nb = -(-cols // block)
     pad = nb * block - cols
-    g = torch.zeros(nb, block, block, dtype=torch.float64)
-    step = max(1, _CHUNK_ELEMS // (nb * block))
+    g = torch.zeros(nb, block, block, dtype=torch.float64, device=a.device)
+    step = max(1, _CHUNK_ELEMS // (nb * block)) if a.device.type == "cpu" else rows
+    buf = torch.zeros(nb, min(step, rows), block, dtype=torch.float64, device=a.device)
     for r0 in range(0, rows, step):
-        x = a[r0:r0 + step].to(torch.float64)
+        x = a[r0:r0 + step]
+        n = x.shape[0]
+        xb = buf[:, :n]
         if pad:
-            x = torch.nn.functional.pad(x, (0, pad))
-        xb = x.reshape(-1, nb, block).transpose(0, 1)  # (nb, rows_chunk, B)
+            # the buffer's padding columns (last block) stay zero
+            xb[:nb - 1].copy_(x[:, :(nb - 1) * block].reshape(n, nb - 1, block).transpose(0, 1))
+            xb[nb - 1, :, :block - pad].copy_(x[:, (nb - 1) * block:])
+        else:
+            xb.copy_(x.reshape(n, nb, block).transpose(0, 1))
         g.baddbmm_(xb.transpose(1, 2), xb)
     return g
 
 
 def row_block_grams(a: torch.Tensor, block: int) -> torch.Tensor:
-    """Gram matrices A_r A_r^T (nb, block, block) float64 of row blocks of a (rows, cols)."""
-    rows, _ = a.shape
+    """Gram matrices A_r A_r^T (nb, block, block) float64 of row blocks of a (rows, cols).
+
+    Accumulated over chunks of columns in a contiguous float64 buffer (nb, B, cols_chunk); a
+    partial last block's padding rows/cols are zero. Runs on the device of `a`.
+    """
+    rows, cols = a.shape
     nb = -(-rows // block)
-    g = torch.zeros(nb, block, block, dtype=torch.float64)
-    for r in range(nb):
-        x = a[r * block:(r + 1) * block].to(torch.float64)
-        n = x.shape[0]
-        g[r, :n, :n] = x @ x.t()
+    pad = nb * block - rows
+    g = torch.zeros(nb, block, block, dtype=torch.float64, device=a.device)
+    step = max(1, _CHUNK_ELEMS // (nb * block)) if a.device.type == "cpu" else cols
+    buf = torch.zeros(nb * block, min(step, cols), dtype=torch.float64, device=a.device)
+    for c0 in range(0, cols, step):
+        x = a[:, c0:c0 + step]
+        n = x.shape[1]
+        xb = buf[:, :n]
+        xb[:rows].copy_(x)  # rows past `rows` (padding) stay zero
+        xb = xb.reshape(nb, block, n)
+        g.baddbmm_(xb, xb.transpose(1, 2))
     return g
 
 
@@ -56,7 +73,7 @@ def principal_rotations(grams: torch.Tensor, last_block_size: int) -> torch.Tens
         rot[:full] = _canonical_eigvecs(grams[:full])
     if full < nb:
         r = last_block_size
-        rot[-1] = torch.eye(b, dtype=grams.dtype)
+        rot[-1] = torch.eye(b, dtype=grams.dtype, device=grams.device)
         rot[-1, :r, :r] = _canonical_eigvecs(grams[-1:, :r, :r])[0]
     return rot
 

@@ -2,8 +2,10 @@
 
 - `max`: s = max|W_row| / qmax.
 - `mse`: s = (max|W_row| / qmax) / alpha for the alpha in MSE_ALPHAS that minimises the row's
-  squared quantization error sum((clamp(round(W/s)) * s - W)^2); ties keep the earlier alpha.
-Rows are processed in chunks so the temporaries stay in cache-sized pieces.
+  squared quantization error sum((clamp(round(W/s)) * s - W)^2) = s^2 sum((q - W/s)^2); ties
+  keep the earlier alpha.
+Rows are processed in chunks so the temporaries stay in cache-sized pieces; the error sums are
+float32 dot products per row, scaled and compared in float64. Works on any device.
 """
 
 from __future__ import annotations
@@ -27,17 +29,18 @@ def weight_scales(w: torch.Tensor, bits: int, method: str) -> tuple[torch.Tensor
         raise ValueError(f"unknown scale method {method!r}")
     qmin, qmax = qrange(bits)
     out_rows, cols = w.shape
-    step = max(1, _CHUNK_ELEMS // max(cols, 1))
-    best_s = torch.empty(out_rows, dtype=torch.float32)
-    best_e = torch.empty(out_rows, dtype=torch.float64)
+    step = max(1, _CHUNK_ELEMS // max(cols, 1)) if w.device.type == "cpu" else out_rows
+    best_s = torch.empty(out_rows, dtype=torch.float32, device=w.device)
+    best_e = torch.empty(out_rows, dtype=torch.float64, device=w.device)
     for r0 in range(0, out_rows, step):
         wc = w[r0:r0 + step]
         bc = base[r0:r0 + step]
         cur_s = cur_e = None
         for alpha in alphas:
             s = (bc / alpha).to(torch.float32)
-            d = torch.clamp(torch.round(wc / s[:, None]), qmin, qmax).mul_(s[:, None]).sub_(wc)
-            e = d.pow_(2).sum(dim=1, dtype=torch.float64)
+            u = wc / s[:, None]  # exactly what quantize_rows divides
+            d = torch.round(u).clamp_(qmin, qmax).sub_(u)
+            e = torch.linalg.vecdot(d, d, dim=1).to(torch.float64) * s.to(torch.float64) ** 2
             if cur_s is None:
                 cur_s, cur_e = s, e
             else:

@@ -42,6 +42,7 @@ class ApplyReport:
     calibrated: int = 0  # replaced layers whose activation scales came from the pack's calibration
     planned: list[str] = field(default_factory=list)  # module names a dry run would replace
     compiled: bool = False  # enable_duquant_if_configured compiled the pack in this call
+    unchecked: list[str] = field(default_factory=list)  # modules whose weights were not fingerprinted
 
     def summary(self) -> str:
         if not self.replaced and self.planned:
@@ -85,13 +86,22 @@ def resolve_module_names(pack_names: list[str], module_names: list[str],
 def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
                name_map: Mapping[str, str] | Callable[[str], str] | None = None,
                device: torch.device | str | None = None, act_mode: str = "static",
-               abits: int | None = None, force: bool = False, dry_run: bool = False) -> ApplyReport:
+               abits: int | None = None, force: bool = False, dry_run: bool = False,
+               check_weights: bool = True, rot_dtype: torch.dtype | None = None) -> ApplyReport:
     """Replace the pack's layers of `model` by `DuQuantLinear` modules; returns an `ApplyReport`.
 
     strict: a pack layer without a matching module is an error (else it is skipped and reported).
     force: apply even when a module's weights differ from those the pack was built from (warns).
     abits: override the pack's activation bits (0 = off). act_mode: 'static' or 'dynamic'.
     dry_run: run every check (layer files included), fill `report.planned`, change nothing.
+    Layers whose integers the pack stores (build --store-qweights) never read the module's float
+    weight, which may then be absent (on the meta device): such a module cannot be fingerprinted
+    and is accepted unchecked. check_weights=False also skips the fingerprint (a full pass over
+    the weight) of stored-integer layers whose weights are present; layers without stored
+    integers are always checked (their integers are computed from the module's weight). Skipped
+    modules are listed in `report.unchecked`.
+    device: where the new modules live. rot_dtype: dtype of their r_in/r_out blocks; default
+    float16 on a CUDA device (the fused kernels' operand precision; half the bytes), else float32.
     Saved activation scales (the manifest's ``calibration``) are installed when act_mode is
     'static' and abits, act_percentile and calib_steps equal those they were calibrated with.
     """
@@ -119,6 +129,14 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
         if tuple(mod.weight.shape) != (entry["out_features"], entry["in_features"]):
             raise PackError(f"module '{mname}' has weight {list(mod.weight.shape)}, pack layer expects "
                             f"[{entry['out_features']}, {entry['in_features']}]")
+        stored = bool(entry.get("qweight", False)) and is_quantized(entry["wbits"])
+        if mod.weight.device.type == "meta" or (stored and not check_weights):
+            if not stored:
+                raise PackError(f"module '{mname}' has no weight data (meta device) and the pack stores no "
+                                "integers for it (build the pack with --store-qweights, or load the weights)")
+            report.unchecked.append(mname)
+            planned.append((pname, mname, pack.layer(pname)))
+            continue
         if not bool(torch.isfinite(mod.weight).all()):
             raise PackError(f"module '{mname}' has NaN/Inf weights")
         fp = weight_fingerprint(mod.weight)
@@ -137,11 +155,13 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
         report.planned = [mname for _, mname, _ in planned]
         return report
     built: list[tuple[str, nn.Module, DuQuantLinear]] = []
+    if rot_dtype is None:
+        rot_dtype = torch.float16 if device is not None and torch.device(device).type == "cuda" else torch.float32
     for pname, mname, layer in planned:
         lin = modules[mname]
         q = DuQuantLinear.from_linear(lin, layer, abits=abits, act_mode=act_mode,
                                       act_percentile=act_percentile, calib_steps=calib_steps,
-                                      act_scale=scales.get(pname))
+                                      act_scale=scales.get(pname), device=device, rot_dtype=rot_dtype)
         q.layer_key = layer.meta["layer_key"]  # identifies the transforms (checked by save_calibration)
         if device is not None:
             q = q.to(device)

@@ -61,7 +61,12 @@ def save_calibration(model: nn.Module, pack_dir, *, partial: bool = False) -> di
             manifest = dict(current.manifest)
             manifest["calibration"] = {"file": rel, "sha256": digest, "layers": len(layers), **settings}
             validate_manifest(manifest)
-            write_json_atomic(path / MANIFEST, manifest)  # the commit point
+            try:
+                write_json_atomic(path / MANIFEST, manifest)  # the commit point
+            except BaseException:  # not committed: the new file would be a stray one (verify reports it)
+                if rel != (current.calibration or {}).get("file"):
+                    (path / rel).unlink(missing_ok=True)
+                raise
             keep = Path(rel).name
             for p in cal_dir.iterdir():
                 if p.name != keep:
@@ -130,7 +135,9 @@ def _write_scales(cal_dir: Path, layers: list[tuple[str, DuQuantLinear]], keys: 
     """Write the HDF5 file under a temporary name, fsync, rename to act_scales.<sha16>.h5."""
     names = [n for n, _ in layers]
     with atomic_file(cal_dir / "act_scales.h5") as t:
-        with h5py.File(t.tmp, "w", libver="earliest", track_order=False) as f:
+        # built in memory (same bytes as on disk), then written with plain file I/O: a full disk is an
+        # OSError there, never a failed flush inside HDF5 (which leaves a broken handle and can crash at exit)
+        with h5py.File(t.tmp, "w", libver="earliest", track_order=False, driver="core", backing_store=False) as f:
             f.attrs["format"] = CALIBRATION_FORMAT_NAME
             f.attrs["format_version"] = CALIBRATION_FORMAT_VERSION
             f.attrs["names"] = json.dumps(names)
@@ -140,6 +147,9 @@ def _write_scales(cal_dir: Path, layers: list[tuple[str, DuQuantLinear]], keys: 
             for dname, (_, mod) in zip(calibration_dataset_names(len(layers)), layers):
                 arr = np.ascontiguousarray(mod.act_scale.detach().to("cpu", torch.float32).numpy(), dtype="<f4")
                 f.create_dataset(dname, data=arr, track_times=False)
+            f.flush()
+            image = f.id.get_file_image()
+        t.tmp.write_bytes(image)
         digest = file_sha256(t.tmp)
         t.final = cal_dir / f"act_scales.{digest[:16]}.h5"
     final = t.final

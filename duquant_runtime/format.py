@@ -67,7 +67,9 @@ _LAYER_FIELDS = {
     "wbits": int, "block_in": int, "block_out": (int, type(None)), "permuted": bool,
     "weight_fingerprint": str, "layer_key": str, "source_dtype": str, "stats": dict,
 }
-_OPTIONAL_LAYER_FIELDS = {"qweight": bool}  # version 2: true when the file stores the integers
+# version 2: "qweight" true when the file stores the integers; "smoothed" true when it holds `smooth`;
+# "group_size" (int >= 1) when weight_scale is (out, ceil(in / group_size))
+_OPTIONAL_LAYER_FIELDS = {"qweight": bool, "smoothed": bool, "group_size": int}
 _TOP_FIELDS = {
     "format": str, "format_version": int, "tool": dict, "preset": (str, type(None)),
     "config": dict, "config_hash": str, "checkpoint": dict, "layers": list, "totals": dict,
@@ -128,6 +130,10 @@ def validate_manifest(m: Any) -> dict:
             if key in layer and not isinstance(layer[key], typ):
                 raise PackError(f"manifest.json: layer '{name}': field '{key}' has the wrong type "
                                 f"({type(layer[key]).__name__})")
+        if "group_size" in layer and (isinstance(layer["group_size"], bool) or layer["group_size"] < 1
+                                      or layer["wbits"] == 0):
+            raise PackError(f"manifest.json: layer '{name}': group_size must be a positive integer on a "
+                            "quantized layer")
         if not _HEX64.fullmatch(layer["sha256"]):
             raise PackError(f"manifest.json: layer '{name}': sha256 is not a hex digest")
     if "calibration" in m:

@@ -7,8 +7,9 @@ with the pack's per-row scales and kept as int8 integers plus float32 scales; th
 not kept. Transforms run in float32 (float64 when the input is float64); the output has the
 input's dtype. With weights and activations unquantized it equals `nn.Linear` to rounding.
 
-This is the CPU reference path (fake-quantized matmul in float); fast low-bit kernels are a
-separate backend with the same numerics.
+`forward` runs the float reference path (fake-quantized matmul in float32; what CI tests) or,
+for CUDA bf16/fp16 inputs, the fused Triton kernels of `kernels/w4a8.py` (same function with
+16-bit/tf32 operands; `fast_path_reason` says which and why).
 """
 
 from __future__ import annotations
@@ -18,20 +19,23 @@ from torch import nn
 
 from .activation import ACT_MODES, TopKPercentile, fake_quantize_per_channel, fake_quantize_per_token
 from .errors import PackError
+from .grouped import dequantize_grouped, quantize_grouped
 from .pack import LayerPack
-from .quant import is_quantized, qrange, quantize_rows, unpack_int4
+from .quant import is_quantized, pack_int4, qrange, quantize_rows, unpack_int4
 from .transforms import input_transform, output_restore, transform_weight
 
 
-_FLOAT32_BUFFERS = ("r_in", "r_out", "w_scale", "act_scale", "weight_t")
+_FLOAT32_BUFFERS = ("r_in", "r_out", "w_scale", "act_scale", "weight_t", "smooth")
 
 
 class DuQuantLinear(nn.Module):
     """Linear layer with DuQuant input/output rotations, int weights and quantized activations.
 
     Buffers (all in `state_dict`): ``perm`` int64 (in,) or absent; ``r_in`` float32 (nb, B, B);
-    ``r_out`` float32 or absent; ``qweight`` int8 (out, in) and ``w_scale`` float32 (out,) when the
-    weight is quantized, else ``weight_t`` (out, in) float; ``act_scale`` float32 (in,) once static
+    ``r_out`` float32 or absent (float16 when built with rot_dtype=torch.float16, the GPU
+    path's choice); ``qweight`` (the integer codes of W_t: uint8 (out, ceil(in/2)) packed two per
+    byte for wbits <= 4 (quant.pack_int4), int8/int16 (out, in) above; `int_codes()` unpacks) and
+    ``w_scale`` float32 (out,) when the weight is quantized, else ``weight_t`` (out, in) float; ``act_scale`` float32 (in,) once static
     activation scales are calibrated. ``bias`` stays a parameter in the original dtype.
 
     ``model.to(dtype)`` / ``.half()`` move these float buffers between devices but never narrow
@@ -60,8 +64,10 @@ class DuQuantLinear(nn.Module):
         self._observer: TopKPercentile | None = None
         self._weight_dtype = torch.float32
         self.calib_calls = 0
-        for key in ("perm", "r_in", "r_out", "qweight", "w_scale", "weight_t", "act_scale"):
+        for key in ("perm", "r_in", "r_out", "qweight", "w_scale", "weight_t", "act_scale", "smooth"):
             self.register_buffer(key, None)
+        self.group_size: int | None = None  # w_scale (out, n_groups) over groups of columns (grouped.py)
+        self.use_fast = True  # CUDA bf16/fp16 inputs run the fused kernels when they can (fast_path_reason)
         self.bias: nn.Parameter | None = None
 
     # --- construction ------------------------------------------------------------------------
@@ -69,10 +75,15 @@ class DuQuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, layer: LayerPack, *, abits: int = 0,
                     act_mode: str = "static", act_percentile: float = 99.9, calib_steps: int = 32,
-                    act_scale: torch.Tensor | None = None) -> "DuQuantLinear":
+                    act_scale: torch.Tensor | None = None, device: torch.device | str | None = None,
+                    rot_dtype: torch.dtype | None = None) -> "DuQuantLinear":
         """Build from a float `nn.Linear` and its pack entry (shapes must agree).
 
         `abits` 0 leaves activations unquantized; `apply_pack` passes the pack's setting.
+        With the pack's stored integers the float weight is never read: it may live on the meta
+        device. `device`: where the buffers go (default: the weight's device; CPU for a meta weight).
+        `rot_dtype`: dtype of the kept r_in/r_out blocks (default float32; float16 halves them
+        for the GPU path, at ~2.4e-4 rounding of their entries: see docs/benchmarks.md).
         """
         w = linear.weight
         if tuple(w.shape) != (layer.out_features, layer.in_features):
@@ -81,31 +92,42 @@ class DuQuantLinear(nn.Module):
         m = cls(layer.in_features, layer.out_features, wbits=layer.wbits,
                 abits=abits, act_mode=act_mode,
                 act_percentile=act_percentile, calib_steps=calib_steps, name=layer.name)
-        dev = w.device
+        dev = torch.device(device) if device is not None else (w.device if w.device.type != "meta" else torch.device("cpu"))
+        stored = bool(m.wbits) and layer.qweight is not None
+        if w.device.type == "meta" and not stored:
+            raise PackError(f"layer '{layer.name}': the module weight has no data (meta device) and the pack "
+                            "stores no integers for it (build with --store-qweights)")
         wdt = torch.float64 if w.dtype == torch.float64 else torch.float32
         with torch.no_grad():
             perm = layer.perm.to(dev) if layer.perm is not None else None
             r_in = layer.r_in.to(dev, wdt)
             r_out = layer.r_out.to(dev, wdt) if layer.r_out is not None else None
-            if m.wbits and layer.qweight is not None:  # stored integers: the float weight is not read
-                q = layer.qweight
-                m.qweight = (unpack_int4(q, layer.in_features) if m.wbits <= 4 else q.to(torch.int16 if m.wbits > 8 else torch.int8)).to(dev)
+            m.smooth = layer.smooth.to(dev, torch.float32) if layer.smooth is not None else None  # x / smooth
+            m.group_size = layer.group_size
+            if stored:  # stored integers (packed int4 for wbits <= 4): the float weight is not read
+                m.qweight = layer.qweight.to(dev)
                 m.w_scale = layer.weight_scale.to(dev, torch.float32)
             else:
-                w_t = transform_weight(w.detach().to(wdt), perm, r_in, r_out)
+                w_in = w.detach().to(dev, wdt) if m.smooth is None else w.detach().to(dev, wdt) * m.smooth.to(wdt)
+                w_t = transform_weight(w_in, perm, r_in, r_out)
+                del w_in
                 if m.wbits:
                     scale = layer.weight_scale.to(dev, torch.float32)
-                    m.qweight = quantize_rows(w_t.to(torch.float32), scale, m.wbits)
+                    q = (quantize_rows(w_t.to(torch.float32), scale, m.wbits) if m.group_size is None else
+                         quantize_grouped(w_t.to(torch.float32), scale, m.wbits, m.group_size))
+                    m.qweight = pack_int4(q) if m.wbits <= 4 else q  # int4: two codes per byte
+                    del q
                     m.w_scale = scale
                 else:
                     m.weight_t = w_t
                 del w_t
             m.perm = perm
             m._weight_dtype = w.dtype
-            m.r_in = layer.r_in.to(dev, torch.float32)
-            m.r_out = layer.r_out.to(dev, torch.float32) if layer.r_out is not None else None
+            rdt = rot_dtype or torch.float32
+            m.r_in = layer.r_in.to(dev, rdt).contiguous()
+            m.r_out = layer.r_out.to(dev, rdt).contiguous() if layer.r_out is not None else None
             if linear.bias is not None:
-                m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+                m.bias = nn.Parameter(linear.bias.detach().to(dev, copy=True), requires_grad=False)
             if act_scale is not None:
                 m.set_act_scale(act_scale)
         return m
@@ -132,7 +154,8 @@ class DuQuantLinear(nn.Module):
         super()._apply(fn, recurse)
         for k, old in keep.items():
             new = self._buffers[k]
-            if new.element_size() < old.element_size():  # narrowing cast: keep the values, follow the device
+            if new.dtype != old.dtype and new.element_size() <= old.element_size():  # narrowing (or fp16<->bf16):
+                # keep the values, follow the device
                 self._buffers[k] = old.to(new.device)
         if isinstance(probe, torch.Tensor) and probe.is_floating_point():
             self._weight_dtype = probe.dtype
@@ -145,11 +168,57 @@ class DuQuantLinear(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------
 
+    def int_codes(self) -> torch.Tensor:
+        """The weight's integer codes as int8/int16 (out, in) (unpacks packed int4)."""
+        if self.qweight is None:
+            raise ValueError(f"layer '{self.name}': weight is not quantized")
+        return unpack_int4(self.qweight, self.in_features) if self.qweight.dtype == torch.uint8 else self.qweight
+
+    def fast_path_reason(self, x: torch.Tensor) -> str | None:
+        """None when `forward(x)` runs the fused GPU kernels (kernels/w4a8.py), else why it does not.
+
+        The kernels take: a CUDA bf16/fp16 input without autograd, packed int4 weights with one
+        scale per row (grouped scales run the reference path), abits 0 or 2..8, calibrated or
+        dynamic activation scales, in_features a multiple of 128, blocks of 16..128 dividing the
+        features. Set ``use_fast = False`` to force the float reference path.
+        """
+        if not self.use_fast:
+            return "use_fast is False"
+        if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+            return "input is not a CUDA bf16/fp16 tensor"
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return "autograd"
+        if self.qweight is None or self.qweight.dtype != torch.uint8 or self.group_size is not None:
+            return "weight is not packed int4 with per-row scales"
+        if self.abits > 8 or self.calibrating:
+            return "activation bits > 8 or static scales still calibrating"
+        from .kernels import fast_path_available
+        if not fast_path_available(x.device):
+            return "Triton is not available"
+        from .kernels.w4a8 import supports
+        return supports(self.in_features, self.out_features, self.r_in.shape[-1],
+                        self.r_out.shape[-1] if self.r_out is not None else None)
+
+    @torch.compiler.disable
+    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import w4a8
+        mode = (w4a8.MODE_NONE if not self.abits else
+                w4a8.MODE_DYNAMIC if self.act_mode == "dynamic" else w4a8.MODE_STATIC)
+        qmin, qmax = qrange(self.abits) if self.abits else (-128, 127)
+        y = w4a8.w4_linear(x.reshape(-1, self.in_features), qweight=self.qweight, w_scale=self.w_scale,
+                           r_in=self.r_in, perm=self.perm, r_out=self.r_out, bias=self.bias,
+                           smooth=self.smooth, mode=mode, qmin=qmin, qmax=qmax,
+                           act_scale=self.act_scale if mode == w4a8.MODE_STATIC else None)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.fast_path_reason(x) is None:
+            return self._fast_forward(x)
         out_dtype = x.dtype
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         r_in = self.r_in.to(cdt)
-        xt = input_transform(x.to(cdt), self.perm, r_in)
+        xc = x.to(cdt) if self.smooth is None else x.to(cdt) / self.smooth.to(cdt)
+        xt = input_transform(xc, self.perm, r_in)
         if self.abits:
             if self.act_mode == "dynamic":
                 xt = fake_quantize_per_token(xt, self.abits)
@@ -157,8 +226,10 @@ class DuQuantLinear(nn.Module):
                 xt = fake_quantize_per_channel(xt, self.act_scale.to(cdt), self.abits)
             else:
                 self._observe(xt)  # calibration calls run with unquantized activations
-        if self.wbits:
-            y = (xt @ self.qweight.to(cdt).t()) * self.w_scale.to(cdt)
+        if self.wbits and self.group_size is not None:
+            y = xt @ dequantize_grouped(self.int_codes(), self.w_scale, self.group_size).to(cdt).t()
+        elif self.wbits:
+            y = (xt @ self.int_codes().to(cdt).t()) * self.w_scale.to(cdt)
         else:
             y = xt @ self.weight_t.to(cdt).t()
         y = output_restore(y, self.r_out.to(cdt) if self.r_out is not None else None)

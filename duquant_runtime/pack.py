@@ -125,11 +125,14 @@ def load_pack(pack_dir) -> Pack:
     if not mpath.is_file():
         hint = " (an interrupted build? rerun the same build to resume)" if (path / LAYERS_DIR).is_dir() else ""
         raise PackError(f"{path}: no {MANIFEST}: not a complete pack{hint}")
+    _resolve_inside(path, MANIFEST)  # a manifest symlinked from elsewhere is not this pack's
     try:
-        text = mpath.read_text(encoding="utf-8")
-        manifest = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PackError(f"{mpath}: not valid JSON ({err.__class__.__name__}: {err})") from None
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise PackError(f"{mpath}: cannot read ({err.__class__.__name__}: {err.strerror or err})") from None
+    except (ValueError, RecursionError) as err:  # ValueError: bad JSON, not UTF-8, a 5000-digit number
+        raise PackError(f"{mpath}: not valid JSON ({err.__class__.__name__}: {' '.join(str(err).split())[:200]})") \
+            from None
     validate_manifest(manifest)
     return Pack(path, manifest)
 
@@ -186,8 +189,10 @@ def read_layer(pack_dir: Path, entry: dict) -> LayerPack:
         if "weight_scale" not in data:
             raise PackError(f"{path}: missing dataset 'weight_scale' (wbits={entry['wbits']})")
         s = data["weight_scale"]
-        if s.dtype != np.float32 or s.shape != (fout,):
-            raise PackError(f"{path}: weight_scale must be float32 ({fout},), got {s.dtype} {s.shape}")
+        gs = entry.get("group_size")
+        want = (fout,) if gs is None else (fout, n_blocks(fin, gs))
+        if s.dtype != np.float32 or s.shape != want:
+            raise PackError(f"{path}: weight_scale must be float32 {want}, got {s.dtype} {s.shape}")
         if not (np.isfinite(s).all() and (s > 0).all()):
             raise PackError(f"{path}: weight_scale has non-finite or non-positive values")
         scale = torch.from_numpy(s)
@@ -202,9 +207,22 @@ def read_layer(pack_dir: Path, entry: dict) -> LayerPack:
         qweight = _check_qweight(data["qweight"], fout, fin, entry["wbits"], path)
     elif "qweight" in data:
         raise PackError(f"{path}: dataset 'qweight' present but the manifest does not list it")
+    smooth = None
+    if entry.get("smoothed", False) is True:
+        if "smooth" not in data:
+            raise PackError(f"{path}: missing dataset 'smooth' (manifest says the layer is smoothed)")
+        smooth = data["smooth"]
+        if smooth.dtype != np.float32 or smooth.shape != (fin,):
+            raise PackError(f"{path}: smooth must be float32 ({fin},), got {smooth.dtype} {smooth.shape}")
+        if not (np.isfinite(smooth).all() and (smooth > 0).all()):
+            raise PackError(f"{path}: smooth has non-finite or non-positive values")
+        smooth = torch.from_numpy(smooth)
+    elif "smooth" in data:
+        raise PackError(f"{path}: dataset 'smooth' present but the manifest does not list it")
     return LayerPack(name=name, in_features=fin, out_features=fout, wbits=entry["wbits"],
                      block_in=bin_, block_out=bout, perm=perm, r_in=r_in, r_out=r_out,
-                     weight_scale=scale, meta=entry, qweight=qweight)
+                     weight_scale=scale, meta=entry, qweight=qweight, smooth=smooth,
+                     group_size=entry.get("group_size") if scale is not None else None)
 
 
 def _check_qweight(q: np.ndarray, out_f: int, in_f: int, wbits: int, path: Path) -> torch.Tensor:
@@ -295,9 +313,13 @@ def read_calibration(pack_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
 
 
 def _read_dataset(f, key: str, path: Path) -> np.ndarray:
+    if not isinstance(f.get(key, getlink=True), h5py.HardLink):  # soft/external links: no reads elsewhere
+        raise PackError(f"{path}: '{key}' is a link, not a dataset stored in the file")
     obj = f[key]
     if not isinstance(obj, h5py.Dataset):
         raise PackError(f"{path}: '{key}' is not a dataset")
+    if obj.is_virtual or obj.external:  # data mapped from other files
+        raise PackError(f"{path}: dataset '{key}' keeps its data outside the file")
     if obj.dtype.kind not in "fiu":
         raise PackError(f"{path}: dataset '{key}' has non-numeric dtype {obj.dtype}")
     return obj[()]

@@ -44,7 +44,7 @@ def fake_quantize_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch
 def absmax_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-row scale max|w_row| / qmax (float32, shape (out,)); all-zero rows get scale 1."""
     _, qmax = qrange(bits)
-    amax = w.abs().amax(dim=1).to(torch.float32)
+    amax = torch.maximum(w.amax(dim=1), -w.amin(dim=1)).to(torch.float32)  # = |w|.amax, no |w| copy
     return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
 
 

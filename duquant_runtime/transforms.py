@@ -70,7 +70,7 @@ def transform_weight(w: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Ten
                      r_out: torch.Tensor | None) -> torch.Tensor:
     """W_t = BD(r_out)^T W P BD(r_in) for W (out, in); perm/r_out None mean identity."""
     _check_blocks(w.shape[1], r_in, "r_in")
-    a = _mul_column_blocks(w[:, perm] if perm is not None else w, r_in, transpose=False)
+    a = _mul_column_blocks(w.index_select(1, perm) if perm is not None else w, r_in, transpose=False)
     if r_out is not None:
         _check_blocks(w.shape[0], r_out, "r_out")
         a = _mul_row_blocks(a, r_out, transpose=False)
@@ -100,7 +100,7 @@ def _check_blocks(n: int, blocks: torch.Tensor, what: str) -> None:
 def input_transform(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor) -> torch.Tensor:
     """x (..., in) -> x P BD(r_in)."""
     if perm is not None:
-        x = x[..., perm]
+        x = x.index_select(-1, perm)
     return apply_blocks(x, r_in)
 
 

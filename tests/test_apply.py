@@ -375,7 +375,7 @@ def test_report_bytes_and_names(packs, tmp_path, dtype):
     assert report.bytes_before == sum(before.values())
     assert report.bytes_after == sum(after.values())
     assert report.per_layer_bytes == {n: (before[n], after[n]) for n in PACKED}
-    assert all(mods[n].qweight.dtype == torch.int8 for n in PACKED)
+    assert all(mods[n].qweight.dtype == torch.uint8 for n in PACKED)  # packed int4
     assert mods["enc.layers.0.attn.q"].bias.dtype == dtype
     assert "8 layers replaced, 0 skipped" in report.summary()
     if dtype == torch.bfloat16:

@@ -123,7 +123,7 @@ def test_layer_error_matches_build_stats(built_pack, synth2):
     st = p.entry(name)["stats"]
     assert q["w_rel_err"] == pytest.approx(st["w_rel_err"], rel=1e-5)
     assert q["rtn_rel_err"] == pytest.approx(st["rtn_rel_err"], rel=1e-5)
-    assert q["w_fro"] == pytest.approx(st["w_fro"], rel=1e-9)
+    assert q["w_fro"] == pytest.approx(st["w_fro"], rel=1e-6)  # build: float32 row sums
     nb = -(-lp.in_features // lp.block_in)
     assert len(q["block_max"]) == len(q["block_median"]) == nb
     assert all(mx >= md >= 0 for mx, md in zip(q["block_max"], q["block_median"]))

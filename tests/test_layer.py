@@ -83,7 +83,7 @@ def test_scales_fit_the_transformed_weight_and_stats_are_consistent():
     deq = restore_weight(fake_quantize_rows(w_t, s, 4), perm, r_in, r_out)
     rel = float((deq.double() - w.double()).norm() / w.double().norm())
     assert res.stats["w_rel_err"] == pytest.approx(rel, rel=1e-4)
-    assert res.stats["w_fro"] == pytest.approx(float(w.double().norm()), rel=1e-9)
+    assert res.stats["w_fro"] == pytest.approx(float(w.double().norm()), rel=1e-6)  # float32 row sums
     # DuQuant transforms beat plain per-row round-to-nearest on a weight with outlier channels
     assert 0 < res.stats["w_rel_err"] < res.stats["rtn_rel_err"]
 

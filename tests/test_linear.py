@@ -154,11 +154,13 @@ def test_w4a8_dynamic_matches_reference(packs, row_rot, permute):
     lp = packs(row_rot, permute, wbits=4).layer("blk.proj")
     lin = _linear()
     m = DuQuantLinear.from_linear(lin, lp, abits=8, act_mode="dynamic")
-    assert m.qweight.dtype == torch.int8 and int(m.qweight.min()) >= -8 and int(m.qweight.max()) <= 7
+    assert m.qweight.dtype == torch.uint8 and m.qweight.shape == (OUT, (IN + 1) // 2)  # packed int4
+    codes = m.int_codes()
+    assert codes.dtype == torch.int8 and int(codes.min()) >= -8 and int(codes.max()) <= 7
     x = _x(32, seed=7)
     with torch.no_grad():
         y = m(x)
-    ref, ok = _reference(x, lin, lp, mode="dynamic", qweight=m.qweight)
+    ref, ok = _reference(x, lin, lp, mode="dynamic", qweight=m.int_codes())
     assert _compare(y, ref, ok) < 2e-6
     # quantization is really on, and 8-bit activations add little to the 4-bit weight error
     with torch.no_grad():
@@ -186,7 +188,7 @@ def test_w4a8_static_matches_reference(packs, row_rot, permute):
     x = _x(32, seed=13) * 1.5  # larger than calibration: some values clip
     with torch.no_grad():
         y = m(x)
-    ref, ok = _reference(x, lin, lp, mode="static", act_scale=want, qweight=m.qweight)
+    ref, ok = _reference(x, lin, lp, mode="static", act_scale=want, qweight=m.int_codes())
     assert bool(((x.double()[:, perm] @ r_in).abs() > 127.5 * want).any())  # some values clip
     assert _compare(y, ref, ok) < 2e-6
 
@@ -259,7 +261,7 @@ def test_state_dict_has_no_float_weight_and_keeps_bias(packs):
     sd = m.state_dict()
     assert "weight" not in sd and "weight_t" not in sd
     assert set(sd) == {"perm", "r_in", "r_out", "qweight", "w_scale", "bias"}
-    assert sd["qweight"].dtype == torch.int8 and sd["qweight"].shape == (OUT, IN)
+    assert sd["qweight"].dtype == torch.uint8 and sd["qweight"].shape == (OUT, (IN + 1) // 2)
     assert sd["w_scale"].dtype == torch.float32 and sd["r_in"].dtype == torch.float32
     assert torch.equal(sd["bias"], lin.bias.detach())
     assert not any(p.requires_grad for p in m.parameters())
@@ -298,7 +300,7 @@ def test_to_dtype_and_device(packs):
     with torch.no_grad():
         y0 = m(x)
         m64 = copy.deepcopy(m).to(torch.float64)
-        assert m64.r_in.dtype == torch.float64 and m64.qweight.dtype == torch.int8 and m64.perm.dtype == torch.int64
+        assert m64.r_in.dtype == torch.float64 and m64.qweight.dtype == torch.uint8 and m64.perm.dtype == torch.int64
         assert torch.equal(m64(x), y0)  # float32 input: same float32 computation
         assert m64(x.double()).dtype == torch.float64 and max_rel(m64(x.double()), y0) < 1e-5
         mc = m.to("cpu")
@@ -324,7 +326,7 @@ def test_dtype_cast_keeps_float32_transforms(packs, cast):
         m.to(torch.bfloat16) if cast == "to_bf16" else m.half()
         low = torch.bfloat16 if cast == "to_bf16" else torch.float16
         assert all(t.dtype == torch.float32 for t in (m.r_in, m.r_out, m.w_scale, m.act_scale))
-        assert m.qweight.dtype == torch.int8 and m.perm.dtype == torch.int64
+        assert m.qweight.dtype == torch.uint8 and m.perm.dtype == torch.int64
         assert torch.equal(m(x), y0)  # float32 input: bit-identical (no bias to round)
         assert m.weight.dtype == low  # the module's dtype, as model code sees it
         assert m(x.to(low)).dtype == low

@@ -43,7 +43,7 @@ def test_stored_integers_equal_runtime_quantization(tmp_path, wbits):
         # the runtime takes the stored integers: a module with other weights gives the pack's integers
         lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
         m = DuQuantLinear.from_linear(lin, lp)
-        assert torch.equal(m.qweight.to(torch.int16), q.to(torch.int16))
+        assert torch.equal(m.int_codes().to(torch.int16), q.to(torch.int16))
 
 
 def test_flag_changes_layer_keys_and_config_hash(tmp_path):
@@ -120,3 +120,32 @@ def test_pack_unpack_roundtrip_odd_columns():
     assert int((p[:, -1] >> 4).max()) == 0
     with pytest.raises(ValueError):
         pack_int4(torch.tensor([[8]]))
+
+
+def test_apply_with_meta_weights_uses_stored_integers(tmp_path):
+    """A deployment without the float checkpoint: modules with meta weights take the pack's packed
+    integers unchecked (listed in report.unchecked); without stored integers that is refused."""
+    from duquant_runtime import apply_pack
+    ck, tensors = _ckpt(tmp_path)
+    cfg, _ = resolve(None, include=r"^(a|b)$", exclude="", block=32, store_qweights=True)
+    build_pack(ck, tmp_path / "p", cfg, jobs=1, progress=False)
+
+    def model(meta: bool):
+        root = nn.Module()
+        for name, w in tensors.items():
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta" if meta else "cpu")
+            if not meta:
+                lin.weight = nn.Parameter(w.clone(), requires_grad=False)
+            root.add_module(name.split(".")[0], lin)
+        return root
+    full, bare = model(False), model(True)
+    rep_full = apply_pack(full, tmp_path / "p", abits=0)
+    rep_bare = apply_pack(bare, tmp_path / "p", abits=0)
+    assert rep_full.unchecked == [] and sorted(rep_bare.unchecked) == ["a", "b"]
+    x = torch.randn(3, 96)
+    assert torch.equal(bare.a(x), full.a(x)) and bare.a.qweight.dtype == torch.uint8
+    assert apply_pack(model(False), tmp_path / "p", abits=0, check_weights=False).unchecked == ["a", "b"]
+    cfg2, _ = resolve(None, include=r"^(a|b)$", exclude="", block=32)
+    build_pack(ck, tmp_path / "p2", cfg2, jobs=1, progress=False)
+    with pytest.raises(PackError, match="no weight data"):
+        apply_pack(model(True), tmp_path / "p2", abits=0)

@@ -1,0 +1,119 @@
+"""The fused GPU path of DuQuantLinear (kernels/w4a8.py) against its float32 reference path, on every
+pi0.5 linear shape (needs CUDA and Triton; skipped otherwise: CI tests the reference path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from duquant_runtime import DuQuantLinear
+from duquant_runtime.kernels import fast_path_available
+from duquant_runtime.pack import LayerPack
+from duquant_runtime.quant import absmax_scales, pack_int4, quantize_rows
+from duquant_runtime.transforms import input_transform, n_blocks
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and fast_path_available("cuda")),
+                                reason="needs CUDA and Triton")
+
+# (out, in) of the pi0.5 language model and action expert linears
+PI05_SHAPES = [(2048, 2048), (256, 2048), (16384, 2048), (2048, 16384),
+               (2048, 1024), (256, 1024), (1024, 2048), (4096, 1024), (1024, 4096)]
+TOL = 2e-2  # relative Frobenius error: 16-bit/tf32 operands and the quantization ties they move
+
+
+def _layer(out_f, in_f, seed, block=64, bias=False, smooth=False):
+    g = torch.Generator().manual_seed(seed)
+    orth = lambda n: torch.linalg.qr(torch.randn(n_blocks(n, block), block, block, generator=g,  # noqa: E731
+                                                 dtype=torch.float64))[0].float().contiguous()
+    r_in, r_out = orth(in_f), orth(out_f)
+    w_t = torch.randn(out_f, in_f, generator=g) * 0.02
+    scale = absmax_scales(w_t, 4)
+    lp = LayerPack(name="l", in_features=in_f, out_features=out_f, wbits=4, block_in=block, block_out=block,
+                   perm=torch.randperm(in_f, generator=g), r_in=r_in, r_out=r_out, weight_scale=scale, meta={},
+                   qweight=pack_int4(quantize_rows(w_t, scale, 4)),
+                   smooth=(torch.rand(in_f, generator=g) + 0.5) if smooth else None)
+    lin = nn.Linear(in_f, out_f, bias=bias, device="meta", dtype=torch.bfloat16)
+    if bias:
+        lin.bias = nn.Parameter(torch.randn(out_f, generator=g).to(torch.bfloat16), requires_grad=False)
+    return lin, lp
+
+
+def _x(m, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n, generator=g)
+    x[:, torch.randperm(n, generator=g)[:3]] *= 50.0
+    return x.cuda().to(torch.bfloat16)
+
+
+def _check(q, m, seed):
+    x = _x(m, q.in_features, seed)
+    assert q.fast_path_reason(x) is None
+    with torch.no_grad():
+        fast = q(x)
+        q.use_fast = False
+        ref = q(x)
+        q.use_fast = True
+    assert fast.dtype == torch.bfloat16 and fast.shape == ref.shape
+    assert bool(torch.isfinite(fast).all())
+    err = float((fast.float() - ref.float()).norm() / ref.float().norm())
+    assert err < TOL, f"{tuple(q.weight.shape)} M={m}: relative error {err:.2e}"
+    return err
+
+
+@pytest.mark.parametrize("out_f,in_f", PI05_SHAPES)
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_fast_path_matches_reference_on_pi05_shapes(out_f, in_f, mode):
+    lin, lp = _layer(out_f, in_f, seed=out_f + in_f)
+    q = DuQuantLinear.from_linear(lin, lp, abits=8, act_mode=mode, device="cuda", rot_dtype=torch.float16)
+    if mode == "static":
+        xt = input_transform(_x(256, in_f, 1).float(), q.perm, q.r_in.float())
+        q.set_act_scale(xt.abs().amax(0) / 127 * 0.8)  # some values clip
+    for m in (1, 50, 800):
+        _check(q, m, seed=m)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_fast_path_with_bias_smoothing_and_3d_input(mode):
+    lin, lp = _layer(512, 1024, seed=3, bias=True, smooth=True)
+    q = DuQuantLinear.from_linear(lin, lp, abits=8, act_mode=mode, device="cuda", rot_dtype=torch.float16)
+    if mode == "static":
+        xt = input_transform(_x(64, 1024, 1).float() / q.smooth, q.perm, q.r_in.float())
+        q.set_act_scale(xt.abs().amax(0) / 127)
+    _check(q, 33, seed=5)
+    x = _x(6, 1024, 6).reshape(2, 3, 1024)
+    with torch.no_grad():
+        y = q(x)
+        q.use_fast = False
+        ref = q(x)
+    assert y.shape == (2, 3, 512) and float((y.float() - ref.float()).norm() / ref.float().norm()) < TOL
+
+
+def test_fast_path_dynamic_int8_gemm_is_exact_on_integer_data():
+    """With an identity input rotation, no output rotation and values on the quantization grid,
+    every stage is exact: the dynamic path must equal the reference bit for bit."""
+    out_f, in_f = 256, 1024
+    lin, lp = _layer(out_f, in_f, seed=9)
+    eye = torch.eye(64).expand(in_f // 64, 64, 64).contiguous()
+    lp = LayerPack(**{**lp.__dict__, "r_in": eye, "r_out": None, "block_out": None, "perm": None,
+                      "weight_scale": torch.full((out_f,), 0.5)})
+    q = DuQuantLinear.from_linear(lin, lp, abits=8, act_mode="dynamic", device="cuda", rot_dtype=torch.float16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-127, 128, (40, in_f), generator=g).float()
+    x[:, 0] = 127.0  # per-token scale exactly 1
+    x = x.cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        fast = q(x)
+        q.use_fast = False
+        ref = q(x)
+    assert torch.equal(fast, ref)
+
+
+def test_fallbacks_are_explained():
+    lin, lp = _layer(256, 1024, seed=2)
+    q = DuQuantLinear.from_linear(lin, lp, abits=8, act_mode="static", device="cuda")
+    x = _x(4, 1024, 0)
+    assert "calibrating" in q.fast_path_reason(x)
+    assert "bf16/fp16" in q.fast_path_reason(x.float())
+    q.use_fast = False
+    assert q.fast_path_reason(x) == "use_fast is False"
