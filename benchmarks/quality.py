@@ -86,11 +86,15 @@ CONFIGS = {
     "hadamard+gptq": dict(rotation="hadamard", row_rot="restore", stats=True, rounding="gptq"),
     "hadamard+smooth+gptq": dict(rotation="hadamard", row_rot="restore", stats=True, lambda_smooth=0.5,
                                  rounding="gptq"),
+    "hadamard+gptq+g64": dict(rotation="hadamard", row_rot="restore", stats=True, rounding="gptq", group_size=64),
+    "hadamard+smooth+gptq+g64": dict(rotation="hadamard", row_rot="restore", stats=True, lambda_smooth=0.5,
+                                     rounding="gptq", group_size=64),
     "svd+gptq": dict(rotation="svd", row_rot="restore", stats=True, rounding="gptq"),
     "rtn+gptq (no transforms)": dict(rotation="none", permute="none", scale="max", row_rot="disabled",
                                      stats=True, rounding="gptq"),
 }
-QUICK = ("rtn (no transforms)", "compat openpi-duquant", "hadamard", "hadamard+smooth", "hadamard+gptq")
+QUICK = ("rtn (no transforms)", "compat openpi-duquant", "hadamard", "hadamard+smooth", "hadamard+gptq",
+         "hadamard+gptq+g64")
 MODES = ("static", "dynamic")
 ABITS = (8, 4)
 
@@ -276,20 +280,24 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer configurations, widths / 4 for the synthetic layers")
     ap.add_argument("--only", choices=("minilm", "synth"), help="run one part only")
     ap.add_argument("--configs", help="comma-separated configuration names (default: all, or the quick set)")
+    ap.add_argument("--width-div", type=int, choices=(1, 2, 4, 8),
+                    help="width divisor of the synthetic pi0.5 layers (default 4, --quick 8; 1 = full width: "
+                         "GPTQ of the 16384-wide down_proj takes minutes per configuration)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     args = ap.parse_args(argv)
     configs = args.configs.split(",") if args.configs else (list(QUICK) if args.quick else list(CONFIGS))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = {"command": "python benchmarks/quality.py" + (" --quick" if args.quick else ""),
+    result = {"command": "python benchmarks/quality.py" + (" --quick" if args.quick else "")
+              + (f" --width-div {args.width_div}" if args.width_div else ""),
               "configs": {c: CONFIGS[c] for c in configs}}
     with tempfile.TemporaryDirectory(prefix="duquant-quality-") as tmp:
         work = Path(tmp)
         if args.only in (None, "minilm"):
             result["minilm"] = run_minilm(configs, work)
         if args.only in (None, "synth"):
-            result["synth"] = run_synth(configs, work, width_div=4 if args.quick else 2)
+            result["synth"] = run_synth(configs, work, width_div=args.width_div or (8 if args.quick else 4))
     print_table(result)
-    if not args.configs:
+    if not args.configs and not args.only:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")

@@ -12,13 +12,11 @@ raises BuildError with one line.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import h5py
-import numpy as np
 import torch
 
 from duquant_runtime.format import file_sha256
@@ -144,6 +142,10 @@ def check_stats_file(cfg, path) -> str | None:
     """The statistics path as a string when `cfg.act_stats` is set and the file has that id; else None.
     A missing file, or one with another id, is a BuildError."""
     if cfg.act_stats is None:
+        for opt, bad in (("--rotation greedy", cfg.rotation == "greedy"), ("--rounding gptq", cfg.rounding == "gptq")):
+            if bad:
+                raise BuildError(f"{opt} needs activation statistics (--act-stats stats.h5, from "
+                                 "duquant_runtime.collect_stats)")
         if path is not None:
             raise BuildError("an activation statistics file was given but the config has no act_stats "
                              "(resolve the config with act_stats=stats_file_id(path))")

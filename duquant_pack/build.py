@@ -219,19 +219,14 @@ def build_pack(ckpt_path, out_dir, cfg: BuildConfig, *, preset: str | None = Non
 
     created = missing_ancestors(out)  # directories this build creates, innermost first
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        with pack_lock(out, BuildError, "another build is writing this pack"):
+    with pack_lock(out, BuildError, "another build is writing this pack"):
+        try:
             inspect_out_dir(out, identity, overwrite)  # again, now that we hold the lock
             manifest, results = _build_locked(ckpt, selected, cfg, preset, out, identity, run, progress, act_stats)
-    except BaseException as err:
-        if created and not isinstance(err, KeyboardInterrupt) and only_scaffolding(out):
-            shutil.rmtree(out, ignore_errors=True)
-            for parent in created[1:]:
-                try:
-                    parent.rmdir()  # only if still empty
-                except OSError:
-                    break
-        raise
+        except BaseException as err:
+            if not isinstance(err, KeyboardInterrupt):  # an interrupted build keeps its files to resume
+                remove_created(out, created)
+            raise
     reused = sum(1 for r in results if r["reused"])
     entries = manifest["layers"]
     return BuildSummary(out_dir=out, config_hash=chash, layers=len(entries), computed=len(entries) - reused,
@@ -336,6 +331,20 @@ def missing_ancestors(out: Path) -> list[Path]:
     return missing
 
 
+def remove_created(out: Path, created: list[Path]) -> None:
+    """After a failed write: remove `out` and the ancestors this writer created (`created`, innermost
+    first, from `missing_ancestors`) when `out` holds only scaffolding. Call it only while holding the
+    directory's lock: a writer that lost the race for the lock must not delete the holder's directory."""
+    if not created or not only_scaffolding(out):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    for parent in created[1:]:
+        try:
+            parent.rmdir()  # only if still empty
+        except OSError:
+            break
+
+
 def only_scaffolding(out: Path) -> bool:
     """True when `out` holds nothing but an empty layers/ dir, the lock and the pending marker."""
     if not out.is_dir():
@@ -369,6 +378,10 @@ def check_device(device: str) -> str:
     index = int(device[5:]) if ":" in device else 0
     if index >= torch.cuda.device_count():
         raise BuildError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    # initialise cuBLAS and cuSOLVER here, once: their lazy initialisation is not thread-safe
+    g = torch.eye(4, dtype=torch.float64, device=device)
+    torch.linalg.eigh(torch.bmm(g[None], g[None]))
+    torch.cuda.synchronize(device)
     return device
 
 

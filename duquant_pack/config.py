@@ -208,10 +208,6 @@ def _validate_quality(cfg: BuildConfig) -> None:
         raise ConfigError(f"--group-size must be a positive integer, got {cfg.group_size!r}")
     if cfg.act_stats is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", str(cfg.act_stats)):
         raise ConfigError(f"act_stats must be 'sha256:<64 hex>' (the statistics file's digest), got {cfg.act_stats!r}")
-    if cfg.act_stats is None:
-        for opt, bad in (("--rotation greedy", cfg.rotation == "greedy"), ("--rounding gptq", cfg.rounding == "gptq")):
-            if bad:
-                raise ConfigError(f"{opt} needs activation statistics (--act-stats stats.h5)")
     if cfg.compat is not None and (cfg.rotation != "svd" or cfg.rounding != "rtn" or cfg.act_stats is not None
                                    or cfg.group_size is not None):
         raise ConfigError(f"--compat {cfg.compat} reproduces the old numerics: it cannot be combined with "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -40,7 +39,7 @@ from duquant_runtime.format import (CALIBRATION_DIR, FORMAT_NAME, FORMAT_VERSION
 from duquant_runtime.format import PENDING_NAME
 from duquant_runtime.transforms import n_blocks, transform_weight
 
-from .build import (BuildSummary, discard_new_layer_files, inspect_out_dir, missing_ancestors, only_scaffolding,
+from .build import (BuildSummary, discard_new_layer_files, inspect_out_dir, missing_ancestors, remove_created,
                     prune_calibration, layer_file_name)
 from .checkpoint import FLOAT_DTYPES, Checkpoint, natural_key
 from .config import BuildConfig, config_hash_of, normalize_bits, validate
@@ -306,13 +305,7 @@ def import_legacy(npz_dir, ckpt, out_dir, *, overwrite: bool = False, wbits: int
         except BaseException:
             # only while we hold the lock: a writer that lost the race for it must not delete the
             # directory the lock holder is filling
-            if created and only_scaffolding(out):
-                shutil.rmtree(out, ignore_errors=True)
-                for parent in created[1:]:
-                    try:
-                        parent.rmdir()
-                    except OSError:
-                        break
+            remove_created(out, created)
             raise
     entries = manifest["layers"]
     return BuildSummary(out_dir=out, config_hash=chash, layers=len(entries), computed=len(entries), reused=0,

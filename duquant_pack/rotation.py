@@ -50,7 +50,6 @@ def row_block_grams(a: torch.Tensor, block: int) -> torch.Tensor:
     """
     rows, cols = a.shape
     nb = -(-rows // block)
-    pad = nb * block - rows
     g = torch.zeros(nb, block, block, dtype=torch.float64, device=a.device)
     step = max(1, _CHUNK_ELEMS // (nb * block)) if a.device.type == "cpu" else cols
     buf = torch.zeros(nb * block, min(step, cols), dtype=torch.float64, device=a.device)
@@ -65,7 +64,13 @@ def row_block_grams(a: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def principal_rotations(grams: torch.Tensor, last_block_size: int) -> torch.Tensor:
-    """Canonical eigenvector rotations (nb, B, B) float64 of symmetric Gram matrices (nb, B, B)."""
+    """Canonical eigenvector rotations (nb, B, B) float64 of symmetric Gram matrices (nb, B, B).
+
+    The eigendecomposition always runs on the CPU (LAPACK), whatever the device of `grams` (the
+    result is returned there): GPU batched solvers are slow for many 64x64 matrices, and one
+    implementation for both keeps CPU and CUDA builds in agreement."""
+    if grams.device.type != "cpu":
+        return principal_rotations(grams.cpu(), last_block_size).to(grams.device)
     nb, b, _ = grams.shape
     rot = torch.empty_like(grams)
     full = nb if last_block_size == b else nb - 1
@@ -78,13 +83,42 @@ def principal_rotations(grams: torch.Tensor, last_block_size: int) -> torch.Tens
     return rot
 
 
+NULL_RTOL = 1e-10  # eigenvalues below NULL_RTOL * largest (or exactly 0) span the null space
+
+
 def _canonical_eigvecs(g: torch.Tensor) -> torch.Tensor:
-    _, vecs = torch.linalg.eigh(g)  # ascending eigenvalues
-    vecs = vecs.flip(-1)  # descending, like singular vectors
+    """Eigenvectors (n, B, B) of symmetric g, by decreasing eigenvalue, with canonical signs; the
+    null space of a rank-deficient g (fewer rows than B, zero columns) gets a canonical basis."""
+    vals, vecs = torch.linalg.eigh(g)  # ascending eigenvalues
+    vals, vecs = vals.flip(-1), vecs.flip(-1)  # descending, like singular vectors
+    null = vals <= NULL_RTOL * vals[:, :1].clamp_min(0)
+    for i in torch.nonzero(null.any(dim=1)).flatten().tolist():
+        k = int((~null[i]).sum())  # eigenvalues are sorted: the first k are the range
+        vecs[i, :, k:] = _null_space_basis(vecs[i, :, :k])
     idx = vecs.abs().argmax(dim=1, keepdim=True)  # first max per column
     signs = torch.sign(torch.gather(vecs, 1, idx))
     signs[signs == 0] = 1
     return vecs * signs
+
+
+def _null_space_basis(v: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (B, B - k) of the complement of the orthonormal columns v (B, k), built
+    from the unit vectors: repeatedly the e_i with the largest residual (lowest i on a tie),
+    orthogonalized. Any solver's choice of null vectors thus becomes the same basis."""
+    b, k = v.shape
+    basis = v.clone()
+    out = torch.empty(b, b - k, dtype=v.dtype)
+    eye = torch.eye(b, dtype=v.dtype)
+    for j in range(b - k):
+        resid = eye - basis @ (basis.t() @ eye)  # columns: e_i minus their projection
+        norms = resid.norm(dim=0)
+        i = int(torch.argmax(norms))
+        u = resid[:, i] / norms[i]
+        u = u - basis @ (basis.t() @ u)  # re-orthogonalize once more (numerical safety)
+        u = u / u.norm()
+        out[:, j] = u
+        basis = torch.cat([basis, u[:, None]], dim=1)
+    return out
 
 
 def input_rotations(w_perm: torch.Tensor, block: int) -> torch.Tensor:

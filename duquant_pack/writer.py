@@ -2,7 +2,8 @@
 
 Every file goes to a temporary name in the same directory, is fsynced, renamed over its final
 name, and the directory is fsynced: a reader sees either the old file or the complete new one.
-HDF5 files are written without timestamps, so equal data gives equal bytes.
+HDF5 files are built in memory without timestamps (equal data gives equal bytes) and written with
+plain file I/O, so a full disk is a clean OSError.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from duquant_runtime.atomic import atomic_file
+from duquant_runtime.atomic import atomic_file, h5_image
 from duquant_runtime.format import LAYER_FORMAT_NAME, FORMAT_VERSION, file_sha256
 
 
@@ -25,7 +26,7 @@ def write_layer_file(path: Path, *, name: str, layer_key: str, weight_fingerprin
                      smooth: np.ndarray | None = None) -> str:
     """Write one layer's HDF5 file atomically; returns its sha256."""
     with atomic_file(path) as t:
-        with h5py.File(t.tmp, "w", libver="earliest", track_order=False) as f:
+        with h5_image(t.tmp) as f:
             f.attrs["format"] = LAYER_FORMAT_NAME
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["name"] = name

@@ -56,6 +56,27 @@ def atomic_file(path: Path):
     fsync_dir(target.final.parent)
 
 
+@contextmanager
+def h5_image(target: Path):
+    """Yield a writable in-memory HDF5 file (earliest format, no order tracking, so equal data gives
+    equal bytes); when the body succeeds, write its image to `target` with plain file I/O.
+
+    A full disk is then an ordinary OSError from `write_bytes`, never a failed flush inside HDF5
+    (which prints 'Exception ignored' tracebacks and can leave a broken handle that crashes at exit).
+    """
+    import h5py
+
+    f = h5py.File(Path(target).name, "w", libver="earliest", track_order=False, driver="core",
+                  backing_store=False)
+    try:
+        yield f
+        f.flush()
+        image = f.id.get_file_image()
+    finally:
+        f.close()
+    Path(target).write_bytes(image)
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
     """Write JSON (sorted keys, 2-space indent, trailing newline) atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"

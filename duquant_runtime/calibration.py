@@ -17,12 +17,11 @@ import json
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from torch import nn
 
-from .atomic import TMP_PREFIX, atomic_file, fsync_dir, pack_lock, write_json_atomic
+from .atomic import TMP_PREFIX, atomic_file, fsync_dir, h5_image, pack_lock, write_json_atomic
 from .errors import PackError
 from .format import (CALIBRATION_DIR, CALIBRATION_FORMAT_NAME, CALIBRATION_FORMAT_VERSION, MANIFEST,
                      file_sha256, validate_manifest)
@@ -135,9 +134,7 @@ def _write_scales(cal_dir: Path, layers: list[tuple[str, DuQuantLinear]], keys: 
     """Write the HDF5 file under a temporary name, fsync, rename to act_scales.<sha16>.h5."""
     names = [n for n, _ in layers]
     with atomic_file(cal_dir / "act_scales.h5") as t:
-        # built in memory (same bytes as on disk), then written with plain file I/O: a full disk is an
-        # OSError there, never a failed flush inside HDF5 (which leaves a broken handle and can crash at exit)
-        with h5py.File(t.tmp, "w", libver="earliest", track_order=False, driver="core", backing_store=False) as f:
+        with h5_image(t.tmp) as f:
             f.attrs["format"] = CALIBRATION_FORMAT_NAME
             f.attrs["format_version"] = CALIBRATION_FORMAT_VERSION
             f.attrs["names"] = json.dumps(names)
@@ -147,9 +144,6 @@ def _write_scales(cal_dir: Path, layers: list[tuple[str, DuQuantLinear]], keys: 
             for dname, (_, mod) in zip(calibration_dataset_names(len(layers)), layers):
                 arr = np.ascontiguousarray(mod.act_scale.detach().to("cpu", torch.float32).numpy(), dtype="<f4")
                 f.create_dataset(dname, data=arr, track_times=False)
-            f.flush()
-            image = f.id.get_file_image()
-        t.tmp.write_bytes(image)
         digest = file_sha256(t.tmp)
         t.final = cal_dir / f"act_scales.{digest[:16]}.h5"
     final = t.final

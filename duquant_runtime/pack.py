@@ -164,8 +164,8 @@ def read_layer(pack_dir: Path, entry: dict) -> LayerPack:
             data = {k: _read_dataset(f, k, path) for k in f.keys()}
     except PackError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise PackError(f"{path}: unreadable HDF5 layer file ({err})") from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:  # RuntimeError: h5py, corrupt metadata
+        raise PackError(f"{path}: unreadable HDF5 layer file ({' '.join(str(err).split())})") from None
 
     if "r_in" not in data:
         raise PackError(f"{path}: missing dataset 'r_in'")
@@ -285,8 +285,9 @@ def read_calibration(pack_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
             data = {n: _read_dataset(f, k, path) for n, k in zip(names, expect)}
     except PackError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise PackError(f"{path}: unreadable calibration file ({err.__class__.__name__}: {err})") from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:  # RuntimeError: h5py, corrupt metadata
+        raise PackError(f"{path}: unreadable calibration file ({err.__class__.__name__}: "
+                        f"{' '.join(str(err).split())})") from None
     if len(set(names)) != len(names):
         raise PackError(f"{path}: a layer name is listed twice")
     if len(names) != cal["layers"]:

@@ -43,7 +43,10 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 
 
 def _mul_column_blocks(w: torch.Tensor, blocks: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """W (rows, n) @ BD(blocks) (or BD(blocks)^T), one matmul per column block, no transposed copies."""
+    """W (rows, n) @ BD(blocks) (or BD(blocks)^T): on the CPU one matmul per column block (no
+    transposed copies); on a GPU one batched matmul (one launch instead of one per block)."""
+    if w.device.type != "cpu":
+        return apply_blocks(w, blocks, transpose=transpose)
     out = torch.empty_like(w)
     b = blocks.shape[1]
     for i in range(blocks.shape[0]):
@@ -55,7 +58,10 @@ def _mul_column_blocks(w: torch.Tensor, blocks: torch.Tensor, transpose: bool) -
 
 
 def _mul_row_blocks(w: torch.Tensor, blocks: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """BD(blocks)^T W (or BD(blocks) W with transpose=True) for W (n, cols), one matmul per row block."""
+    """BD(blocks)^T W (or BD(blocks) W with transpose=True) for W (n, cols), one matmul per row block
+    (on a GPU: one batched matmul)."""
+    if w.device.type != "cpu":
+        return apply_blocks(w.t(), blocks, transpose=transpose).t()  # (W^T BD)^T = BD^T W
     out = torch.empty_like(w)
     b = blocks.shape[1]
     for i in range(blocks.shape[0]):

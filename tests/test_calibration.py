@@ -3,7 +3,6 @@ and what a rebuild does with them)."""
 
 import copy
 import fcntl
-import hashlib
 import json
 import os
 import shutil

@@ -219,7 +219,8 @@ def test_presets_command(capsys):
     assert rc == 0
     data = {p["name"]: p["expected_layers"] for p in json.loads(stdout)}
     assert data == {"pi05-llm": 126, "pi05-llm-expert-mlp": 180, "pi05-llm-expert": 252,
-                    "pi0-llm": 126, "pi0-llm-expert-mlp": 180, "pi0-llm-expert": 252}
+                    "pi0-llm": 126, "pi0-llm-expert-mlp": 180, "pi0-llm-expert": 252,
+                    "pi05-llm-expert-quality": 252}
     rc, stdout, _ = _run(capsys, ["presets"])
     assert rc == 0 and "pi05-llm-expert" in stdout and "252" in stdout
 

@@ -7,7 +7,7 @@ from duquant_pack.config import (OLD_EXCLUDE, OLD_INCLUDE, BuildConfig, config_f
 from duquant_pack.errors import ConfigError
 
 PRESETS = {"pi05-llm": 126, "pi05-llm-expert-mlp": 180, "pi05-llm-expert": 252,
-           "pi0-llm": 126, "pi0-llm-expert-mlp": 180, "pi0-llm-expert": 252}
+           "pi0-llm": 126, "pi0-llm-expert-mlp": 180, "pi0-llm-expert": 252, "pi05-llm-expert-quality": 252}
 
 
 def test_defaults():

@@ -4,7 +4,6 @@ outlier handling vs plain RTN, storage, dtype/device handling, static calibratio
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 
 import pytest

@@ -4,7 +4,6 @@ stored-qweight path, grouped scales in the reader and runtime, offline static sc
 import copy
 
 import h5py
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -46,13 +45,18 @@ def test_config_validation_and_default_hash_unchanged():
     assert config_hash_of(base) == config_hash_of(same)
     assert "rotation" not in base.to_dict() and "rotation" not in base.layer_spec("x").to_dict()
     assert resolve("pi05-llm-expert", rotation="hadamard")[0].layer_spec("x").to_dict()["rotation"] == "hadamard"
-    for kw, match in ((dict(rotation="greedy"), "needs activation statistics"),
-                      (dict(rounding="gptq"), "needs activation statistics"),
-                      (dict(rotation="spin"), "--rotation"), (dict(group_size=0), "--group-size"),
+    for kw, match in ((dict(rotation="spin"), "--rotation"), (dict(rounding="ties"), "--rounding"), (dict(group_size=0), "--group-size"),
                       (dict(compat="openpi-duquant", rotation="hadamard"), "cannot be combined"),
                       (dict(act_stats="stats.h5"), "sha256")):
         with pytest.raises(ConfigError, match=match):
             resolve(None, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(rotation="greedy"), dict(rounding="gptq")])
+def test_options_needing_statistics_refused_at_build(setup, kw):
+    _, _, _, tmp = setup
+    with pytest.raises(BuildError, match="needs activation statistics"):
+        _build(tmp, None, **kw)
 
 
 def test_gptq_grouped_pack_reads_and_runs_with_stored_integers(setup):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from duquant_pack.checkpoint import Checkpoint
-from duquant_pack.config import load_preset, resolve
+from duquant_pack.config import resolve
 from duquant_pack.errors import ConfigError
 from duquant_pack.selection import select_layers
 from duquant_pack.synth import synth_specs

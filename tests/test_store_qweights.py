@@ -104,7 +104,7 @@ def test_reader_refuses_out_of_range_values(tmp_path):
 def test_unlisted_qweight_dataset_refused(tmp_path):
     ck, _ = _ckpt(tmp_path)
     cfg, _ = resolve(None, include=r"^a$", exclude="", block=32, store_qweights=True)
-    s = build_pack(ck, tmp_path / "p", cfg, jobs=1, progress=False)
+    build_pack(ck, tmp_path / "p", cfg, jobs=1, progress=False)
     m = json.loads((tmp_path / "p" / "manifest.json").read_text())
     del m["layers"][0]["qweight"]
     (tmp_path / "p" / "manifest.json").write_text(json.dumps(m))

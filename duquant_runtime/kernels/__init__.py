@@ -16,7 +16,7 @@ def triton_available() -> bool:
     """True when `import triton` works (it is an optional dependency of the runtime)."""
     try:
         import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        import triton.language  # noqa: F401  (a broken install fails here)
     except Exception:  # ImportError, or a broken install: the reference path still works
         return False
     return True
