@@ -41,6 +41,7 @@ from machine import machine_info  # noqa: E402
 from pack_layer import old_block_svd_seconds  # noqa: E402
 from rss import TreeRSS  # noqa: E402
 
+from duquant_pack.parallel import limit_malloc_arenas
 from duquant_pack.build import build_pack  # noqa: E402
 from duquant_pack.checkpoint import Checkpoint  # noqa: E402
 from duquant_pack.config import resolve  # noqa: E402
@@ -109,10 +110,14 @@ def one_build(ckpt_dir: Path, out: Path, cfg, kind: str, jobs: int) -> dict:
 
 
 def compare_packs(a: Path, b: Path) -> dict:
-    """Largest differences between two packs of the same config (e.g. CPU vs CUDA)."""
+    """Largest differences between two packs of the same config (e.g. CPU vs CUDA): rotations (max
+    abs), scales (max relative, and the fraction of rows whose MSE search chose another clipping
+    ratio: relative difference >= 1e-5), stored integers (fraction differing, where both store them)."""
     from duquant_runtime import load_pack
     pa, pb = load_pack(a), load_pack(b)
     d = {"perm_equal": True, "r_in_max_abs": 0.0, "r_out_max_abs": 0.0, "scale_max_rel": 0.0}
+    rows = rows_diff = 0
+    q_total = q_diff = 0
     for name in pa.layer_names:
         x, y = pa.layer(name), pb.layer(name)
         d["perm_equal"] &= (x.perm is None and y.perm is None) or bool(torch.equal(x.perm, y.perm))
@@ -120,8 +125,16 @@ def compare_packs(a: Path, b: Path) -> dict:
         if x.r_out is not None:
             d["r_out_max_abs"] = max(d["r_out_max_abs"], float((x.r_out - y.r_out).abs().max()))
         if x.weight_scale is not None:
-            rel = ((x.weight_scale - y.weight_scale) / x.weight_scale).abs().max()
-            d["scale_max_rel"] = max(d["scale_max_rel"], float(rel))
+            rel = ((x.weight_scale - y.weight_scale) / x.weight_scale).abs()
+            d["scale_max_rel"] = max(d["scale_max_rel"], float(rel.max()))
+            rows += rel.numel()
+            rows_diff += int((rel >= 1e-5).sum())
+        if getattr(x, "qweight", None) is not None and getattr(y, "qweight", None) is not None:
+            q_total += x.qweight.numel()
+            q_diff += int((x.qweight != y.qweight).sum())
+    d["scale_rows_other_ratio_fraction"] = rows_diff / max(rows, 1)
+    if q_total:
+        d["qweight_bytes_differing_fraction"] = q_diff / q_total
     return d
 
 
@@ -137,8 +150,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the old-approach estimate")
     ap.add_argument("--synth-selected-only", action="store_true",
                     help="synthesize only the 252 packed tensors (4.6 GB instead of 7.2 GB; same values)")
+    ap.add_argument("--store-qweights", action="store_true", help="build with --store-qweights (the integers "
+                    "are then compared between CPU and CUDA builds too)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pack_full.json"))
     args = ap.parse_args(argv)
+    if "cuda" in args.runs:
+        limit_malloc_arenas()  # as `duquant-pack build --device cuda` does, before any thread starts
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "pack_full", "machine": machine_info(), "preset": PRESET, "runs": {}}
@@ -150,7 +167,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         write_synth(ckpt_dir, "pi05", include=SELECTED_RE if args.synth_selected_only else None)
         report["synth_seconds"] = time.perf_counter() - t0
-    cfg, _ = resolve(PRESET)
+    extra = {"store_qweights": True} if args.store_qweights else {}
+    cfg, _ = resolve(PRESET, **extra)
     ckpt = Checkpoint(ckpt_dir)
     selected = select_layers(ckpt, cfg)
     keys = [s.key for s in selected]
@@ -204,11 +222,11 @@ def main(argv=None) -> int:
         out = args.workdir / f"pack-{kind}-{jobs}"
         device = "cuda" if kind == "cuda" else "cpu"
         inc = {}
-        abits_cfg, _ = resolve(PRESET, abits=4)
+        abits_cfg, _ = resolve(PRESET, abits=4, **extra)
         t0 = time.perf_counter()
         s = build_pack(ckpt_dir, out, abits_cfg, jobs=jobs, device=device, overwrite=True, progress=False)
         inc["abits_changed"] = {"seconds": time.perf_counter() - t0, "computed": s.computed, "reused": s.reused}
-        llm_cfg, _ = resolve("pi05-llm")
+        llm_cfg, _ = resolve("pi05-llm", **extra)
         small = args.workdir / "pack-grow"
         shutil.rmtree(small, ignore_errors=True)
         build_pack(ckpt_dir, small, llm_cfg, jobs=jobs, device=device, progress=False)

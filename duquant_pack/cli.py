@@ -175,6 +175,9 @@ def build(ckpt, out, jobs, device, backend, scheduler, overwrite, as_json, quiet
     """
     from .build import build_pack, default_out_dir
     from .config import config_hash_of
+    if device != "cpu":
+        from .parallel import limit_malloc_arenas
+        limit_malloc_arenas()  # before any thread starts (GPU builds run layers in threads)
     act_stats_path = opts.pop("act_stats_path")
     if act_stats_path is not None:
         from .act_stats import stats_file_id

@@ -108,6 +108,11 @@ def test_cuda_build_matches_cpu_build_up_to_rounding(synth2, tmp_path):
         assert float((a.r_in - b.r_in).abs().max()) < 1e-5
         if a.r_out is not None:
             assert float((a.r_out - b.r_out).abs().max()) < 1e-5
-        assert float(((a.weight_scale - b.weight_scale) / a.weight_scale).abs().max()) < 1e-5
-        qa, qb = a.qweight.numpy(), b.qweight.numpy()
-        assert np.mean(qa != qb) < 1e-3  # integers agree except for rounding ties
+        # the MSE scale search picks, per row, the best of a grid of clipping ratios: where two are
+        # within float32 rounding of each other the GPU may pick the other one (docs/algorithm.md §13)
+        rel = ((a.weight_scale - b.weight_scale) / a.weight_scale).abs()
+        same = rel < 1e-5
+        assert float(same.float().mean()) > 0.98, (name, float(same.float().mean()))
+        qa, qb = a.qweight.numpy(), b.qweight.numpy()  # (packed) integers, one row per output
+        rows = same.numpy()
+        assert np.mean(qa[rows] != qb[rows]) < 1e-4  # integers agree except for rounding ties
