@@ -82,6 +82,7 @@ CONFIGS = {
     "hadamard": dict(rotation="hadamard", row_rot="restore"),
     "random": dict(rotation="random", row_rot="restore"),
     "greedy": dict(rotation="greedy", row_rot="restore", stats=True),
+    "greedy+smooth": dict(rotation="greedy", row_rot="restore", stats=True, lambda_smooth=0.5),
     "hadamard+smooth": dict(rotation="hadamard", row_rot="restore", stats=True, lambda_smooth=0.5),
     "hadamard+gptq": dict(rotation="hadamard", row_rot="restore", stats=True, rounding="gptq"),
     "hadamard+smooth+gptq": dict(rotation="hadamard", row_rot="restore", stats=True, lambda_smooth=0.5,

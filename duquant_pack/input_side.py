@@ -55,7 +55,8 @@ def input_side(w: torch.Tensor, spec, block: int, stats=None):
     elif rotation == "greedy":
         if act_max is None:
             raise ValueError("the greedy rotation needs activation statistics (--act-stats)")
-        r_in = greedy_rotations(act_max[perm_t] if perm_t is not None else act_max, block)
+        r_in = greedy_rotations(act_max[perm_t] if perm_t is not None else act_max, block,
+                                seed=spec.rotation_seed)
     elif rotation == "none":
         nb = -(-in_f // block)
         r_in = torch.eye(block, dtype=torch.float64).expand(nb, block, block).clone()

@@ -26,7 +26,7 @@ from .rotation import input_rotations, output_rotations
 from .rounding import quantize_weight
 from .scales import weight_scales
 
-ALGORITHM_VERSION = 2  # bump when the numbers a given spec produces change (2: cache-sized Gram chunks)
+ALGORITHM_VERSION = 3  # bump when the numbers a given spec produces change (2: cache-sized Gram chunks; 3: greedy Q factor)
 
 
 @dataclass(frozen=True)
