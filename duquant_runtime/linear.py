@@ -48,6 +48,7 @@ class DuQuantLinear(nn.Module):
                  act_mode: str = "static", act_percentile: float = 99.9, calib_steps: int = 32,
                  name: str = ""):
         super().__init__()
+        _keep_out_of_compiled_graphs()
         if act_mode not in ACT_MODES:
             raise ValueError(f"act_mode must be one of {ACT_MODES}, got {act_mode!r}")
         for bits, what in ((wbits, "wbits"), (abits, "abits")):
@@ -199,7 +200,6 @@ class DuQuantLinear(nn.Module):
         return supports(self.in_features, self.out_features, self.r_in.shape[-1],
                         self.r_out.shape[-1] if self.r_out is not None else None)
 
-    @torch.compiler.disable
     def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         from .kernels import w4a8
         mode = (w4a8.MODE_NONE if not self.abits else
@@ -237,7 +237,6 @@ class DuQuantLinear(nn.Module):
             y = y + self.bias.to(cdt)
         return y.to(out_dtype)
 
-    @torch.compiler.disable
     def _observe(self, xt: torch.Tensor) -> None:
         if self._observer is None:
             self._observer = TopKPercentile(self.act_percentile, self.calib_steps)
@@ -267,3 +266,19 @@ class DuQuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, W{self.wbits or 16}"
                 f"A{self.abits or 16} ({mode}), block={blk}, row_rot={self.r_out is not None}, "
                 f"bias={self.bias is not None}")
+
+
+_EAGER_METHODS = ("_fast_forward", "_observe")  # Triton launches; calibration state
+_eager_wrapped = False
+
+
+def _keep_out_of_compiled_graphs() -> None:
+    """Mark `DuQuantLinear`'s eager-only methods with `torch.compiler.disable`, once, when the first
+    layer is made (not at import: that imports torch._dynamo, ~1.7 s, for every user of the
+    runtime, the compiler's CLI included). Layers always exist before a model is compiled."""
+    global _eager_wrapped
+    if _eager_wrapped:
+        return
+    for name in _EAGER_METHODS:
+        setattr(DuQuantLinear, name, torch.compiler.disable(getattr(DuQuantLinear, name)))
+    _eager_wrapped = True

@@ -402,6 +402,18 @@ def test_static_zero_channels_get_unit_scale(packs):
 
 # --- torch.compile ---------------------------------------------------------------------------------
 
+def test_runtime_import_does_not_load_dynamo_and_first_layer_marks_eager_methods(packs):
+    import subprocess
+    import sys
+    code = "import sys, duquant_runtime, duquant_pack.cli; print('torch._dynamo' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+    DuQuantLinear.from_linear(_linear(), packs("restore", "zigzag", 4).layer("blk.proj"), abits=8)
+    for name in ("_fast_forward", "_observe"):  # wrapped by torch.compiler.disable, once
+        fn = getattr(DuQuantLinear, name)
+        assert hasattr(fn, "_torchdynamo_disable") or hasattr(fn, "_torchdynamo_orig_callable"), name
+
+
 def _compile_or_skip(mod):
     if not hasattr(torch, "compile"):
         pytest.skip("torch.compile unavailable")
