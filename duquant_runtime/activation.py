@@ -19,12 +19,19 @@ from .quant import qrange
 ACT_MODES = ("static", "dynamic")
 
 
-def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Dynamic per-token (last-dim absmax) symmetric fake quantization of x (..., in)."""
+def per_token_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token (last-dim absmax) symmetric quantization of x (..., in): integer-valued
+    codes (..., in) in x's dtype and scales (..., 1), x ~ codes * scales."""
     qmin, qmax = qrange(bits)
     s = x.abs().amax(dim=-1, keepdim=True) / qmax
     s = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.clamp(torch.round(x / s), qmin, qmax) * s
+    return torch.clamp(torch.round(x / s), qmin, qmax), s
+
+
+def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dynamic per-token (last-dim absmax) symmetric fake quantization of x (..., in)."""
+    q, s = per_token_codes(x, bits)
+    return q * s
 
 
 def fake_quantize_per_channel(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

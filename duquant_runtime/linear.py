@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .activation import ACT_MODES, TopKPercentile, fake_quantize_per_channel, fake_quantize_per_token
+from .activation import (ACT_MODES, TopKPercentile, fake_quantize_per_channel, fake_quantize_per_token,
+                         per_token_codes)
 from .errors import PackError
 from .grouped import dequantize_grouped, quantize_grouped
 from .pack import LayerPack
@@ -211,9 +212,35 @@ class DuQuantLinear(nn.Module):
                            act_scale=self.act_scale if mode == w4a8.MODE_STATIC else None)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def uses_integer_gemm(self, x: torch.Tensor) -> bool:
+        """True when `forward(x)` on the CPU runs the integer GEMM (`torch._int_mm`, exact int32
+        sums of int8 codes) instead of the float reference matmul: dynamic per-token activations
+        of 2..8 bits, weights of 2..8 bits with one scale per row, a float32/bf16/fp16 input without
+        autograd. Same numerics as the reference path up to float32 rounding (`use_fast = False`
+        forces the reference)."""
+        return bool(self.use_fast and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                    and 0 < self.abits <= 8 and self.act_mode == "dynamic" and 0 < self.wbits <= 8
+                    and self.group_size is None and self.qweight is not None
+                    and not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)))
+                    and hasattr(torch, "_int_mm"))
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """CPU W(<=8)A(<=8) dynamic path: float32 transforms, int8 codes, int32 GEMM, float32 restore."""
+        xc = x.to(torch.float32) if self.smooth is None else x.to(torch.float32) / self.smooth.to(torch.float32)
+        xt = input_transform(xc, self.perm, self.r_in.to(torch.float32))
+        q, s = per_token_codes(xt, self.abits)
+        acc = torch._int_mm(q.reshape(-1, self.in_features).to(torch.int8), self.int_codes().t())
+        y = acc.reshape(*xt.shape[:-1], self.out_features).to(torch.float32) * s * self.w_scale.to(torch.float32)
+        y = output_restore(y, self.r_out.to(torch.float32) if self.r_out is not None else None)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.fast_path_reason(x) is None:
             return self._fast_forward(x)
+        if self.uses_integer_gemm(x):
+            return self._integer_forward(x)
         out_dtype = x.dtype
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         r_in = self.r_in.to(cdt)

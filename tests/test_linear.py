@@ -400,6 +400,37 @@ def test_static_zero_channels_get_unit_scale(packs):
         assert bool(torch.isfinite(m(x)).all()) and bool(torch.isfinite(m(torch.zeros(3, IN))).all())
 
 
+# --- CPU integer GEMM (dynamic activations) ------------------------------------------------------------
+
+@pytest.mark.parametrize("wbits,abits,row_rot", [(4, 8, "restore"), (8, 8, "disabled"), (4, 4, "restore")])
+def test_cpu_integer_gemm_matches_the_reference_path(packs, wbits, abits, row_rot):
+    lp = packs(row_rot, "zigzag", wbits).layer("blk.proj")
+    m = DuQuantLinear.from_linear(_linear(), lp, abits=abits, act_mode="dynamic")
+    for x in (_x(24, seed=50), _x(1, seed=51), _x(3, seed=52).reshape(1, 3, IN)):
+        with torch.no_grad():
+            assert m.uses_integer_gemm(x)
+            fast = m(x)
+            m.use_fast = False
+            ref = m(x)
+            m.use_fast = True
+        assert fast.shape == ref.shape
+        assert max_rel(fast, ref) < 1e-5  # exact int32 sums vs float32 sums of the same products
+    xb = _x(5, seed=53).to(torch.bfloat16)
+    with torch.no_grad():
+        assert m(xb).dtype == torch.bfloat16
+
+
+def test_cpu_integer_gemm_only_where_its_numerics_are_exact(packs):
+    lp = packs("restore", "zigzag", 4).layer("blk.proj")
+    x = _x(8, seed=54)
+    static = DuQuantLinear.from_linear(_linear(), lp, abits=8, act_mode="static", calib_steps=1)
+    assert not static.uses_integer_gemm(x)  # per-channel scales vary along K: not an integer GEMM
+    dyn = DuQuantLinear.from_linear(_linear(), lp, abits=8, act_mode="dynamic")
+    assert not dyn.uses_integer_gemm(x.double())  # float64 inputs keep float64 reference numerics
+    assert not dyn.uses_integer_gemm(x.requires_grad_())  # autograd: the differentiable reference
+    assert not DuQuantLinear.from_linear(_linear(), lp, abits=0).uses_integer_gemm(x.detach())
+
+
 # --- torch.compile ---------------------------------------------------------------------------------
 
 def test_runtime_import_does_not_load_dynamo_and_first_layer_marks_eager_methods(packs):
