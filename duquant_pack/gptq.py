@@ -15,6 +15,9 @@ loop reaches the group's first column. Deterministic (fixed order, no randomness
 
 Memory for in = 16384: H_t is 2 GiB in float64 (one more copy while it is permuted and rotated),
 U 1 GiB in float32; time is dominated by three in^3 factorisations (see docs/quality.md).
+Runs on the device of its inputs (`--device cuda` builds: the GPU, where the factorisations of
+a 16384-wide layer take a fraction of a second; results then differ from a CPU build within
+float rounding, like the other GPU-built data, docs/algorithm.md §8).
 """
 
 from __future__ import annotations
@@ -77,8 +80,9 @@ def gptq_quantize(w_t: torch.Tensor, h_t: torch.Tensor, bits: int, scale_method:
     if group_size is None and row_scale is None:
         row_scale = weight_scales(w, bits, scale_method)[0]
     n_groups = -(-in_f // group_size) if group_size else 0
-    gscale = torch.empty(out_f, n_groups, dtype=torch.float32) if group_size else None
-    q = torch.empty(out_f, in_f, dtype=torch.int8 if bits <= 8 else torch.int16)
+    dev = w.device
+    gscale = torch.empty(out_f, n_groups, dtype=torch.float32, device=dev) if group_size else None
+    q = torch.empty(out_f, in_f, dtype=torch.int8 if bits <= 8 else torch.int16, device=dev)
     step = BLOCK_COLUMNS if not group_size else group_size * max(1, BLOCK_COLUMNS // group_size)
     s = row_scale.to(torch.float32) if row_scale is not None else None
     for i1 in range(0, in_f, step):

@@ -33,12 +33,10 @@ def quantize_weight(w: torch.Tensor, w_t: torch.Tensor, spec, stats, smooth, per
     from .layer import _rel, store_integers  # layer.py imports this module lazily
 
     bits, gs = spec.wbits, spec.group_size
-    w, w_t, r_in = w.cpu(), w_t.cpu(), r_in.cpu()  # GPTQ runs on the CPU
-    perm = perm.cpu() if perm is not None else None
-    smooth = smooth.cpu() if smooth is not None else None
+    dev = w_t.device  # the build's device: the CPU, or the GPU of a --device cuda build
     extra = {}
     if spec.rounding == "gptq":
-        h_t = transformed_hessian(stats.xtx, smooth, perm, r_in)
+        h_t = transformed_hessian(stats.xtx.to(dev), smooth, perm, r_in)
         q, scale = gptq_quantize(w_t, h_t, bits, spec.scale, group_size=gs)
         w_hat = _dequantize(q, scale, gs)
         rtn = _dequantize(_quantize(w_t, scale, bits, gs), scale, gs)
@@ -55,7 +53,7 @@ def quantize_weight(w: torch.Tensor, w_t: torch.Tensor, spec, stats, smooth, per
     rtn_err2 = float(weight_scales(w, bits, "max")[1].sum())
     out = {"w_rel_err": _rel(err2, norm2), "rtn_rel_err": _rel(rtn_err2, norm2), "w_fro": float(np.sqrt(norm2)),
            **extra}
-    return scale.numpy(), out, store_integers(q, bits)
+    return scale.cpu().numpy(), out, store_integers(q.cpu(), bits)
 
 
 def _quantize(w_t, scale, bits, gs):
