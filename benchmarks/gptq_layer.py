@@ -14,7 +14,6 @@ same scales, so devices can be compared for quality too. Writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import machine_info  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 from duquant_pack.gptq import gptq_quantize, proxy_loss, transformed_hessian  # noqa: E402
 from duquant_pack.hadamard import hadamard_rotations  # noqa: E402
@@ -86,8 +86,7 @@ def main(argv=None) -> int:
         del h_t, w_t, q
         if dev.startswith("cuda"):
             torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
+from results_file import write_results  # noqa: E402
 from pack_layer import old_block_svd_seconds  # noqa: E402
 from rss import TreeRSS  # noqa: E402
 
@@ -241,8 +242,7 @@ def main(argv=None) -> int:
         base = baseline_seconds(ckpt, selected, cfg.block, args.baseline_blocks)
         report["baseline_full_svd"] = base
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     w = report["weights"]
     print(f"\n{'run':<10} {'seconds':>8} {'M weights/s':>12} {'peak RSS GiB':>13}")
     for label, e in report["runs"].items():

@@ -18,7 +18,6 @@ Writes JSON (machine, settings, per-run seconds, medians, weights/s, speed-up vs
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import statistics
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from machine import machine_info
+from results_file import write_results
 
 from duquant_pack.build import build_pack
 from duquant_pack.checkpoint import Checkpoint
@@ -113,8 +113,7 @@ def main(argv=None) -> int:
     report["peak_rss_mib"] = {
         "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results_file import write_results  # noqa: E402
 from duquant_pack.act_stats import stats_file_id  # noqa: E402
 from duquant_pack.build import build_pack  # noqa: E402
 from duquant_pack.config import resolve  # noqa: E402
@@ -299,8 +299,7 @@ def main(argv=None) -> int:
             result["synth"] = run_synth(configs, work, width_div=args.width_div or (8 if args.quick else 4))
     print_table(result)
     if not args.configs and not args.only:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_results(args.out, result)
         print(f"wrote {args.out}")
     return 0
 

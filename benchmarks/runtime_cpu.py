@@ -44,6 +44,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from machine import machine_info
+from results_file import write_results
 
 from duquant_pack.build import build_pack
 from duquant_pack.config import resolve
@@ -241,11 +242,11 @@ def main(argv=None) -> int:
         result["forward_decoder_layer_totals"] = totals
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    text = json.dumps(result, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
-    print(text)
+    default = (lambda o: list(o) if isinstance(o, tuple) else str(o))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        print(write_results(args.out, result, default=default))
+    else:
+        print(json.dumps(result, indent=2, default=default))
     return 0
 
 

@@ -20,7 +20,6 @@ Writes JSON (per shape and total) and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import machine_info  # noqa: E402
+from results_file import write_results  # noqa: E402
 from runtime_gpu import EXPERT, LLM, OldFakeQuant, activations, random_layer  # noqa: E402
 
 from duquant_runtime import DuQuantLinear  # noqa: E402
@@ -108,8 +108,7 @@ def main(argv=None) -> int:
     for v in VARIANTS:
         total[f"ratio_{v}"] = total[f"{v}_s"] / total["bf16_s"]
     report["total_sample_actions"] = total
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     print("\nsample_actions linears (LLM set at M=800 once + expert set at M=50 x10):")
     for v in VARIANTS:
         print(f"  {v:<14} {total[f'{v}_s'] * 1e3:9.1f} ms  ({total[f'ratio_{v}']:.2f}x bf16)")

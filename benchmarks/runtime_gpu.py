@@ -43,6 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_file import write_results  # noqa: E402
 from duquant_runtime import DuQuantLinear  # noqa: E402
 from duquant_runtime.pack import LayerPack  # noqa: E402
 from duquant_runtime.quant import absmax_scales, pack_int4, quantize_rows  # noqa: E402
@@ -330,8 +331,7 @@ def main(argv=None) -> int:
         print(json.dumps(result["real_pack"], indent=1), flush=True)
         if args.pack_only:
             if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(result, indent=1) + "\n")
+                write_results(args.out, result, indent=1)
             return 0
     work = [("llm", n, o, i, 800) for n, o, i in LLM] + [("llm", n, o, i, 1) for n, o, i in LLM] + \
            [("expert", n, o, i, 50) for n, o, i in EXPERT]
@@ -363,10 +363,8 @@ def main(argv=None) -> int:
           f"({total.get('ratio_static', 0):.2f}x)")
     print(f"MEMORY 252 layers: analytic {mem['total_gib']:.3f} GiB ({mem['ratio_vs_bf16']:.3f}x of {mem['bf16_gib']:.2f} GiB"
           f" bf16); measured module bytes x18 {result['memory_252_measured_modules']['gib']:.3f} GiB")
-    text = json.dumps(result, indent=1)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        write_results(args.out, result, indent=1)
     return 0
 
 

@@ -170,59 +170,53 @@ def read_layer(pack_dir: Path, entry: dict) -> LayerPack:
     if "r_in" not in data:
         raise PackError(f"{path}: missing dataset 'r_in'")
     r_in = _check_rotation(data["r_in"], fin, bin_, path, "r_in")
-    r_out = None
-    if bout is not None:
-        if "r_out" not in data:
-            raise PackError(f"{path}: missing dataset 'r_out' (manifest says block_out={bout})")
-        r_out = _check_rotation(data["r_out"], fout, bout, path, "r_out")
-    elif "r_out" in data:
-        raise PackError(f"{path}: dataset 'r_out' present but manifest has no output rotation")
-    perm = None
-    if entry["permuted"]:
-        if "perm" not in data:
-            raise PackError(f"{path}: missing dataset 'perm'")
-        perm = _check_perm(data["perm"], fin, path)
-    elif "perm" in data:
-        raise PackError(f"{path}: dataset 'perm' present but manifest says not permuted")
-    scale = None
-    if entry["wbits"] > 0:
-        if "weight_scale" not in data:
-            raise PackError(f"{path}: missing dataset 'weight_scale' (wbits={entry['wbits']})")
-        s = data["weight_scale"]
-        gs = entry.get("group_size")
-        want = (fout,) if gs is None else (fout, n_blocks(fin, gs))
-        if s.dtype != np.float32 or s.shape != want:
-            raise PackError(f"{path}: weight_scale must be float32 {want}, got {s.dtype} {s.shape}")
-        if not (np.isfinite(s).all() and (s > 0).all()):
-            raise PackError(f"{path}: weight_scale has non-finite or non-positive values")
-        scale = torch.from_numpy(s)
-    elif "weight_scale" in data:
-        raise PackError(f"{path}: dataset 'weight_scale' present but layer is not quantized")
-    qweight = None
-    if entry.get("qweight", False) is True:
-        if "qweight" not in data:
-            raise PackError(f"{path}: missing dataset 'qweight' (manifest says the integers are stored)")
+    r_out = _listed(data, "r_out", bout is not None, path, f" (manifest says block_out={bout})",
+                    "manifest has no output rotation")
+    if r_out is not None:
+        r_out = _check_rotation(r_out, fout, bout, path, "r_out")
+    perm = _listed(data, "perm", bool(entry["permuted"]), path, "", "manifest says not permuted")
+    if perm is not None:
+        perm = _check_perm(perm, fin, path)
+    gs = entry.get("group_size")
+    scale = _listed(data, "weight_scale", entry["wbits"] > 0, path, f" (wbits={entry['wbits']})",
+                    "layer is not quantized")
+    if scale is not None:
+        scale = _positive_float32(scale, (fout,) if gs is None else (fout, n_blocks(fin, gs)), path, "weight_scale")
+    qweight = _listed(data, "qweight", entry.get("qweight", False) is True, path,
+                      " (manifest says the integers are stored)", "the manifest does not list it")
+    if qweight is not None:
         if entry["wbits"] <= 0:
             raise PackError(f"{path}: stored integers for a layer that is not quantized")
-        qweight = _check_qweight(data["qweight"], fout, fin, entry["wbits"], path)
-    elif "qweight" in data:
-        raise PackError(f"{path}: dataset 'qweight' present but the manifest does not list it")
-    smooth = None
-    if entry.get("smoothed", False) is True:
-        if "smooth" not in data:
-            raise PackError(f"{path}: missing dataset 'smooth' (manifest says the layer is smoothed)")
-        smooth = data["smooth"]
-        if smooth.dtype != np.float32 or smooth.shape != (fin,):
-            raise PackError(f"{path}: smooth must be float32 ({fin},), got {smooth.dtype} {smooth.shape}")
-        if not (np.isfinite(smooth).all() and (smooth > 0).all()):
-            raise PackError(f"{path}: smooth has non-finite or non-positive values")
-        smooth = torch.from_numpy(smooth)
-    elif "smooth" in data:
-        raise PackError(f"{path}: dataset 'smooth' present but the manifest does not list it")
+        qweight = _check_qweight(qweight, fout, fin, entry["wbits"], path)
+    smooth = _listed(data, "smooth", entry.get("smoothed", False) is True, path,
+                     " (manifest says the layer is smoothed)", "the manifest does not list it")
+    if smooth is not None:
+        smooth = _positive_float32(smooth, (fin,), path, "smooth")
     return LayerPack(name=name, in_features=fin, out_features=fout, wbits=entry["wbits"],
                      block_in=bin_, block_out=bout, perm=perm, r_in=r_in, r_out=r_out,
                      weight_scale=scale, meta=entry, qweight=qweight, smooth=smooth,
                      group_size=entry.get("group_size") if scale is not None else None)
+
+
+def _listed(data: dict, key: str, listed: bool, path: Path, why_needed: str, why_not: str):
+    """data[key] when the manifest lists the dataset (missing: an error saying `why_needed`), else
+    None (present anyway: an error saying `why_not`)."""
+    if listed:
+        if key not in data:
+            raise PackError(f"{path}: missing dataset '{key}'{why_needed}")
+        return data[key]
+    if key in data:
+        raise PackError(f"{path}: dataset '{key}' present but {why_not}")
+    return None
+
+
+def _positive_float32(a: np.ndarray, shape: tuple, path: Path, key: str) -> torch.Tensor:
+    """A float32 array of `shape` with finite, positive values (scales, smoothing factors)."""
+    if a.dtype != np.float32 or a.shape != shape:
+        raise PackError(f"{path}: {key} must be float32 {shape}, got {a.dtype} {a.shape}")
+    if not (np.isfinite(a).all() and (a > 0).all()):
+        raise PackError(f"{path}: {key} has non-finite or non-positive values")
+    return torch.from_numpy(a)
 
 
 def _check_qweight(q: np.ndarray, out_f: int, in_f: int, wbits: int, path: Path) -> torch.Tensor:
