@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 MODE_NONE, MODE_STATIC, MODE_DYNAMIC = 0, 1, 2
-A_BF16, A_INT8, A_F32_QUANTIZE = 0, 1, 2  # what the GEMM reads as its activation operand
+A_BF16, A_INT8, A_F32_QUANTIZE, A_FUSED = 0, 1, 2, 3  # the GEMM's activation operand (A_FUSED: x itself)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter (tests)
 
 
@@ -108,13 +108,54 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
 
 
 @triton.jit
+def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, NB: tl.constexpr,
+                  NB_P2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BMQ: tl.constexpr,
+                  BKQ: tl.constexpr):
+    """Dynamic per-token codes: int8 (M, K) of float32 rotated values with the row scale from the
+    per-(token, block) absmax (M, NB); program column 0 also writes the scales (M,)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BMQ + tl.arange(0, BMQ)
+    row_ok = offs_m < M
+    nbs = tl.arange(0, NB_P2)
+    p = tl.load(part_ptr + offs_m[:, None] * NB + nbs[None, :], mask=row_ok[:, None] & (nbs[None, :] < NB), other=0.0)
+    s = tl.math.div_rn(tl.max(p, axis=1), tl.full((BMQ,), QMAX, tl.float32))
+    s = tl.where(s > 0, s, 1.0)
+    tl.store(tok_scale_ptr + offs_m, s, mask=row_ok & (pid_k == 0))
+    offs_k = pid_k * BKQ + tl.arange(0, BKQ)
+    v = tl.load(v_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, s[:, None])), QMIN), QMAX)
+    tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], q.to(tl.int8), mask=row_ok[:, None])
+
+
+@triton.jit
+def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om,
+            BN: tl.constexpr, BO: tl.constexpr, HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Epilogue on out^T (BN, BMT) float32: R_out restore, bias, cast, transposed store."""
+    if HAS_ROUT:  # BD(R_out) restore on out^T: T[i, i'] = r_out[block][i % BO, i' % BO] in one block
+        i = tl.arange(0, BN)
+        gi = pid_n * BN + i
+        same = (i[:, None] // BO) == (i[None, :] // BO)
+        t = tl.load(rout_ptr + (gi[:, None] // BO) * (BO * BO) + (i[:, None] % BO) * BO + (i[None, :] % BO),
+                    mask=same & (gi[:, None] < N), other=0.0).to(tl.float32)
+        y = tl.dot(t, y, input_precision="tf32")
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rows_n).to(tl.float32)[:, None]
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gemm_kernel(a_ptr, tok_scale_ptr, part_ptr, NB, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
                  M, N, K: tl.constexpr, stride_om,
-                 QMIN: tl.constexpr, QMAX: tl.constexpr, A_KIND: tl.constexpr, NB_P2: tl.constexpr,
-                 BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                 SWAP: tl.constexpr, BO: tl.constexpr, HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 F32_DOT: tl.constexpr):
+                 x_ptr, stride_xm, perm_ptr, smooth_ptr, rin_ptr, act_scale_ptr, ws_ptr, cnt_ptr,
+                 QMIN: tl.constexpr, QMAX: tl.constexpr, A_KIND: tl.constexpr, MODE: tl.constexpr,
+                 NB_P2: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
+                 GROUP: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
+                 B: tl.constexpr, HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr,
+                 HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BN)
     num_m = tl.cdiv(M, BMT)
     per_group = GROUP * num_m  # GROUP weight tiles x all token tiles: a weight tile stays in L2
@@ -127,11 +168,20 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, part_ptr, NB, w_ptr, w_scale_ptr, rout_pt
     offs_m = pid_m * BMT + tl.arange(0, BMT)
     rows_m = offs_m % M  # tokens past M re-read valid ones; their results are masked at the store
     rows_n = offs_n % N
-    INT8: tl.constexpr = A_KIND != 0
+    INT8: tl.constexpr = MODE == 2
+    K_CHUNK: tl.constexpr = K // SPLIT
     if A_KIND == 2:  # per-token scale from the per-block absmax the prep pass wrote
         nbs = tl.arange(0, NB_P2)
         p = tl.load(part_ptr + rows_m[:, None] * NB + nbs[None, :], mask=nbs[None, :] < NB, other=0.0)
         s_tok = tl.math.div_rn(tl.max(p, axis=1), tl.full((BMT,), QMAX, tl.float32))
+        s_tok = tl.where(s_tok > 0, s_tok, 1.0)
+    if A_KIND == 3 and MODE == 2:  # fused, dynamic: absmax of the rotated rows over all of K first
+        amax = tl.zeros((BMT,), dtype=tl.float32)
+        for kb in range(0, K // B):
+            xt = _rotated_block(x_ptr, stride_xm, M, perm_ptr, smooth_ptr, rin_ptr, offs_m, kb,
+                                B, HAS_PERM, HAS_SMOOTH, PREC)
+            amax = tl.maximum(amax, tl.max(tl.abs(xt), axis=1))
+        s_tok = tl.math.div_rn(amax, tl.full((BMT,), QMAX, tl.float32))
         s_tok = tl.where(s_tok > 0, s_tok, 1.0)
     kh = tl.arange(0, BK // 2)
     kf = tl.arange(0, BK)
@@ -141,12 +191,25 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, part_ptr, NB, w_ptr, w_scale_ptr, rout_pt
         acc = tl.zeros((BN, BMT), dtype=tl.int32 if INT8 else tl.float32)
     else:
         acc = tl.zeros((BMT, BN), dtype=tl.int32 if INT8 else tl.float32)
-    for kk in range(0, K, BK):
+    for k0 in range(0, K_CHUNK, BK):
+        kk = pid_k * K_CHUNK + k0
         wb = tl.load(w_ptrs + kk // 2).to(tl.int8, bitcast=True)
         w = tl.join((wb << 4) >> 4, wb >> 4).reshape(BN, BK)  # column 2j: low nibble, 2j+1: high
-        a = tl.load(a_ptrs + kk)
-        if A_KIND == 2:
-            a = tl.minimum(tl.maximum(_rint(tl.math.div_rn(a, s_tok[:, None])), QMIN), QMAX).to(tl.int8)
+        if A_KIND == 3:  # fused: rotate (BK == B) and quantize the activation block here
+            xt = _rotated_block(x_ptr, stride_xm, M, perm_ptr, smooth_ptr, rin_ptr, offs_m, kk // B,
+                                B, HAS_PERM, HAS_SMOOTH, PREC)
+            if MODE == 2:
+                a = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, s_tok[:, None])), QMIN), QMAX).to(tl.int8)
+            elif MODE == 1:
+                sk = tl.load(act_scale_ptr + kk + kf)
+                q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, sk[None, :])), QMIN), QMAX)
+                a = (q * sk[None, :]).to(tl.bfloat16)
+            else:
+                a = xt.to(tl.bfloat16)
+        else:
+            a = tl.load(a_ptrs + kk)
+            if A_KIND == 2:
+                a = tl.minimum(tl.maximum(_rint(tl.math.div_rn(a, s_tok[:, None])), QMIN), QMAX).to(tl.int8)
         if INT8:
             if SWAP:
                 acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
@@ -167,20 +230,28 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, part_ptr, NB, w_ptr, w_scale_ptr, rout_pt
         y = tl.trans(y)  # (BN, BMT)
     if A_KIND == 1:
         y = y * tl.load(tok_scale_ptr + rows_m)[None, :]
-    elif A_KIND == 2:
+    elif INT8:
         y = y * s_tok[None, :]
     y = y * tl.load(w_scale_ptr + rows_n)[:, None]
-    if HAS_ROUT:  # BD(R_out) restore on out^T: T[i, i'] = r_out[block][i % BO, i' % BO] in one block
-        i = tl.arange(0, BN)
-        gi = pid_n * BN + i
-        same = (i[:, None] // BO) == (i[None, :] // BO)
-        t = tl.load(rout_ptr + (gi[:, None] // BO) * (BO * BO) + (i[:, None] % BO) * BO + (i[None, :] % BO),
-                    mask=same & (gi[:, None] < N), other=0.0).to(tl.float32)
-        y = tl.dot(t, y, input_precision="tf32")
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rows_n).to(tl.float32)[:, None]
-    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
+    if SPLIT == 1:
+        _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, BN, BO,
+                HAS_ROUT, HAS_BIAS)
+    else:  # split-K: partial sums to the workspace; the last program of the tile adds them in order
+        wsp = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(wsp + pid_k * (M * N), y, mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+        if not F32_DOT:  # make this thread's stores visible GPU-wide before the counter moves
+            tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [pid_k], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if done == SPLIT - 1:
+            tot = tl.zeros((BN, BMT), dtype=tl.float32)
+            for sk in range(0, SPLIT):  # fixed order: deterministic sums
+                tot += tl.load(wsp + sk * (M * N), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N),
+                               other=0.0, cache_modifier=".cg")
+            _finish(tot, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, BN,
+                    BO, HAS_ROUT, HAS_BIAS)
+            tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next call
 
 
 def supports(in_features: int, out_features: int, block_in: int, block_out: int | None) -> str | None:
@@ -197,9 +268,10 @@ def supports(in_features: int, out_features: int, block_in: int, block_out: int 
 
 
 def pick_config(m: int, n: int, k: int, mode: int) -> dict:
-    """Launch configuration for (M tokens, N out, K in) (measured on an H100/H200:
-    benchmarks/sweep_w4a8.py, docs/benchmarks.md). Keys: prep G (blocks per program, 0 = whole
-    rows), BMP, prep_warps; GEMM BN, BMT, BK, GROUP, SWAP, num_warps, num_stages."""
+    """Launch configuration for (M tokens, N out, K in) (measured on an H200:
+    benchmarks/sweep_w4a8.py, docs/benchmarks.md). Keys: FUSED (one launch: the GEMM rotates and
+    quantizes x itself) or a prep launch with G (64-wide blocks per program, 0 = whole rows), BMP,
+    prep_warps; GEMM BN, BMT, BK, GROUP, SWAP, SPLIT (split-K), num_warps, num_stages."""
     int8 = mode == MODE_DYNAMIC
     if m <= 16:
         cfg = dict(BN=64, BMT=16, BK=256, num_warps=4, num_stages=4)
@@ -207,7 +279,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg = dict(BN=64, BMT=64, BK=256 if int8 else 128, num_warps=4, num_stages=3)
     else:
         cfg = dict(BN=128, BMT=128, BK=128 if int8 else 64, num_warps=8, num_stages=4)
-    cfg.update(GROUP=8, SWAP=True)
+    cfg.update(GROUP=8, SWAP=True, SPLIT=1, FUSED=False)
     nb64 = k // 64
     if m <= 64:  # K-parallel prep: enough programs to spread the R_in reads
         cfg.update(G=max(1, nb64 // 64), BMP=16 if m <= 16 else 64, prep_warps=4)
@@ -219,6 +291,109 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
 _PREC = {"tf32": "tf32", "tf32x3": "tf32x3", "ieee": "ieee"}
 
 
+def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tensor | None,
+                       smooth: torch.Tensor | None, mode: int, qmin: int = -128, qmax: int = 127,
+                       act_scale: torch.Tensor | None = None, cfg: dict, rot_precision: str = "tf32") -> tuple:
+    """Launch 1: x (M, K) -> (a, a_kind, tok_scale, part): the GEMM's activation operand
+    (bf16 / int8 codes / float32 rotated values, (M, K)), its kind (A_*), the per-token scales
+    (M,) of int8 codes, the per-(token, block) absmax (M, K/B) of float32 values. With
+    cfg["QUANT"], dynamic K-parallel values are turned into int8 codes by a second launch."""
+    m, k = x.shape
+    b = r_in.shape[-1]
+    nb = k // b
+    dummy = r_in  # placeholder pointer for absent optional tensors (never read)
+    g = max(1, cfg["G"] * 64 // b) if cfg["G"] else 0  # G counts 64-wide blocks; 0: whole rows
+    full = g == 0 or g >= nb
+    g = nb if full else g
+    dynamic = mode == MODE_DYNAMIC
+    if dynamic and full:
+        a, a_kind = torch.empty((m, k), device=x.device, dtype=torch.int8), A_INT8
+    elif dynamic:
+        a, a_kind = torch.empty((m, k), device=x.device, dtype=torch.float32), A_F32_QUANTIZE
+    else:
+        a, a_kind = torch.empty((m, k), device=x.device, dtype=torch.bfloat16), A_BF16
+    tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32) if a_kind == A_INT8 else None
+    part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if a_kind == A_F32_QUANTIZE else None
+    bmp = cfg["BMP"]
+    _prep_kernel[(triton.cdiv(m, bmp), triton.cdiv(nb, g))](
+        x, x.stride(0), m, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
+        r_in, act_scale if act_scale is not None else dummy, a,
+        tok_scale if tok_scale is not None else dummy, part if part is not None else dummy,
+        NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, FULL=full and dynamic, G=g, BMP=bmp, B=b,
+        HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
+        num_warps=cfg["prep_warps"])
+    if a_kind == A_F32_QUANTIZE and cfg.get("QUANT"):  # a third launch turns the values into int8 codes
+        codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
+        tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
+        bmq, bkq = 16, 512
+        while k % bkq:
+            bkq //= 2
+        _quant_kernel[(triton.cdiv(m, bmq), triton.cdiv(k, bkq))](
+            a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
+            BMQ=bmq, BKQ=bkq, num_warps=4)
+        return codes, A_INT8, tok_scale, None
+    return a, a_kind, tok_scale, part
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 split-K tile counters for `device` (each tile's last program resets its own)."""
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < tiles:
+        c = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = c
+    return c
+
+
+def w4_gemm(a: torch.Tensor | None, a_kind: int, tok_scale: torch.Tensor | None, part: torch.Tensor | None, *,
+            qweight: torch.Tensor, w_scale: torch.Tensor, r_out: torch.Tensor | None,
+            bias: torch.Tensor | None, out_dtype: torch.dtype, mode: int, qmin: int = -128, qmax: int = 127,
+            cfg: dict, x: torch.Tensor | None = None, r_in: torch.Tensor | None = None,
+            perm: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
+            act_scale: torch.Tensor | None = None, rot_precision: str = "tf32") -> torch.Tensor:
+    """The GEMM launch: out (M, N) = restore((A quantized) @ W_q^T) + bias for packed int4 qweight
+    uint8 (N, K/2) with row scales w_scale float32 (N,). A is `prepare_activation`'s operand, or,
+    with a_kind A_FUSED, x (M, K) itself, rotated (r_in, perm, smooth) and quantized in the GEMM."""
+    src = x if a_kind == A_FUSED else a
+    m, k = src.shape
+    n = qweight.shape[0]
+    bo = r_out.shape[-1] if r_out is not None else 16
+    b = r_in.shape[-1] if r_in is not None else 64
+    bn, bmt, bk, split = cfg["BN"], cfg["BMT"], cfg["BK"], cfg.get("SPLIT", 1)
+    if a_kind == A_FUSED:
+        bk = b  # one rotation block per K step
+    while k % (bk * split):
+        if bk > 32 and a_kind != A_FUSED:
+            bk //= 2
+        else:
+            split //= 2
+    if bn % bo or n % bn:
+        raise ValueError(f"GEMM config {cfg} does not fit N={n}, output block {bo}")
+    nb = part.shape[1] if part is not None else 1
+    out = torch.empty((m, n), device=src.device, dtype=out_dtype)
+    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bmt)
+    ws = torch.empty((split, m, n), device=src.device, dtype=torch.float32) if split > 1 else w_scale
+    cnt = _counters(src.device, tiles) if split > 1 else w_scale
+    fused = a_kind == A_FUSED
+    _gemm_kernel[(tiles, split)](
+        a if a is not None else w_scale, tok_scale if tok_scale is not None else w_scale,
+        part if part is not None else w_scale, nb, qweight, w_scale, r_out if r_out is not None else w_scale,
+        bias if bias is not None else w_scale, out, m, n, K=k, stride_om=out.stride(0),
+        x_ptr=x if fused else w_scale, stride_xm=x.stride(0) if fused else 0,
+        perm_ptr=perm if fused and perm is not None else w_scale,
+        smooth_ptr=smooth if fused and smooth is not None else w_scale,
+        rin_ptr=r_in if fused else w_scale, act_scale_ptr=act_scale if fused and act_scale is not None else w_scale,
+        ws_ptr=ws, cnt_ptr=cnt,
+        QMIN=qmin, QMAX=qmax, A_KIND=a_kind, MODE=mode, NB_P2=triton.next_power_of_2(nb),
+        BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo, B=b,
+        HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, HAS_PERM=fused and perm is not None,
+        HAS_SMOOTH=fused and smooth is not None, PREC=_PREC[rot_precision], F32_DOT=_INTERPRET,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
 def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, r_in: torch.Tensor,
               perm: torch.Tensor | None, r_out: torch.Tensor | None, bias: torch.Tensor | None,
               smooth: torch.Tensor | None, mode: int, qmin: int = -128, qmax: int = 127,
@@ -227,51 +402,20 @@ def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, 
     """y (M, N) in x's dtype for x (M, K) bf16/fp16 (rows contiguous), packed int4 qweight uint8
     (N, K/2), w_scale float32 (N,), r_in (K/B, B, B), r_out (N/Bo, Bo, Bo) or None (16/32-bit),
     perm (K,) int or None, smooth (K,) or None, bias (N,) or None; mode MODE_NONE / MODE_STATIC
-    (act_scale float32 (K,)) / MODE_DYNAMIC. qmin/qmax: the activation code range."""
+    (act_scale float32 (K,)) / MODE_DYNAMIC. qmin/qmax: the activation code range.
+    `config` overrides keys of `pick_config`."""
     m, k = x.shape
-    n = qweight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
-    b = r_in.shape[-1]
-    nb = k // b
-    cfg = dict(pick_config(m, n, k, mode))
+    cfg = dict(pick_config(m, qweight.shape[0], k, mode))
     if config:
         cfg.update(config)
-    dummy = w_scale  # placeholder pointer for absent optional tensors (never read)
-    g = max(1, cfg["G"] * 64 // b) if cfg["G"] else 0  # G counts 64-wide blocks; 0: whole rows
-    full = g == 0 or g >= nb
-    g = nb if full else g
-    dynamic = mode == MODE_DYNAMIC
-    if dynamic and full:
-        a = torch.empty((m, k), device=x.device, dtype=torch.int8)
-        a_kind = A_INT8
-    elif dynamic:
-        a = torch.empty((m, k), device=x.device, dtype=torch.float32)
-        a_kind = A_F32_QUANTIZE
-    else:
-        a = torch.empty((m, k), device=x.device, dtype=torch.bfloat16)
-        a_kind = A_BF16
-    tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32) if a_kind == A_INT8 else dummy
-    part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if a_kind == A_F32_QUANTIZE else dummy
-    bmp = cfg["BMP"]
-    _prep_kernel[(triton.cdiv(m, bmp), triton.cdiv(nb, g))](
-        x, x.stride(0), m, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
-        r_in, act_scale if act_scale is not None else dummy, a, tok_scale, part,
-        NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, FULL=full and dynamic, G=g, BMP=bmp, B=b,
-        HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-        num_warps=cfg["prep_warps"])
-    bo = r_out.shape[-1] if r_out is not None else 16
-    bn, bmt, bk = cfg["BN"], cfg["BMT"], cfg["BK"]
-    while k % bk:
-        bk //= 2
-    if bn % bo or n % bn:
-        raise ValueError(f"GEMM config {cfg} does not fit N={n}, output block {bo}")
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(n, bn) * triton.cdiv(m, bmt),)
-    _gemm_kernel[grid](a, tok_scale, part, nb, qweight, w_scale, r_out if r_out is not None else dummy,
-                       bias if bias is not None else dummy, out, m, n, K=k, stride_om=out.stride(0),
-                       QMIN=qmin, QMAX=qmax, A_KIND=a_kind, NB_P2=triton.next_power_of_2(nb),
-                       BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], BO=bo,
-                       HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET,
-                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out
+    common = dict(qweight=qweight, w_scale=w_scale, r_out=r_out, bias=bias, out_dtype=x.dtype, mode=mode,
+                  qmin=qmin, qmax=qmax, cfg=cfg)
+    if cfg.get("FUSED"):
+        return w4_gemm(None, A_FUSED, None, None, x=x, r_in=r_in, perm=perm, smooth=smooth, act_scale=act_scale,
+                       rot_precision=rot_precision, **common)
+    a, a_kind, tok_scale, part = prepare_activation(x, r_in=r_in, perm=perm, smooth=smooth, mode=mode, qmin=qmin,
+                                                    qmax=qmax, act_scale=act_scale, cfg=cfg,
+                                                    rot_precision=rot_precision)
+    return w4_gemm(a, a_kind, tok_scale, part, **common)

@@ -1,0 +1,173 @@
+"""Launch-configuration sweep of the fused W4 GPU kernels (kernels/w4a8.py) on the pi0.5 shapes.
+
+    PYTHONPATH=. python3 benchmarks/sweep_w4a8.py [--out FILE] [--only llm:gate:800,...] [--repeats N]
+
+For every pi0.5 linear shape (N out, K in) and token count M of one `sample_actions` call
+(language model at M = 800 and M = 1, action expert at M = 50), timed as CUDA-graph replays over
+enough layer instances that the weights exceed the L2 cache:
+- bf16 `nn.Linear` (the baseline, same run);
+- the prep launch alone for each prep variant (blocks per program G, rows per program BMP);
+- the GEMM launch alone for each tile configuration, per activation operand kind;
+- the best prep + best GEMM together (`w4_linear`), with its relative error against the float32
+  reference computed with torch on the same data.
+Writes JSON (all timings, the best configuration per shape and mode); `pick_config` in
+kernels/w4a8.py encodes the winners.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from results_file import write_results  # noqa: E402
+from runtime_gpu import graph_time  # noqa: E402
+from duquant_runtime.activation import fake_quantize_per_channel, fake_quantize_per_token  # noqa: E402
+from duquant_runtime.kernels import w4a8 as K  # noqa: E402
+from duquant_runtime.transforms import input_transform, output_restore  # noqa: E402
+
+SHAPES = [("llm", "q/o", 2048, 2048, 800), ("llm", "k/v", 256, 2048, 800), ("llm", "gate/up", 16384, 2048, 800),
+          ("llm", "down", 2048, 16384, 800),
+          ("llm", "q/o", 2048, 2048, 1), ("llm", "k/v", 256, 2048, 1), ("llm", "gate/up", 16384, 2048, 1),
+          ("llm", "down", 2048, 16384, 1),
+          ("expert", "q", 2048, 1024, 50), ("expert", "k/v", 256, 1024, 50), ("expert", "o", 1024, 2048, 50),
+          ("expert", "gate/up", 4096, 1024, 50), ("expert", "down", 1024, 4096, 50)]
+
+
+def configs(m: int, k: int, mode: str) -> list[dict]:
+    """Whole launch configurations to time for M tokens (prep + GEMM, or FUSED)."""
+    keys = ("BN", "BMT", "BK", "num_warps", "num_stages", "SWAP", "SPLIT")
+    out = []
+
+    def add(prep, rows):
+        for r in rows:
+            out.append({**dict(zip(keys, r)), "GROUP": 8, "FUSED": False, "QUANT": False, **prep})
+
+    full16 = dict(G=0, BMP=16, prep_warps=4)
+    kpar = dict(G=1, BMP=64 if m > 16 else 16, prep_warps=4)
+    if m > 64:
+        if mode == "dynamic":
+            add(full16, [(64, 128, 128, 4, 4, True, 1)])
+            add({**kpar, "QUANT": True}, [(64, 128, 128, 4, 4, True, 1), (128, 128, 128, 8, 4, True, 1),
+                                          (128, 256, 128, 8, 3, True, 1)])
+            add({**kpar, "G": 4, "QUANT": True}, [(64, 128, 128, 4, 4, True, 1)])
+        else:
+            add(kpar, [(128, 256, 64, 8, 3, True, 1), (128, 128, 64, 8, 3, True, 1), (128, 64, 64, 4, 4, True, 1)])
+            add({**kpar, "FUSED": True}, [(128, 128, 64, 8, 3, True, 1)])
+        return out
+    bmt = 64 if m > 16 else 16
+    fused = {**kpar, "FUSED": True}
+    for bn in (64, 128):
+        for split in (1, 2, 4) if m > 16 else (2, 4, 8):
+            if m > 16 or k <= 2048:
+                add(fused, [(bn, bmt, 64, 4, 3, True, split)])
+    if mode == "dynamic":
+        add({**kpar, "QUANT": True}, [(64, bmt, 128, 4, 3, True, 1), (64, bmt, 128, 4, 3, True, 4),
+                                      (64, bmt, 256, 4, 3, True, 4), (128, bmt, 128, 4, 3, True, 8),
+                                      (64, bmt, 256, 4, 3, False, 4)])
+        add(kpar, [(64, bmt, 256, 4, 3, True, 1), (64, bmt, 128, 4, 3, True, 4)])
+    else:
+        add(kpar, [(64, bmt, 128, 4, 3, True, 1), (64, bmt, 128, 4, 3, True, 4), (64, bmt, 256, 4, 3, True, 4),
+                   (128, bmt, 128, 4, 3, True, 8), (64, bmt, 256, 4, 3, False, 4)])
+    return out
+
+
+def make_layers(n: int, k: int, count: int, dev, seed: int = 0) -> list[dict]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    layers = []
+    for _ in range(count):
+        r_in = torch.linalg.qr(torch.randn(k // 64, 64, 64, generator=g, dtype=torch.float64))[0]
+        r_out = torch.linalg.qr(torch.randn(n // 64, 64, 64, generator=g, dtype=torch.float64))[0]
+        layers.append(dict(qweight=torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).to(dev),
+                           w_scale=(torch.rand(n, generator=g) * 0.01 + 0.001).to(dev),
+                           r_in=r_in.to(dev, torch.float16).contiguous(), r_out=r_out.to(dev, torch.float16).contiguous(),
+                           perm=torch.randperm(k, generator=g).to(dev),
+                           act_scale=(torch.rand(k, generator=g) * 0.05 + 0.01).to(dev)))
+    return layers
+
+
+def reference(x: torch.Tensor, lay: dict, mode: int) -> torch.Tensor:
+    """float32 torch reference of the same function (what DuQuantLinear's reference path computes)."""
+    from duquant_runtime.quant import unpack_int4
+    xt = input_transform(x.float(), lay["perm"], lay["r_in"].float())
+    xq = fake_quantize_per_token(xt, 8) if mode == K.MODE_DYNAMIC else fake_quantize_per_channel(xt, lay["act_scale"], 8)
+    q = unpack_int4(lay["qweight"], x.shape[1]).float()
+    return output_restore((xq @ q.t()) * lay["w_scale"], lay["r_out"].float())
+
+
+def safe_time(fns, x, repeats):
+    try:
+        return graph_time(fns, x, repeats, min_ms=1.0)
+    except Exception as err:  # a configuration that does not compile or launch is skipped
+        print(f"    skipped: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+        return None
+
+
+def bench(tower, name, n, k, m, args, dev) -> dict:
+    count = max(1, min(32, -(-args.l2_bytes // (n * k * 2))))
+    layers = make_layers(n, k, count, dev)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = (torch.randn(m, k, generator=g) * (1 + 30 * (torch.rand(k, generator=g) > 0.995))).to(dev, torch.bfloat16)
+    lins = [nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16) for _ in range(count)]
+    res = {"tower": tower, "name": name, "N": n, "K": k, "M": m, "instances": count}
+    res["bf16_s"] = t_bf16 = graph_time(lins, x, args.repeats)
+    del lins
+    print(f"{tower:6s} {name:8s} N={n:5d} K={k:5d} M={m:3d}: bf16 {t_bf16 * 1e6:7.1f} us", flush=True)
+    for mode_name, mode in (("dynamic", K.MODE_DYNAMIC), ("static", K.MODE_STATIC)):
+        with torch.no_grad():
+            ref = reference(x, layers[0], mode)
+        rows = []
+        for cfg in configs(m, k, mode_name):
+            fns = [lambda a, lay=lay, cfg=cfg: K.w4_linear(a, qweight=lay["qweight"], w_scale=lay["w_scale"],
+                                                           r_in=lay["r_in"], perm=lay["perm"], r_out=lay["r_out"],
+                                                           bias=None, smooth=None, mode=mode,
+                                                           act_scale=lay["act_scale"], config=cfg)
+                   for lay in layers]
+            t = safe_time(fns, x, args.repeats)
+            if t is None:
+                continue
+            with torch.no_grad():
+                err = float((fns[0](x).float() - ref).norm() / ref.norm())
+            rows.append({"config": cfg, "s": t, "ratio_vs_bf16": t / t_bf16, "rel_err": err})
+            flag = "  <-- ERROR" if not err < 2e-2 else ""
+            print(f"    {mode_name:7s} {t * 1e6:7.1f} us ({t / t_bf16:.2f}x) err {err:.1e} "
+                  f"{'FUSED' if cfg['FUSED'] else 'G%d%s' % (cfg['G'], '+Q' if cfg['QUANT'] else '')} "
+                  f"BN{cfg['BN']} BMT{cfg['BMT']} BK{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']} "
+                  f"{'swap' if cfg['SWAP'] else 'noswap'} split{cfg['SPLIT']}{flag}", flush=True)
+        ok = [r for r in rows if r["rel_err"] < 2e-2]
+        best = min(ok, key=lambda r: r["s"]) if ok else None
+        res[mode_name] = {"configs": rows, "best": best}
+        if best:
+            print(f"    {mode_name:7s} BEST {best['s'] * 1e6:7.1f} us ({best['ratio_vs_bf16']:.2f}x bf16)", flush=True)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep_w4a8.json"))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--l2-bytes", type=int, default=256 << 20)
+    ap.add_argument("--only", default="", help="comma-separated tower:name:M filters")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    import triton
+    result = {"benchmark": "sweep_w4a8", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": triton.__version__, "shapes": []}
+    keep = set(filter(None, args.only.split(",")))
+    for tower, name, n, k, m in SHAPES:
+        if keep and f"{tower}:{name}:{m}" not in keep:
+            continue
+        result["shapes"].append(bench(tower, name, n, k, m, args, dev))
+        torch.cuda.empty_cache()
+        write_results(args.out, result, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
