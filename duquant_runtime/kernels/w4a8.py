@@ -30,19 +30,29 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 MODE_NONE, MODE_STATIC, MODE_DYNAMIC = 0, 1, 2
-A_BF16, A_INT8, A_F32_QUANTIZE, A_FUSED = 0, 1, 2, 3  # the GEMM's activation operand (A_FUSED: x itself)
+A_BF16, A_INT8, A_F32_QUANTIZE = 0, 1, 2  # what the GEMM reads as its activation operand
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter (tests)
 
 
 @triton.jit
-def _rint(v):
-    """Round half to even (torch.round) of float32 v."""
+def _rint_sw(v):
+    """Round half to even (torch.round) of float32 v, in plain arithmetic (the CPU interpreter)."""
     f = tl.floor(v)
     d = v - f
     odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
     return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _rint_hw(v):
+    """Round half to even (torch.round) of float32 v: one cvt.rni instruction."""
+    return libdevice.rint(v)
+
+
+_rint = _rint_sw if _INTERPRET else _rint_hw
 
 
 @triton.jit
@@ -147,13 +157,11 @@ def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr,
 
 @triton.jit
 def _gemm_kernel(a_ptr, tok_scale_ptr, part_ptr, NB, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
-                 M, N, K: tl.constexpr, stride_om,
-                 x_ptr, stride_xm, perm_ptr, smooth_ptr, rin_ptr, act_scale_ptr, ws_ptr, cnt_ptr,
+                 M, N, K: tl.constexpr, stride_om, ws_ptr, cnt_ptr,
                  QMIN: tl.constexpr, QMAX: tl.constexpr, A_KIND: tl.constexpr, MODE: tl.constexpr,
                  NB_P2: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
                  GROUP: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
-                 B: tl.constexpr, HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr,
-                 HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
+                 HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BN)
@@ -175,14 +183,6 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, part_ptr, NB, w_ptr, w_scale_ptr, rout_pt
         p = tl.load(part_ptr + rows_m[:, None] * NB + nbs[None, :], mask=nbs[None, :] < NB, other=0.0)
         s_tok = tl.math.div_rn(tl.max(p, axis=1), tl.full((BMT,), QMAX, tl.float32))
         s_tok = tl.where(s_tok > 0, s_tok, 1.0)
-    if A_KIND == 3 and MODE == 2:  # fused, dynamic: absmax of the rotated rows over all of K first
-        amax = tl.zeros((BMT,), dtype=tl.float32)
-        for kb in range(0, K // B):
-            xt = _rotated_block(x_ptr, stride_xm, M, perm_ptr, smooth_ptr, rin_ptr, offs_m, kb,
-                                B, HAS_PERM, HAS_SMOOTH, PREC)
-            amax = tl.maximum(amax, tl.max(tl.abs(xt), axis=1))
-        s_tok = tl.math.div_rn(amax, tl.full((BMT,), QMAX, tl.float32))
-        s_tok = tl.where(s_tok > 0, s_tok, 1.0)
     kh = tl.arange(0, BK // 2)
     kf = tl.arange(0, BK)
     w_ptrs = w_ptr + rows_n[:, None] * (K // 2) + kh[None, :]
@@ -195,21 +195,9 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, part_ptr, NB, w_ptr, w_scale_ptr, rout_pt
         kk = pid_k * K_CHUNK + k0
         wb = tl.load(w_ptrs + kk // 2).to(tl.int8, bitcast=True)
         w = tl.join((wb << 4) >> 4, wb >> 4).reshape(BN, BK)  # column 2j: low nibble, 2j+1: high
-        if A_KIND == 3:  # fused: rotate (BK == B) and quantize the activation block here
-            xt = _rotated_block(x_ptr, stride_xm, M, perm_ptr, smooth_ptr, rin_ptr, offs_m, kk // B,
-                                B, HAS_PERM, HAS_SMOOTH, PREC)
-            if MODE == 2:
-                a = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, s_tok[:, None])), QMIN), QMAX).to(tl.int8)
-            elif MODE == 1:
-                sk = tl.load(act_scale_ptr + kk + kf)
-                q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, sk[None, :])), QMIN), QMAX)
-                a = (q * sk[None, :]).to(tl.bfloat16)
-            else:
-                a = xt.to(tl.bfloat16)
-        else:
-            a = tl.load(a_ptrs + kk)
-            if A_KIND == 2:
-                a = tl.minimum(tl.maximum(_rint(tl.math.div_rn(a, s_tok[:, None])), QMIN), QMAX).to(tl.int8)
+        a = tl.load(a_ptrs + kk)
+        if A_KIND == 2:
+            a = tl.minimum(tl.maximum(_rint(tl.math.div_rn(a, s_tok[:, None])), QMIN), QMAX).to(tl.int8)
         if INT8:
             if SWAP:
                 acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
@@ -268,23 +256,33 @@ def supports(in_features: int, out_features: int, block_in: int, block_out: int 
 
 
 def pick_config(m: int, n: int, k: int, mode: int) -> dict:
-    """Launch configuration for (M tokens, N out, K in) (measured on an H200:
-    benchmarks/sweep_w4a8.py, docs/benchmarks.md). Keys: FUSED (one launch: the GEMM rotates and
-    quantizes x itself) or a prep launch with G (64-wide blocks per program, 0 = whole rows), BMP,
-    prep_warps; GEMM BN, BMT, BK, GROUP, SWAP, SPLIT (split-K), num_warps, num_stages."""
-    int8 = mode == MODE_DYNAMIC
-    if m <= 16:
-        cfg = dict(BN=64, BMT=16, BK=256, num_warps=4, num_stages=4)
+    """Launch configuration for (M tokens, N out, K in): the fastest measured on an H200 for the
+    pi0.5 shapes (benchmarks/sweep_w4a8.py; docs/benchmarks.md). Keys: prep G (64-wide blocks per
+    program, 0 = whole rows), BMP (rows per program), prep_warps, QUANT (dynamic: a separate
+    int8 quantize launch instead of quantizing in the GEMM); GEMM BN (weight rows), BMT (tokens),
+    BK, GROUP, SWAP (weight as the dot's register operand), SPLIT (split-K), num_warps, num_stages."""
+    dynamic = mode == MODE_DYNAMIC
+    cfg = dict(G=1, BMP=16 if m <= 16 else 64, prep_warps=4, QUANT=dynamic, GROUP=8, SWAP=True)
+    if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
+        cfg.update(BN=64, BMT=16, BK=128, SPLIT=4, num_warps=4, num_stages=3)
+        if dynamic and n * k >= 1 << 25:  # large layers: quantize once, int8 GEMM
+            cfg.update(BN=128, SPLIT=8) if k > 4096 else cfg.update(BK=256, SWAP=False)
+        elif dynamic:
+            cfg.update(QUANT=False)
     elif m <= 64:
-        cfg = dict(BN=64, BMT=64, BK=256 if int8 else 128, num_warps=4, num_stages=3)
+        cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3)
+        if dynamic and k <= 1024:
+            cfg.update(QUANT=False)
+    elif dynamic:  # int8 tensor cores; the prep pass writes float32, a second pass int8 codes
+        cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
+        if n * k >= 1 << 25 and k <= 4096:
+            cfg.update(BN=128, BMT=256, num_warps=8, num_stages=3)
     else:
-        cfg = dict(BN=128, BMT=128, BK=128 if int8 else 64, num_warps=8, num_stages=4)
-    cfg.update(GROUP=8, SWAP=True, SPLIT=1, FUSED=False)
-    nb64 = k // 64
-    if m <= 64:  # K-parallel prep: enough programs to spread the R_in reads
-        cfg.update(G=max(1, nb64 // 64), BMP=16 if m <= 16 else 64, prep_warps=4)
-    else:  # whole rows per program: the permutation's gathers hit L1
-        cfg.update(G=0, BMP=16, prep_warps=4)
+        cfg.update(BN=128, BMT=128, BK=64, SPLIT=1, num_warps=8, num_stages=3)
+        if n * k >= 1 << 25 and k <= 4096:
+            cfg.update(BMT=256)
+        elif n < 1024:
+            cfg.update(BMT=64, num_warps=4, num_stages=4)
     return cfg
 
 
@@ -325,7 +323,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     if a_kind == A_F32_QUANTIZE and cfg.get("QUANT"):  # a third launch turns the values into int8 codes
         codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
         tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
-        bmq, bkq = 16, 512
+        bmq, bkq = min(16, triton.next_power_of_2(m)), 256
         while k % bkq:
             bkq //= 2
         _quant_kernel[(triton.cdiv(m, bmq), triton.cdiv(k, bkq))](
@@ -347,49 +345,35 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor:
     return c
 
 
-def w4_gemm(a: torch.Tensor | None, a_kind: int, tok_scale: torch.Tensor | None, part: torch.Tensor | None, *,
+def w4_gemm(a: torch.Tensor, a_kind: int, tok_scale: torch.Tensor | None, part: torch.Tensor | None, *,
             qweight: torch.Tensor, w_scale: torch.Tensor, r_out: torch.Tensor | None,
             bias: torch.Tensor | None, out_dtype: torch.dtype, mode: int, qmin: int = -128, qmax: int = 127,
-            cfg: dict, x: torch.Tensor | None = None, r_in: torch.Tensor | None = None,
-            perm: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
-            act_scale: torch.Tensor | None = None, rot_precision: str = "tf32") -> torch.Tensor:
-    """The GEMM launch: out (M, N) = restore((A quantized) @ W_q^T) + bias for packed int4 qweight
-    uint8 (N, K/2) with row scales w_scale float32 (N,). A is `prepare_activation`'s operand, or,
-    with a_kind A_FUSED, x (M, K) itself, rotated (r_in, perm, smooth) and quantized in the GEMM."""
-    src = x if a_kind == A_FUSED else a
-    m, k = src.shape
+            cfg: dict) -> torch.Tensor:
+    """Launch 2: out (M, N) = restore((a quantized) @ W_q^T) + bias, from `prepare_activation`'s
+    operand and packed int4 qweight uint8 (N, K/2) with row scales w_scale float32 (N,)."""
+    m, k = a.shape
     n = qweight.shape[0]
     bo = r_out.shape[-1] if r_out is not None else 16
-    b = r_in.shape[-1] if r_in is not None else 64
     bn, bmt, bk, split = cfg["BN"], cfg["BMT"], cfg["BK"], cfg.get("SPLIT", 1)
-    if a_kind == A_FUSED:
-        bk = b  # one rotation block per K step
     while k % (bk * split):
-        if bk > 32 and a_kind != A_FUSED:
+        if bk > 32:
             bk //= 2
         else:
             split //= 2
     if bn % bo or n % bn:
         raise ValueError(f"GEMM config {cfg} does not fit N={n}, output block {bo}")
     nb = part.shape[1] if part is not None else 1
-    out = torch.empty((m, n), device=src.device, dtype=out_dtype)
+    out = torch.empty((m, n), device=a.device, dtype=out_dtype)
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bmt)
-    ws = torch.empty((split, m, n), device=src.device, dtype=torch.float32) if split > 1 else w_scale
-    cnt = _counters(src.device, tiles) if split > 1 else w_scale
-    fused = a_kind == A_FUSED
+    ws = torch.empty((split, m, n), device=a.device, dtype=torch.float32) if split > 1 else w_scale
+    cnt = _counters(a.device, tiles) if split > 1 else w_scale
     _gemm_kernel[(tiles, split)](
-        a if a is not None else w_scale, tok_scale if tok_scale is not None else w_scale,
-        part if part is not None else w_scale, nb, qweight, w_scale, r_out if r_out is not None else w_scale,
-        bias if bias is not None else w_scale, out, m, n, K=k, stride_om=out.stride(0),
-        x_ptr=x if fused else w_scale, stride_xm=x.stride(0) if fused else 0,
-        perm_ptr=perm if fused and perm is not None else w_scale,
-        smooth_ptr=smooth if fused and smooth is not None else w_scale,
-        rin_ptr=r_in if fused else w_scale, act_scale_ptr=act_scale if fused and act_scale is not None else w_scale,
-        ws_ptr=ws, cnt_ptr=cnt,
+        a, tok_scale if tok_scale is not None else w_scale, part if part is not None else w_scale, nb, qweight,
+        w_scale, r_out if r_out is not None else w_scale, bias if bias is not None else w_scale, out, m, n, K=k,
+        stride_om=out.stride(0), ws_ptr=ws, cnt_ptr=cnt,
         QMIN=qmin, QMAX=qmax, A_KIND=a_kind, MODE=mode, NB_P2=triton.next_power_of_2(nb),
-        BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo, B=b,
-        HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, HAS_PERM=fused and perm is not None,
-        HAS_SMOOTH=fused and smooth is not None, PREC=_PREC[rot_precision], F32_DOT=_INTERPRET,
+        BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
+        HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
@@ -412,9 +396,6 @@ def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, 
         cfg.update(config)
     common = dict(qweight=qweight, w_scale=w_scale, r_out=r_out, bias=bias, out_dtype=x.dtype, mode=mode,
                   qmin=qmin, qmax=qmax, cfg=cfg)
-    if cfg.get("FUSED"):
-        return w4_gemm(None, A_FUSED, None, None, x=x, r_in=r_in, perm=perm, smooth=smooth, act_scale=act_scale,
-                       rot_precision=rot_precision, **common)
     a, a_kind, tok_scale, part = prepare_activation(x, r_in=r_in, perm=perm, smooth=smooth, mode=mode, qmin=qmin,
                                                     qmax=qmax, act_scale=act_scale, cfg=cfg,
                                                     rot_precision=rot_precision)
