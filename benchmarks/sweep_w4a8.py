@@ -40,11 +40,11 @@ SHAPES = [("llm", "q/o", 2048, 2048, 800), ("llm", "k/v", 256, 2048, 800), ("llm
           ("expert", "gate/up", 4096, 1024, 50), ("expert", "down", 1024, 4096, 50)]
 
 
-def configs(m: int, k: int, mode: str) -> list[dict]:  # noqa: C901
+def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
     """Whole launch configurations to time for M tokens: `pick_config`'s choice first, then
     alternatives (prep rows per program, quantize launch, tiles, split-K)."""
     keys = ("BN", "BMT", "BK", "num_warps", "num_stages", "SWAP", "SPLIT")
-    out = []
+    out = [K.pick_config(m, n, k, K.MODE_DYNAMIC if mode == "dynamic" else K.MODE_STATIC)]
 
     def add(prep, rows):
         for r in rows:
@@ -116,7 +116,7 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
         with torch.no_grad():
             ref = reference(x, layers[0], mode)
         rows = []
-        for cfg in configs(m, k, mode_name):
+        for cfg in configs(m, n, k, mode_name):
             fns = [lambda a, lay=lay, cfg=cfg: K.w4_linear(a, qweight=lay["qweight"], w_scale=lay["w_scale"],
                                                            r_in=lay["r_in"], perm=lay["perm"], r_out=lay["r_out"],
                                                            bias=None, smooth=None, mode=mode,
@@ -135,7 +135,7 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
                   f"{'swap' if cfg['SWAP'] else 'noswap'} split{cfg['SPLIT']}{flag}", flush=True)
         ok = [r for r in rows if r["rel_err"] < 2e-2]
         best = min(ok, key=lambda r: r["s"]) if ok else None
-        res[mode_name] = {"configs": rows, "best": best}
+        res[mode_name] = {"configs": rows, "best": best, "picked": rows[0] if rows else None}
         if best:
             print(f"    {mode_name:7s} BEST {best['s'] * 1e6:7.1f} us ({best['ratio_vs_bf16']:.2f}x bf16)", flush=True)
     return res
