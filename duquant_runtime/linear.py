@@ -107,7 +107,7 @@ class DuQuantLinear(nn.Module):
             m.smooth = layer.smooth.to(dev, torch.float32) if layer.smooth is not None else None  # x / smooth
             m.group_size = layer.group_size
             if stored:  # stored integers (packed int4 for wbits <= 4): the float weight is not read
-                m.qweight = layer.qweight.to(dev)
+                m.qweight = layer.qweight.to(dev).contiguous()
                 m.w_scale = layer.weight_scale.to(dev, torch.float32)
             else:
                 w_in = w.detach().to(dev, wdt) if m.smooth is None else w.detach().to(dev, wdt) * m.smooth.to(wdt)
@@ -117,7 +117,7 @@ class DuQuantLinear(nn.Module):
                     scale = layer.weight_scale.to(dev, torch.float32)
                     q = (quantize_rows(w_t.to(torch.float32), scale, m.wbits) if m.group_size is None else
                          quantize_grouped(w_t.to(torch.float32), scale, m.wbits, m.group_size))
-                    m.qweight = pack_int4(q) if m.wbits <= 4 else q  # int4: two codes per byte
+                    m.qweight = pack_int4(q) if m.wbits <= 4 else q.contiguous()  # int4: two codes per byte
                     del q
                     m.w_scale = scale
                 else:
@@ -192,6 +192,9 @@ class DuQuantLinear(nn.Module):
             return "autograd"
         if self.qweight is None or self.qweight.dtype != torch.uint8 or self.group_size is not None:
             return "weight is not packed int4 with per-row scales"
+        if not all(t.is_contiguous() for t in (self.qweight, self.w_scale, self.r_in, self.r_out, self.perm,
+                                               self.act_scale, self.smooth) if t is not None):
+            return "a buffer is not contiguous (the kernels read row-major buffers)"
         if self.abits > 8 or self.calibrating:
             return "activation bits > 8 or static scales still calibrating"
         from .kernels import fast_path_available

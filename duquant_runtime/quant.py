@@ -52,7 +52,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Pack integers q (out, in) in [-8, 7] two per byte: uint8 (out, ceil(in/2)).
 
     Column 2j goes to the low nibble of byte j, column 2j+1 to the high nibble, each as a 4-bit
-    two's complement code (q & 0xF); an odd last column leaves a zero high nibble.
+    two's complement code (q & 0xF); an odd last column leaves a zero high nibble. The result is
+    row-major contiguous whatever q's strides (the GPU kernels read it as such).
     """
     if q.dim() != 2:
         raise ValueError(f"pack_int4 expects a 2-D tensor, got shape {tuple(q.shape)}")
@@ -62,7 +63,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     codes = (q.to(torch.int16) & 0xF).to(torch.uint8)
     if cols % 2:
         codes = torch.nn.functional.pad(codes, (0, 1))
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()  # strided inputs may give a strided result
 
 
 def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:

@@ -52,6 +52,11 @@ for (m, n, k, b, bo, mode, smooth, G, swap, quant, split) in cases:
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     out.append(float((y.float() - ref).norm() / ref.norm()))
 print("ERR", *out)
+try:  # a strided (column-major) packed weight is refused, never read with the wrong strides
+    K.w4_linear(x, qweight=pack_int4(q).t().contiguous().t(), w_scale=ws, r_in=r_in.half(), perm=perm, r_out=None,
+                bias=None, smooth=None, mode=0)
+except ValueError as err:
+    print("REFUSED", "contiguous" in str(err))
 """
 
 
@@ -60,5 +65,6 @@ def test_kernels_match_reference_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
     res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    errs = [float(v) for v in res.stdout.split("ERR")[1].split()]
+    errs = [float(v) for v in res.stdout.split("ERR")[1].split("REFUSED")[0].split()]
     assert len(errs) == 9 and all(e < 1e-2 for e in errs), errs  # bf16 output, fp16 rotations, tf32
+    assert "REFUSED True" in res.stdout

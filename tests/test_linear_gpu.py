@@ -117,3 +117,19 @@ def test_fallbacks_are_explained():
     assert "bf16/fp16" in q.fast_path_reason(x.float())
     q.use_fast = False
     assert q.fast_path_reason(x) == "use_fast is False"
+
+
+def test_fast_path_on_integers_computed_on_the_gpu():
+    """A layer whose integers are computed at load on the GPU (pack without stored integers):
+    the packed weight must come out row-major and the fast path must match the reference
+    (regression: a GPU-packed weight was column-major and read as row-major)."""
+    out_f, in_f = 512, 1024
+    _, lp = _layer(out_f, in_f, seed=4)
+    lp = LayerPack(**{**lp.__dict__, "qweight": None})
+    lin = nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    q = DuQuantLinear.from_linear(lin, lp, abits=8, act_mode="dynamic", device="cuda", rot_dtype=torch.float16)
+    assert q.qweight.is_contiguous()
+    for m in (1, 50, 800):
+        _check(q, m, seed=m)

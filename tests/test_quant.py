@@ -68,3 +68,15 @@ def test_absmax_scale_of_zero_row_is_one():
     s = absmax_scales(w, 4)
     assert s.tolist() == [1.0, pytest.approx(0.5)]
     assert torch.equal(fake_quantize_rows(w, s, 4)[0], torch.zeros(5))
+
+
+def test_pack_int4_is_row_major_whatever_the_input_strides():
+    """The GPU kernels index packed weights as row-major (N, K/2): a column-major input (as a
+    transposed or GPU-computed tensor can be) must still give a contiguous, correct packing."""
+    from duquant_runtime.quant import pack_int4, unpack_int4
+    q = torch.randint(-8, 8, (40, 24), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    qt = q.t().contiguous().t()  # same values, column-major strides
+    assert not qt.is_contiguous()
+    p = pack_int4(qt)
+    assert p.is_contiguous() and torch.equal(p, pack_int4(q))
+    assert torch.equal(unpack_int4(p, 24), q)

@@ -262,17 +262,17 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     int8 quantize launch instead of quantizing in the GEMM); GEMM BN (weight rows), BMT (tokens),
     BK, GROUP, SWAP (weight as the dot's register operand), SPLIT (split-K), num_warps, num_stages."""
     dynamic = mode == MODE_DYNAMIC
-    cfg = dict(G=1, BMP=16 if m <= 16 else 64, prep_warps=4, QUANT=dynamic, GROUP=8, SWAP=True)
+    cfg = dict(G=1, BMP=16 if m <= 64 else 64, prep_warps=4, QUANT=dynamic, GROUP=8, SWAP=True)
     if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
         cfg.update(BN=64, BMT=16, BK=128, SPLIT=4, num_warps=4, num_stages=3)
-        if dynamic and n * k >= 1 << 25:  # large layers: quantize once, int8 GEMM
-            cfg.update(BN=128, SPLIT=8) if k > 4096 else cfg.update(BK=256, SWAP=False)
+        if dynamic and k > 4096:
+            cfg.update(BN=128, SPLIT=8)
         elif dynamic:
-            cfg.update(QUANT=False)
+            cfg.update(BK=256, SWAP=False)
     elif m <= 64:
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3)
-        if dynamic and k <= 1024:
-            cfg.update(QUANT=False)
+        if not dynamic and k <= 1024 and n >= 2048:
+            cfg.update(SPLIT=1)
     elif dynamic:  # int8 tensor cores; the prep pass writes float32, a second pass int8 codes
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
         if n * k >= 1 << 25 and k <= 4096:
@@ -391,6 +391,12 @@ def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, 
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
+    for name, t in (("qweight", qweight), ("w_scale", w_scale), ("r_in", r_in), ("perm", perm), ("r_out", r_out),
+                    ("bias", bias), ("smooth", smooth), ("act_scale", act_scale)):
+        if t is not None and not t.is_contiguous():  # the kernels index row-major buffers
+            raise ValueError(f"w4_linear: {name} must be contiguous (strides {t.stride()})")
+    if qweight.shape[1] * 2 != k:
+        raise ValueError(f"w4_linear: qweight {tuple(qweight.shape)} does not pack K={k} int4 columns")
     cfg = dict(pick_config(m, qweight.shape[0], k, mode))
     if config:
         cfg.update(config)
