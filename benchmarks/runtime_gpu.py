@@ -1,6 +1,6 @@
-"""Benchmark: the fused W4 GPU path against bf16 `nn.Linear` on the pi0.5 linear shapes.
+"""Benchmark: the W4 GPU kernels against bf16 `nn.Linear` on the pi0.5 linear shapes.
 
-    PYTHONPATH=. python3 benchmarks/runtime_gpu.py [--out FILE] [--sweep SHAPES] [--pack DIR --ckpt DIR]
+    PYTHONPATH=. python3 benchmarks/runtime_gpu.py [--out FILE] [--pack DIR --ckpt DIR]
 
 Workload (the shape of one `sample_actions` call): the language model's q/k/v/o/gate/up/down
 (2048 wide, MLP 16384) at M = 800 tokens (prefix pass) and M = 1, the action expert's
@@ -14,7 +14,7 @@ cache, time per call = replay / R):
 - old-style fake quantization: the existing implementation's scheme (bf16 fake-quantized W_t
   kept in float, transforms as unfused torch ops: gather, block bmm, per-channel fake quant,
   matmul, block bmm restore, bias);
-- ours: `DuQuantLinear` W4A8 on the fused Triton path, dynamic per-token and static
+- ours: `DuQuantLinear` W4A8 on the Triton path, dynamic per-token and static
   per-channel activation scales (rotations float16, packed int4 weights).
 Numerics: each shape's fast output is compared with the float32 reference path of the same
 module (use_fast=False) on fresh random inputs: relative Frobenius error.
@@ -25,7 +25,7 @@ activation scales), checked against the measured `nbytes` of the modules built h
 checkpoint's pi0.5 names and shapes, weights on the meta device for layers whose integers the
 pack stores: apply time (load_pack + apply_pack to CUDA) and resident bytes (report and
 torch.cuda.memory_allocated).
---sweep llm:gate_proj:800,...: also time alternative GEMM tile configurations (prints the best).
+Launch configurations per shape: benchmarks/sweep_w4a8.py (what kernels/w4a8.pick_config encodes).
 """
 
 from __future__ import annotations
@@ -189,47 +189,10 @@ def bench_shape(tower: str, name: str, out_f: int, in_f: int, m: int, args, dev)
     t["ratio_old"] = t["old_fakequant_s"] / t["bf16_linear_s"]
     res = {"tower": tower, "name": name, "out": out_f, "in": in_f, "M": m, "instances": reps, **t,
            "rel_err_vs_reference": err, "nbytes_module": stats[0].nbytes, "nbytes_bf16": bf16_bytes}
-    if f"{tower}:{name}:{m}" in args.sweep.split(","):
-        res["sweep"] = sweep(dyns[0], stats[0], x, args)
     print(f"{tower:6s} {name:10s} M={m:4d} bf16 {t['bf16_linear_s'] * 1e6:8.1f} us | old {t['old_fakequant_s'] * 1e6:8.1f} | "
           f"dyn {t['ours_dynamic_s'] * 1e6:8.1f} ({t['ratio_dynamic']:.2f}x) | static {t['ours_static_s'] * 1e6:8.1f} "
           f"({t['ratio_static']:.2f}x) | err dyn {err['dynamic']:.1e} st {err['static']:.1e}", flush=True)
     return res
-
-
-def sweep(d: DuQuantLinear, st: DuQuantLinear, x, args) -> dict:
-    from duquant_runtime.kernels import w4a8
-    m = x.shape[0]
-    cands = []
-    for bm in ((16,) if m <= 16 else (32, 64) if m <= 64 else (64, 128)):
-        for bn in (64, 128) if m <= 64 else (128, 256):
-            for bk in (128, 256) if m <= 64 else (128,):
-                for split in (1, 2, 4, 8) if m <= 64 else (1,):
-                    for warps, stages in ((4, 3), (8, 3), (8, 4)) if m > 64 else ((4, 4),):
-                        cands.append(dict(BM=bm, BN=bn, BK=bk, SPLIT_K=split, num_warps=warps, num_stages=stages))
-    out = {}
-    for label, q, mode in (("dynamic", d, w4a8.MODE_DYNAMIC), ("static", st, w4a8.MODE_STATIC)):
-        best = None
-        for cfg in cands:
-            k = q.in_features
-            if k % (cfg["BK"] * cfg["SPLIT_K"]) or q.out_features % cfg["BN"]:
-                continue
-
-            def f(a, cfg=cfg, q=q, mode=mode):
-                return w4a8.w4_linear(a, qweight=q.qweight, w_scale=q.w_scale, r_in=q.r_in, perm=q.perm,
-                                      r_out=q.r_out, bias=None, smooth=None, mode=mode,
-                                      act_scale=q.act_scale if mode == w4a8.MODE_STATIC else None, config=cfg)
-            try:
-                tt = graph_time([f], x, 5, min_ms=1.0)
-            except Exception as err:  # a config that does not compile (shared memory) is skipped
-                print(f"  config {cfg} failed: {type(err).__name__}", file=sys.stderr)
-                continue
-            if best is None or tt < best[0]:
-                best = (tt, cfg)
-        out[label] = {"best_s": best[0], "best_config": best[1]} if best else None
-        if best:
-            print(f"    sweep {label}: best {best[0] * 1e6:.1f} us with {best[1]}", flush=True)
-    return out
 
 
 def memory_252(rot_bytes: int = 2) -> dict:
@@ -306,7 +269,6 @@ def main(argv=None) -> int:
     ap.add_argument("--l2-bytes", type=int, default=256 << 20, help="bf16 weight bytes per timed replay")
     ap.add_argument("--max-instances", type=int, default=32)
     ap.add_argument("--old-all", action="store_true", help="R instances for the old scheme too (memory)")
-    ap.add_argument("--sweep", default="", help="comma-separated tower:name:M shapes to sweep GEMM configs on")
     ap.add_argument("--only", default="", help="comma-separated tower:name:M filters (debugging)")
     ap.add_argument("--pack", type=Path)
     ap.add_argument("--ckpt", type=Path)

@@ -8,7 +8,7 @@ not kept. Transforms run in float32 (float64 when the input is float64); the out
 input's dtype. With weights and activations unquantized it equals `nn.Linear` to rounding.
 
 `forward` runs the float reference path (fake-quantized matmul in float32; what CI tests) or,
-for CUDA bf16/fp16 inputs, the fused Triton kernels of `kernels/w4a8.py` (same function with
+for CUDA bf16/fp16 inputs, the Triton kernels of `kernels/w4a8.py` (same function with
 16-bit/tf32 operands; `fast_path_reason` says which and why).
 """
 
