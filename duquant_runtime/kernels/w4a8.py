@@ -337,11 +337,14 @@ _COUNTERS: dict = {}
 
 
 def _counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 split-K tile counters for `device` (each tile's last program resets its own)."""
-    c = _COUNTERS.get(device)
+    """Zeroed int32 split-K tile counters for `device` and its current stream (each tile's last
+    program resets its own; kernels of one stream run in order, so they can share the buffer,
+    while GEMMs running at the same time on two streams get two buffers)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    c = _COUNTERS.get((device, stream))
     if c is None or c.numel() < tiles:
         c = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = c
+        _COUNTERS[(device, stream)] = c
     return c
 
 
