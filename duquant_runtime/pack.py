@@ -12,6 +12,8 @@ and shapes, finiteness, permutation validity and orthogonality, and raises `Pack
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -146,18 +148,29 @@ def _resolve_inside(pack_dir: Path, rel: str) -> Path:
     return p
 
 
+def _read_checked(path: Path, sha256: str, what: str) -> bytes:
+    """The file's bytes, read once: the checksum covers exactly the bytes that are parsed (no
+    second read that a concurrent writer could change, half the I/O)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise PackError(f"{path}: unreadable ({err.strerror or err}; {what})") from None
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise PackError(f"{path}: checksum mismatch (file changed or corrupt; {what})")
+    return raw
+
+
 def read_layer(pack_dir: Path, entry: dict) -> LayerPack:
     """Read one layer file described by a manifest entry; every check failure raises PackError."""
     name = entry["name"]
     path = _resolve_inside(Path(pack_dir), entry["file"])
     if not path.is_file():
         raise PackError(f"{path}: layer file missing (layer '{name}')")
-    if file_sha256(path) != entry["sha256"]:
-        raise PackError(f"{path}: checksum mismatch (file changed or corrupt; layer '{name}')")
+    raw = _read_checked(path, entry["sha256"], f"layer '{name}'")
     fin, fout = entry["in_features"], entry["out_features"]
     bin_, bout = entry["block_in"], entry["block_out"]
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(io.BytesIO(raw), "r") as f:
             extra = set(f.keys()) - LAYER_DATASETS
             if extra:
                 raise PackError(f"{path}: unexpected datasets {sorted(extra)}")
