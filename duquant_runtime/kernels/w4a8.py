@@ -1,23 +1,28 @@
-"""Triton kernels of the fast W4 path (v2): two launches per layer, int4 weights read once.
+"""Triton kernels of the fast W4 path (v2): int4 weights read once, two or three launches.
 
     y = ((Q_a(x/s P BD(R_in))) Q_w(W_t)^T) BD(R_out)^T + b       (s: smoothing, optional)
 
 1. `_prep_kernel`: the activation transform. Each program owns BMP rows and G consecutive
-   rotation blocks (G = all blocks: whole rows, whose gathers then hit the L1 cache). The tile
-   x[:, perm[block]] (/ smoothing) is rotated by its R_in block (a B x B tf32 dot) and written
+   rotation blocks (or whole rows). The tile x[:, perm[block]] (/ smoothing) is rotated by its
+   R_in block (a B x B tf32 dot) and written
    - static scales: as bf16 values q * s_k of the per-channel quantized activation;
    - dynamic, whole rows (`FULL`): as int8 codes, after a first pass over the row for its absmax,
      plus the per-token scale;
-   - dynamic, G < all blocks: as float32 rotated values plus the per-(token, block) absmax; the
-     GEMM then reduces the absmax and quantizes while it loads (small M);
+   - dynamic, G blocks: as float32 rotated values plus the per-(token, block) absmax;
    - no activation quantization: as bf16 rotated values.
-2. `_gemm_kernel`: out^T tile (BN rows of W, BMT tokens) = W_q (int4 unpacked in registers to
+2. `_quant_kernel` (dynamic, `QUANT`): per-token scales from the block maxima, int8 codes.
+   Without it the GEMM reduces the maxima and quantizes the float32 values while it loads them.
+3. `_gemm_kernel`: out^T tile (BN rows of W, BMT tokens) = W_q (int4 unpacked in registers to
    int8 / bf16) @ A^T, so the unpacked weight is the dot's register operand and the activation
    streams through shared memory (`SWAP`; the unswapped order is kept for tuning). int8 x int8
-   -> int32 dots (exact) for dynamic activations, bf16 dots with float32 sums otherwise. Epilogue:
-   x token scale x row scale, the output restore as one tf32 dot with the tile's block-diagonal
-   slice of R_out, the bias, the cast, the store. No split-K: no atomics, no zero-fill, no cast.
+   -> int32 dots (exact) for dynamic activations, bf16 dots with float32 sums otherwise. Epilogue
+   (`_finish`): x token scale x row scale, the output restore as one tf32 dot with the tile's
+   block-diagonal slice of R_out, the bias, the cast, the transposed store. Split-K (small M):
+   partial tiles go to a float32 workspace, a per-tile counter finds the last program, which
+   adds the partials in split order (deterministic), finishes the tile and resets the counter.
 
+Launch configurations: `pick_config` (measured: benchmarks/sweep_w4a8.py, docs/benchmarks.md;
+the causes of the remaining cost: benchmarks/notes_runtime_gpu.md).
 Rounding: torch.round's half-to-even (rint) and correctly rounded divisions (div_rn), as the
 reference path. Differences to the float32 reference: x P BD(R_in) in tf32, rotations stored in
 16 bits, static activations q*s rounded to bf16, R_out restore in tf32, output in x's dtype.
