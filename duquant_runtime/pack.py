@@ -25,7 +25,7 @@ import torch
 
 from .errors import PackError
 from .format import (CALIBRATION_FORMAT_NAME, CALIBRATION_FORMAT_VERSION, LAYER_DATASETS, LAYERS_DIR,
-                     MANIFEST, ORTHO_TOL, file_sha256, validate_manifest)
+                     MANIFEST, ORTHO_TOL, validate_manifest)
 from .quant import qrange, unpack_int4
 from .transforms import n_blocks
 
@@ -268,10 +268,9 @@ def read_calibration(pack_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
     path = _resolve_inside(Path(pack_dir), cal["file"])
     if not path.is_file():
         raise PackError(f"{path}: calibration file missing")
-    if file_sha256(path) != cal["sha256"]:
-        raise PackError(f"{path}: checksum mismatch (calibration file changed or corrupt)")
+    raw = _read_checked(path, cal["sha256"], "calibration file")
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(io.BytesIO(raw), "r") as f:
             attrs = {k: f.attrs[k] for k in ("format", "format_version", "names", "layer_keys", "abits",
                                              "act_mode", "act_percentile", "calib_steps") if k in f.attrs}
             attrs = {k: v.item() if isinstance(v, np.generic) else v for k, v in attrs.items()}
