@@ -15,8 +15,8 @@ from sweep_w4a8 import make_layers  # noqa: E402
 from duquant_runtime.kernels import w4a8 as K  # noqa: E402
 
 CASES = [("expert q static", 2048, 1024, 50, K.MODE_STATIC, dict(G=1, BMP=64, BN=64, BMT=64, BK=128, SPLIT=1)),
-         ("llm gate M=1 dynamic", 16384, 2048, 1, K.MODE_DYNAMIC, dict(G=1, BMP=16, QUANT=True, BN=64, BMT=16, BK=256, SPLIT=4)),
-         ("llm gate M=800 dynamic", 16384, 2048, 800, K.MODE_DYNAMIC, dict(G=1, BMP=64, QUANT=True, BN=64, BMT=128, BK=128, num_warps=4, num_stages=4))]
+         ("llm gate M=1 dynamic", 16384, 2048, 1, K.MODE_DYNAMIC, dict(G=1, BMP=16, BN=64, BMT=16, BK=256, SPLIT=4)),
+         ("llm gate M=800 dynamic", 16384, 2048, 800, K.MODE_DYNAMIC, dict(G=1, BMP=64, BN=64, BMT=128, BK=128, num_warps=4, num_stages=4))]
 for label, n, k, m, mode, cfg in CASES:
     lay = make_layers(n, k, 1, "cuda")[0]
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)

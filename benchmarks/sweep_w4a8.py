@@ -42,32 +42,31 @@ SHAPES = [("llm", "q/o", 2048, 2048, 800), ("llm", "k/v", 256, 2048, 800), ("llm
 
 def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
     """Whole launch configurations to time for M tokens: `pick_config`'s choice first, then
-    alternatives (prep rows per program, quantize launch, tiles, split-K)."""
+    alternatives (prep blocks and rows per program, tiles, split-K)."""
     keys = ("BN", "BMT", "BK", "num_warps", "num_stages", "SWAP", "SPLIT")
     out = [K.pick_config(m, n, k, K.MODE_DYNAMIC if mode == "dynamic" else K.MODE_STATIC)]
 
     def add(prep, rows):
         for r in rows:
-            out.append({**dict(zip(keys, r)), "GROUP": 8, "QUANT": False, **prep})
+            out.append({**dict(zip(keys, r)), "GROUP": 8, **prep})
 
-    kpar = dict(G=1, BMP=64 if m > 16 else 16, prep_warps=4)
     if m > 64:
-        if mode == "dynamic":
-            add(dict(G=0, BMP=16, prep_warps=4), [(64, 128, 128, 4, 4, True, 1)])
-            add({**kpar, "QUANT": True}, [(64, 128, 128, 4, 4, True, 1), (128, 128, 128, 8, 4, True, 1),
-                                          (128, 256, 128, 8, 3, True, 1)])
-        else:
-            add(kpar, [(128, 256, 64, 8, 3, True, 1), (128, 128, 64, 8, 3, True, 1), (128, 64, 64, 4, 4, True, 1)])
+        for g in ((1, 4) if mode == "dynamic" else (1,)):
+            prep = dict(G=g, BMP=64, prep_warps=4)
+            if mode == "dynamic":
+                add(prep, [(64, 128, 128, 4, 4, True, 1), (128, 128, 128, 8, 4, True, 1),
+                           (128, 256, 128, 8, 3, True, 1)])
+            else:
+                add(prep, [(128, 256, 64, 8, 3, True, 1), (128, 128, 64, 8, 3, True, 1),
+                           (128, 64, 64, 4, 4, True, 1)])
         return out
     bmt = 64 if m > 16 else 16
     for bmp in ((16, 64) if m > 16 else (16,)):
-        p = {**kpar, "BMP": bmp}
+        prep = dict(G=1, BMP=bmp, prep_warps=4)
         if mode == "dynamic":
-            add({**p, "QUANT": True}, [(64, bmt, 128, 4, 3, True, 4), (64, bmt, 256, 4, 3, False, 4),
-                                       (128, bmt, 128, 4, 3, True, 8)])
-            add(p, [(64, bmt, 128, 4, 3, True, 4)])
+            add(prep, [(64, bmt, 128, 4, 3, True, 4), (64, bmt, 256, 4, 3, False, 4), (128, bmt, 128, 4, 3, True, 8)])
         else:
-            add(p, [(64, bmt, 128, 4, 3, True, 4), (64, bmt, 128, 4, 3, True, 1), (128, bmt, 128, 4, 3, True, 8)])
+            add(prep, [(64, bmt, 128, 4, 3, True, 4), (64, bmt, 128, 4, 3, True, 1), (128, bmt, 128, 4, 3, True, 8)])
     return out
 
 
@@ -130,7 +129,7 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
             rows.append({"config": cfg, "s": t, "ratio_vs_bf16": t / t_bf16, "rel_err": err})
             flag = "  <-- ERROR" if not err < 2e-2 else ""
             print(f"    {mode_name:7s} {t * 1e6:7.1f} us ({t / t_bf16:.2f}x) err {err:.1e} "
-                  f"G{cfg['G']}/BMP{cfg['BMP']}{'+Q' if cfg['QUANT'] else ''} "
+                  f"G{cfg['G']}/BMP{cfg['BMP']} "
                   f"BN{cfg['BN']} BMT{cfg['BMT']} BK{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']} "
                   f"{'swap' if cfg['SWAP'] else 'noswap'} split{cfg['SPLIT']}{flag}", flush=True)
         ok = [r for r in rows if r["rel_err"] < 2e-2]

@@ -1,8 +1,8 @@
 """kernels/w4a8.py under Triton's CPU interpreter (TRITON_INTERPRET=1, tiny shapes): the kernels
-compute the reference numerics in every variant (dynamic activations quantized by the prep pass
-over whole rows, by the GEMM from per-block maxima or by a separate quantize launch; static
-scales; no activation quantization; split-K; swapped and unswapped dot operands). Skipped when
-Triton is not installed (it is optional)."""
+compute the reference numerics in every variant (dynamic activations through the quantize launch,
+static scales, no activation quantization; one or several rotation blocks per prep program;
+split-K; swapped and unswapped dot operands). Skipped when Triton is not installed (it is
+optional)."""
 
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ from duquant_runtime.transforms import input_transform, output_restore
 
 g = torch.Generator().manual_seed(0)
 orth = lambda nb, b: torch.linalg.qr(torch.randn(nb, b, b, generator=g, dtype=torch.float64))[0].float().contiguous()
-cases = [  # m, n, k, B, Bo, mode, smooth, prep blocks per program (0: whole rows), swap, quantize launch, split-K
-    (5, 128, 256, 64, 64, 2, False, 0, True, False, 1), (5, 128, 256, 64, 64, 2, True, 1, True, False, 2),
-    (20, 64, 128, 32, 64, 2, False, 1, False, False, 1), (20, 64, 128, 32, 32, 1, True, 0, True, False, 1),
-    (20, 128, 128, 32, 64, 1, False, 1, False, False, 2), (3, 128, 256, 64, None, 0, False, 0, True, False, 1),
-    (5, 128, 256, 64, 64, 2, True, 1, True, True, 4), (20, 128, 256, 32, 64, 2, False, 2, False, True, 1),
-    (20, 128, 256, 32, 64, 1, True, 1, True, False, 4)]
+cases = [  # m, n, k, B, Bo, mode, smooth, prep 64-wide blocks per program, swap, split-K
+    (5, 128, 256, 64, 64, 2, False, 4, True, 1), (5, 128, 256, 64, 64, 2, True, 1, True, 2),
+    (20, 64, 128, 32, 64, 2, False, 1, False, 1), (20, 64, 128, 32, 32, 1, True, 2, True, 1),
+    (20, 128, 128, 32, 64, 1, False, 1, False, 2), (3, 128, 256, 64, None, 0, False, 4, True, 1),
+    (5, 128, 256, 64, 64, 2, True, 1, True, 4), (20, 128, 256, 32, 64, 2, False, 2, False, 1),
+    (20, 128, 256, 32, 64, 1, True, 1, True, 4)]
 out = []
-for (m, n, k, b, bo, mode, smooth, G, swap, quant, split) in cases:
+for (m, n, k, b, bo, mode, smooth, G, swap, split) in cases:
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     perm = torch.randperm(k, generator=g)
     r_in, r_out = orth(k // b, b), (orth(n // bo, bo) if bo else None)
@@ -45,7 +45,7 @@ for (m, n, k, b, bo, mode, smooth, G, swap, quant, split) in cases:
     act = xt.abs().amax(0) / 127 * 0.8
     xq = fake_quantize_per_token(xt, 8) if mode == 2 else fake_quantize_per_channel(xt, act, 8) if mode == 1 else xt
     ref = output_restore((xq @ q.float().t()) * ws, r_out) + bias.float()
-    cfg = dict(BN=64, BMT=16, BK=64, G=G, BMP=16, num_warps=4, num_stages=2, SWAP=swap, QUANT=quant, SPLIT=split)
+    cfg = dict(BN=64, BMT=16, BK=64, G=G, BMP=16, num_warps=4, num_stages=2, SWAP=swap, SPLIT=split)
     y = K.w4_linear(x, qweight=pack_int4(q), w_scale=ws, r_in=r_in.half(), perm=perm,
                     r_out=None if r_out is None else r_out.half(), bias=bias, smooth=sm, mode=mode,
                     act_scale=act, config=cfg)

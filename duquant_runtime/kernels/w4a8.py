@@ -3,15 +3,12 @@
     y = ((Q_a(x/s P BD(R_in))) Q_w(W_t)^T) BD(R_out)^T + b       (s: smoothing, optional)
 
 1. `_prep_kernel`: the activation transform. Each program owns BMP rows and G consecutive
-   rotation blocks (or whole rows). The tile x[:, perm[block]] (/ smoothing) is rotated by its
-   R_in block (a B x B tf32 dot) and written
+   rotation blocks. The tile x[:, perm[block]] (/ smoothing) is rotated by its R_in block (a
+   B x B tf32 dot) and written
    - static scales: as bf16 values q * s_k of the per-channel quantized activation;
-   - dynamic, whole rows (`FULL`): as int8 codes, after a first pass over the row for its absmax,
-     plus the per-token scale;
-   - dynamic, G blocks: as float32 rotated values plus the per-(token, block) absmax;
+   - dynamic: as float32 rotated values plus the per-(token, block) absmax;
    - no activation quantization: as bf16 rotated values.
-2. `_quant_kernel` (dynamic, `QUANT`): per-token scales from the block maxima, int8 codes.
-   Without it the GEMM reduces the maxima and quantizes the float32 values while it loads them.
+2. `_quant_kernel` (dynamic only): per-token scales from the block maxima, int8 codes.
 3. `_gemm_kernel`: out^T tile (BN rows of W, BMT tokens) = W_q (int4 unpacked in registers to
    int8 / bf16) @ A^T, so the unpacked weight is the dot's register operand and the activation
    streams through shared memory (`SWAP`; the unswapped order is kept for tuning). int8 x int8
@@ -38,7 +35,6 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 MODE_NONE, MODE_STATIC, MODE_DYNAMIC = 0, 1, 2
-A_BF16, A_INT8, A_F32_QUANTIZE = 0, 1, 2  # what the GEMM reads as its activation operand
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter (tests)
 
 
@@ -80,8 +76,7 @@ def _rotated_block(x_ptr, stride_xm, M, perm_ptr, smooth_ptr, r_ptr, offs_m, kb,
 
 @triton.jit
 def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_ptr, out_ptr,
-                 tok_scale_ptr, part_ptr, NB: tl.constexpr,
-                 QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr, FULL: tl.constexpr,
+                 part_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
                  G: tl.constexpr, BMP: tl.constexpr, B: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -89,37 +84,22 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
     offs_m = pid_m * BMP + tl.arange(0, BMP)
     row_ok = offs_m < M
     cb = tl.arange(0, B)
-    if MODE == 2 and FULL:  # dynamic, whole rows: absmax pass, then quantize to int8 codes
-        amax = tl.zeros((BMP,), dtype=tl.float32)
-        for kb in range(0, NB):
+    for g in range(0, G):
+        kb = pid_g * G + g
+        if kb < NB:
             xt = _rotated_block(x_ptr, stride_xm, M, perm_ptr, smooth_ptr, r_ptr, offs_m, kb,
                                 B, HAS_PERM, HAS_SMOOTH, PREC)
-            amax = tl.maximum(amax, tl.max(tl.abs(xt), axis=1))
-        s = tl.math.div_rn(amax, tl.full((BMP,), QMAX, tl.float32))
-        s = tl.where(s > 0, s, 1.0)
-        tl.store(tok_scale_ptr + offs_m, s, mask=row_ok)
-        for kb in range(0, NB):
-            xt = _rotated_block(x_ptr, stride_xm, M, perm_ptr, smooth_ptr, r_ptr, offs_m, kb,
-                                B, HAS_PERM, HAS_SMOOTH, PREC)
-            q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, s[:, None])), QMIN), QMAX)
-            tl.store(out_ptr + offs_m[:, None] * K + (kb * B + cb)[None, :], q.to(tl.int8), mask=row_ok[:, None])
-    else:
-        for g in range(0, G):
-            kb = pid_g * G + g
-            if kb < NB:
-                xt = _rotated_block(x_ptr, stride_xm, M, perm_ptr, smooth_ptr, r_ptr, offs_m, kb,
-                                    B, HAS_PERM, HAS_SMOOTH, PREC)
-                offs_c = kb * B + cb
-                dst = out_ptr + offs_m[:, None] * K + offs_c[None, :]
-                if MODE == 2:  # rotated values and the block's absmax; the GEMM quantizes
-                    tl.store(dst, xt, mask=row_ok[:, None])
-                    tl.store(part_ptr + offs_m * NB + kb, tl.max(tl.abs(xt), axis=1), mask=row_ok)
-                elif MODE == 1:  # static per channel (of the rotated basis)
-                    sk = tl.load(act_scale_ptr + offs_c)
-                    q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, sk[None, :])), QMIN), QMAX)
-                    tl.store(dst, (q * sk[None, :]).to(tl.bfloat16), mask=row_ok[:, None])
-                else:
-                    tl.store(dst, xt.to(tl.bfloat16), mask=row_ok[:, None])
+            offs_c = kb * B + cb
+            dst = out_ptr + offs_m[:, None] * K + offs_c[None, :]
+            if MODE == 2:  # rotated values and the block's absmax; `_quant_kernel` makes the codes
+                tl.store(dst, xt, mask=row_ok[:, None])
+                tl.store(part_ptr + offs_m * NB + kb, tl.max(tl.abs(xt), axis=1), mask=row_ok)
+            elif MODE == 1:  # static per channel (of the rotated basis)
+                sk = tl.load(act_scale_ptr + offs_c)
+                q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, sk[None, :])), QMIN), QMAX)
+                tl.store(dst, (q * sk[None, :]).to(tl.bfloat16), mask=row_ok[:, None])
+            else:
+                tl.store(dst, xt.to(tl.bfloat16), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -161,10 +141,8 @@ def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr,
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, tok_scale_ptr, part_ptr, NB, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
-                 M, N, K: tl.constexpr, stride_om, ws_ptr, cnt_ptr,
-                 QMIN: tl.constexpr, QMAX: tl.constexpr, A_KIND: tl.constexpr, MODE: tl.constexpr,
-                 NB_P2: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
+def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
+                 M, N, K: tl.constexpr, stride_om, ws_ptr, cnt_ptr, INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
                  GROUP: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
                  HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr):
     pid = tl.program_id(0)
@@ -181,13 +159,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, part_ptr, NB, w_ptr, w_scale_ptr, rout_pt
     offs_m = pid_m * BMT + tl.arange(0, BMT)
     rows_m = offs_m % M  # tokens past M re-read valid ones; their results are masked at the store
     rows_n = offs_n % N
-    INT8: tl.constexpr = MODE == 2
     K_CHUNK: tl.constexpr = K // SPLIT
-    if A_KIND == 2:  # per-token scale from the per-block absmax the prep pass wrote
-        nbs = tl.arange(0, NB_P2)
-        p = tl.load(part_ptr + rows_m[:, None] * NB + nbs[None, :], mask=nbs[None, :] < NB, other=0.0)
-        s_tok = tl.math.div_rn(tl.max(p, axis=1), tl.full((BMT,), QMAX, tl.float32))
-        s_tok = tl.where(s_tok > 0, s_tok, 1.0)
     kh = tl.arange(0, BK // 2)
     kf = tl.arange(0, BK)
     w_ptrs = w_ptr + rows_n[:, None] * (K // 2) + kh[None, :]
@@ -201,8 +173,6 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, part_ptr, NB, w_ptr, w_scale_ptr, rout_pt
         wb = tl.load(w_ptrs + kk // 2).to(tl.int8, bitcast=True)
         w = tl.join((wb << 4) >> 4, wb >> 4).reshape(BN, BK)  # column 2j: low nibble, 2j+1: high
         a = tl.load(a_ptrs + kk)
-        if A_KIND == 2:
-            a = tl.minimum(tl.maximum(_rint(tl.math.div_rn(a, s_tok[:, None])), QMIN), QMAX).to(tl.int8)
         if INT8:
             if SWAP:
                 acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
@@ -221,10 +191,8 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, part_ptr, NB, w_ptr, w_scale_ptr, rout_pt
     y = acc.to(tl.float32)
     if not SWAP:
         y = tl.trans(y)  # (BN, BMT)
-    if A_KIND == 1:
+    if INT8:
         y = y * tl.load(tok_scale_ptr + rows_m)[None, :]
-    elif INT8:
-        y = y * s_tok[None, :]
     y = y * tl.load(w_scale_ptr + rows_n)[:, None]
     if SPLIT == 1:
         _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, BN, BO,
@@ -263,11 +231,10 @@ def supports(in_features: int, out_features: int, block_in: int, block_out: int 
 def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     """Launch configuration for (M tokens, N out, K in): the fastest measured on an H200 for the
     pi0.5 shapes (benchmarks/sweep_w4a8.py; docs/benchmarks.md). Keys: prep G (64-wide blocks per
-    program, 0 = whole rows), BMP (rows per program), prep_warps, QUANT (dynamic: a separate
-    int8 quantize launch instead of quantizing in the GEMM); GEMM BN (weight rows), BMT (tokens),
+    program), BMP (rows per program), prep_warps; GEMM BN (weight rows), BMT (tokens),
     BK, GROUP, SWAP (weight as the dot's register operand), SPLIT (split-K), num_warps, num_stages."""
     dynamic = mode == MODE_DYNAMIC
-    cfg = dict(G=1, BMP=16 if m <= 64 else 64, prep_warps=4, QUANT=dynamic, GROUP=8, SWAP=True)
+    cfg = dict(G=1, BMP=16 if m <= 64 else 64, prep_warps=4, GROUP=8, SWAP=True)
     if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
         cfg.update(BN=64, BMT=16, BK=128, SPLIT=4, num_warps=4, num_stages=3)
         if dynamic and k > 4096:
@@ -278,7 +245,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3)
         if not dynamic and k <= 1024 and n >= 2048:
             cfg.update(SPLIT=1)
-    elif dynamic:  # int8 tensor cores; the prep pass writes float32, a second pass int8 codes
+    elif dynamic:  # int8 tensor cores
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
         if n * k >= 1 << 25 and k <= 4096:
             cfg.update(BN=128, BMT=256, num_warps=8, num_stages=3)
@@ -296,46 +263,37 @@ _PREC = {"tf32": "tf32", "tf32x3": "tf32x3", "ieee": "ieee"}
 
 def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tensor | None,
                        smooth: torch.Tensor | None, mode: int, qmin: int = -128, qmax: int = 127,
-                       act_scale: torch.Tensor | None = None, cfg: dict, rot_precision: str = "tf32") -> tuple:
-    """Launch 1: x (M, K) -> (a, a_kind, tok_scale, part): the GEMM's activation operand
-    (bf16 / int8 codes / float32 rotated values, (M, K)), its kind (A_*), the per-token scales
-    (M,) of int8 codes, the per-(token, block) absmax (M, K/B) of float32 values. With
-    cfg["QUANT"], dynamic K-parallel values are turned into int8 codes by a second launch."""
+                       act_scale: torch.Tensor | None = None, cfg: dict,
+                       rot_precision: str = "tf32") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The activation launches: x (M, K) -> (a, tok_scale), the GEMM's operand (M, K): int8 codes
+    with per-token scales float32 (M,) for dynamic activations (prep + quantize launch), else
+    bf16 values (static q*s, or rotated values without activation quantization) and None."""
     m, k = x.shape
     b = r_in.shape[-1]
     nb = k // b
     dummy = r_in  # placeholder pointer for absent optional tensors (never read)
-    g = max(1, cfg["G"] * 64 // b) if cfg["G"] else 0  # G counts 64-wide blocks; 0: whole rows
-    full = g == 0 or g >= nb
-    g = nb if full else g
+    g = min(nb, max(1, cfg["G"] * 64 // b))  # G counts 64-wide blocks
     dynamic = mode == MODE_DYNAMIC
-    if dynamic and full:
-        a, a_kind = torch.empty((m, k), device=x.device, dtype=torch.int8), A_INT8
-    elif dynamic:
-        a, a_kind = torch.empty((m, k), device=x.device, dtype=torch.float32), A_F32_QUANTIZE
-    else:
-        a, a_kind = torch.empty((m, k), device=x.device, dtype=torch.bfloat16), A_BF16
-    tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32) if a_kind == A_INT8 else None
-    part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if a_kind == A_F32_QUANTIZE else None
+    a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
+    part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     bmp = cfg["BMP"]
     _prep_kernel[(triton.cdiv(m, bmp), triton.cdiv(nb, g))](
         x, x.stride(0), m, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
-        r_in, act_scale if act_scale is not None else dummy, a,
-        tok_scale if tok_scale is not None else dummy, part if part is not None else dummy,
-        NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, FULL=full and dynamic, G=g, BMP=bmp, B=b,
+        r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
+        NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
         num_warps=cfg["prep_warps"])
-    if a_kind == A_F32_QUANTIZE and cfg.get("QUANT"):  # a third launch turns the values into int8 codes
-        codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
-        tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
-        bmq, bkq = min(16, triton.next_power_of_2(m)), 256
-        while k % bkq:
-            bkq //= 2
-        _quant_kernel[(triton.cdiv(m, bmq), triton.cdiv(k, bkq))](
-            a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
-            BMQ=bmq, BKQ=bkq, num_warps=4)
-        return codes, A_INT8, tok_scale, None
-    return a, a_kind, tok_scale, part
+    if not dynamic:
+        return a, None
+    codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
+    bmq, bkq = min(16, triton.next_power_of_2(m)), 256
+    while k % bkq:
+        bkq //= 2
+    _quant_kernel[(triton.cdiv(m, bmq), triton.cdiv(k, bkq))](
+        a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
+        BMQ=bmq, BKQ=bkq, num_warps=4)
+    return codes, tok_scale
 
 
 _COUNTERS: dict = {}
@@ -353,12 +311,12 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor:
     return c
 
 
-def w4_gemm(a: torch.Tensor, a_kind: int, tok_scale: torch.Tensor | None, part: torch.Tensor | None, *,
-            qweight: torch.Tensor, w_scale: torch.Tensor, r_out: torch.Tensor | None,
-            bias: torch.Tensor | None, out_dtype: torch.dtype, mode: int, qmin: int = -128, qmax: int = 127,
+def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.Tensor, w_scale: torch.Tensor,
+            r_out: torch.Tensor | None, bias: torch.Tensor | None, out_dtype: torch.dtype,
             cfg: dict) -> torch.Tensor:
-    """Launch 2: out (M, N) = restore((a quantized) @ W_q^T) + bias, from `prepare_activation`'s
-    operand and packed int4 qweight uint8 (N, K/2) with row scales w_scale float32 (N,)."""
+    """The GEMM launch: out (M, N) = restore((a @ W_q^T) x scales) + bias, from `prepare_activation`'s
+    operand (int8 codes with per-token scales, or bf16) and packed int4 qweight uint8 (N, K/2) with
+    row scales w_scale float32 (N,)."""
     m, k = a.shape
     n = qweight.shape[0]
     bo = r_out.shape[-1] if r_out is not None else 16
@@ -370,17 +328,14 @@ def w4_gemm(a: torch.Tensor, a_kind: int, tok_scale: torch.Tensor | None, part: 
             split //= 2
     if bn % bo or n % bn:
         raise ValueError(f"GEMM config {cfg} does not fit N={n}, output block {bo}")
-    nb = part.shape[1] if part is not None else 1
     out = torch.empty((m, n), device=a.device, dtype=out_dtype)
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bmt)
     ws = torch.empty((split, m, n), device=a.device, dtype=torch.float32) if split > 1 else w_scale
     cnt = _counters(a.device, tiles) if split > 1 else w_scale
     _gemm_kernel[(tiles, split)](
-        a, tok_scale if tok_scale is not None else w_scale, part if part is not None else w_scale, nb, qweight,
-        w_scale, r_out if r_out is not None else w_scale, bias if bias is not None else w_scale, out, m, n, K=k,
-        stride_om=out.stride(0), ws_ptr=ws, cnt_ptr=cnt,
-        QMIN=qmin, QMAX=qmax, A_KIND=a_kind, MODE=mode, NB_P2=triton.next_power_of_2(nb),
-        BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
+        a, tok_scale if tok_scale is not None else w_scale, qweight, w_scale,
+        r_out if r_out is not None else w_scale, bias if bias is not None else w_scale, out, m, n, K=k,
+        stride_om=out.stride(0), ws_ptr=ws, cnt_ptr=cnt, INT8=tok_scale is not None, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
         HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
@@ -408,9 +363,7 @@ def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, 
     cfg = dict(pick_config(m, qweight.shape[0], k, mode))
     if config:
         cfg.update(config)
-    common = dict(qweight=qweight, w_scale=w_scale, r_out=r_out, bias=bias, out_dtype=x.dtype, mode=mode,
-                  qmin=qmin, qmax=qmax, cfg=cfg)
-    a, a_kind, tok_scale, part = prepare_activation(x, r_in=r_in, perm=perm, smooth=smooth, mode=mode, qmin=qmin,
-                                                    qmax=qmax, act_scale=act_scale, cfg=cfg,
-                                                    rot_precision=rot_precision)
-    return w4_gemm(a, a_kind, tok_scale, part, **common)
+    a, tok_scale = prepare_activation(x, r_in=r_in, perm=perm, smooth=smooth, mode=mode, qmin=qmin, qmax=qmax,
+                                      act_scale=act_scale, cfg=cfg, rot_precision=rot_precision)
+    return w4_gemm(a, tok_scale, qweight=qweight, w_scale=w_scale, r_out=r_out, bias=bias, out_dtype=x.dtype,
+                   cfg=cfg)
