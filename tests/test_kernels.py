@@ -1,7 +1,8 @@
 """kernels/w4a8.py under Triton's CPU interpreter (TRITON_INTERPRET=1, tiny shapes): the kernels
 compute the reference numerics in every variant (dynamic activations through the quantize launch,
 static scales, no activation quantization; one or several rotation blocks per prep program;
-split-K; swapped and unswapped dot operands). Skipped when Triton is not installed (it is
+split-K; swapped and unswapped dot operands; x read through the permutation, gathered
+beforehand or transposed; one or several row tiles per prep program). Skipped when Triton is not installed (it is
 optional)."""
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ g = torch.Generator().manual_seed(0)
 orth = lambda nb, b: torch.linalg.qr(torch.randn(nb, b, b, generator=g, dtype=torch.float64))[0].float().contiguous()
 cases = [  # m, n, k, B, Bo, mode, smooth, prep 64-wide blocks per program, swap, split-K
     (5, 128, 256, 64, 64, 2, False, 4, True, 1), (5, 128, 256, 64, 64, 2, True, 1, True, 2),
-    (20, 64, 128, 32, 64, 2, False, 1, False, 1), (20, 64, 128, 32, 32, 1, True, 2, True, 1),
+    (20, 64, 128, 32, 64, 2, False, 1, False, 1), (40, 64, 128, 32, 32, 1, True, 2, True, 1),
     (20, 128, 128, 32, 64, 1, False, 1, False, 2), (3, 128, 256, 64, None, 0, False, 4, True, 1),
-    (5, 128, 256, 64, 64, 2, True, 1, True, 4), (20, 128, 256, 32, 64, 2, False, 2, False, 1),
+    (5, 128, 256, 64, 64, 2, True, 1, True, 4), (40, 128, 256, 32, 64, 2, False, 2, False, 1),
     (20, 128, 256, 32, 64, 1, True, 1, True, 4)]
 out = []
-for (m, n, k, b, bo, mode, smooth, G, swap, split) in cases:
+for i, (m, n, k, b, bo, mode, smooth, G, swap, split) in enumerate(cases):
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     perm = torch.randperm(k, generator=g)
     r_in, r_out = orth(k // b, b), (orth(n // bo, bo) if bo else None)
@@ -45,7 +46,10 @@ for (m, n, k, b, bo, mode, smooth, G, swap, split) in cases:
     act = xt.abs().amax(0) / 127 * 0.8
     xq = fake_quantize_per_token(xt, 8) if mode == 2 else fake_quantize_per_channel(xt, act, 8) if mode == 1 else xt
     ref = output_restore((xq @ q.float().t()) * ws, r_out) + bias.float()
-    cfg = dict(BN=64, BMT=16, BK=64, G=G, BMP=16, num_warps=4, num_stages=2, SWAP=swap, SPLIT=split)
+    cfg = dict(BN=64, BMT=16, BK=64, G=G, BMP=16, num_warps=4, num_stages=2, SWAP=swap, SPLIT=split,
+               XLOAD=("gather", "index_select", "transpose")[i % 3],  # ways of reading x through perm
+               TILES=1 + i % 2,  # row tiles per prep program
+               BKQ=64, QCH=1 + i % 3)  # column chunks per quantize program
     y = K.w4_linear(x, qweight=pack_int4(q), w_scale=ws, r_in=r_in.half(), perm=perm,
                     r_out=None if r_out is None else r_out.half(), bias=bias, smooth=sm, mode=mode,
                     act_scale=act, config=cfg)

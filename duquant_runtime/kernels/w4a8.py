@@ -57,45 +57,47 @@ _rint = _rint_sw if _INTERPRET else _rint_hw
 
 
 @triton.jit
-def _rotated_block(x_ptr, stride_xm, M, perm_ptr, smooth_ptr, r_ptr, offs_m, kb,
-                   B: tl.constexpr, HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr):
-    """float32 (BMP, B): rows offs_m of (x / smooth)[:, perm] @ r_in[kb] (block kb)."""
-    offs_c = kb * B + tl.arange(0, B)
-    if HAS_PERM:
-        src = tl.load(perm_ptr + offs_c)
-    else:
-        src = offs_c
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :], mask=offs_m[:, None] < M,
-                other=0.0).to(tl.float32)
-    if HAS_SMOOTH:
-        x = tl.math.div_rn(x, tl.load(smooth_ptr + src).to(tl.float32)[None, :])
-    rb = tl.arange(0, B)
-    r = tl.load(r_ptr + kb * B * B + rb[:, None] * B + rb[None, :]).to(tl.float32)
-    return tl.dot(x, r, input_precision=PREC)
-
-
-@triton.jit
 def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_ptr, out_ptr,
                  part_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
-                 G: tl.constexpr, BMP: tl.constexpr, B: tl.constexpr, HAS_PERM: tl.constexpr,
-                 HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    offs_m = pid_m * BMP + tl.arange(0, BMP)
-    row_ok = offs_m < M
+                 G: tl.constexpr, BMP: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, B: tl.constexpr,
+                 HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, XLOAD: tl.constexpr):
+    """Program (i, j): rotation blocks i*G .. i*G+G-1, row tiles j*TILES .. j*TILES+TILES-1 of BMP
+    rows. Per block, the permutation slice, the R_in block and the scales are loaded once; the row
+    tiles stream through a software-pipelined loop (STAGES). XLOAD 0: x (M, K) read through perm;
+    1: x already gathered (x[:, perm]); 2: x transposed (K, M), read through perm along tokens."""
+    pid_g = tl.program_id(0)
+    pid_m = tl.program_id(1)
     cb = tl.arange(0, B)
     for g in range(0, G):
         kb = pid_g * G + g
-        if kb < NB:
-            xt = _rotated_block(x_ptr, stride_xm, M, perm_ptr, smooth_ptr, r_ptr, offs_m, kb,
-                                B, HAS_PERM, HAS_SMOOTH, PREC)
-            offs_c = kb * B + cb
+        offs_c = kb * B + cb
+        if HAS_PERM:
+            src = tl.load(perm_ptr + offs_c)
+        else:
+            src = offs_c
+        r = tl.load(r_ptr + kb * B * B + cb[:, None] * B + cb[None, :]).to(tl.float32)
+        if HAS_SMOOTH:
+            smooth = tl.load(smooth_ptr + src).to(tl.float32)
+        if MODE == 1:
+            sk = tl.load(act_scale_ptr + offs_c)
+        for t in tl.range(0, TILES, num_stages=STAGES):
+            offs_m = (pid_m * TILES + t) * BMP + tl.arange(0, BMP)
+            row_ok = offs_m < M
+            if XLOAD == 1:
+                xp = x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :]
+            elif XLOAD == 2:
+                xp = x_ptr + src[None, :] * stride_xm + offs_m[:, None]
+            else:
+                xp = x_ptr + offs_m[:, None] * stride_xm + src[None, :]
+            x = tl.load(xp, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                x = tl.math.div_rn(x, smooth[None, :])
+            xt = tl.dot(x, r, input_precision=PREC)
             dst = out_ptr + offs_m[:, None] * K + offs_c[None, :]
             if MODE == 2:  # rotated values and the block's absmax; `_quant_kernel` makes the codes
                 tl.store(dst, xt, mask=row_ok[:, None])
                 tl.store(part_ptr + offs_m * NB + kb, tl.max(tl.abs(xt), axis=1), mask=row_ok)
             elif MODE == 1:  # static per channel (of the rotated basis)
-                sk = tl.load(act_scale_ptr + offs_c)
                 q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, sk[None, :])), QMIN), QMAX)
                 tl.store(dst, (q * sk[None, :]).to(tl.bfloat16), mask=row_ok[:, None])
             else:
@@ -105,9 +107,10 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
 @triton.jit
 def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, NB: tl.constexpr,
                   NB_P2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BMQ: tl.constexpr,
-                  BKQ: tl.constexpr):
+                  BKQ: tl.constexpr, QCH: tl.constexpr):
     """Dynamic per-token codes: int8 (M, K) of float32 rotated values with the row scale from the
-    per-(token, block) absmax (M, NB); program column 0 also writes the scales (M,)."""
+    per-(token, block) absmax (M, NB). Program (i, j): BMQ rows, QCH chunks of BKQ columns;
+    program column 0 also writes the scales (M,)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BMQ + tl.arange(0, BMQ)
@@ -117,10 +120,11 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
     s = tl.math.div_rn(tl.max(p, axis=1), tl.full((BMQ,), QMAX, tl.float32))
     s = tl.where(s > 0, s, 1.0)
     tl.store(tok_scale_ptr + offs_m, s, mask=row_ok & (pid_k == 0))
-    offs_k = pid_k * BKQ + tl.arange(0, BKQ)
-    v = tl.load(v_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0)
-    q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, s[:, None])), QMIN), QMAX)
-    tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], q.to(tl.int8), mask=row_ok[:, None])
+    for c in tl.range(0, QCH):
+        offs_k = (pid_k * QCH + c) * BKQ + tl.arange(0, BKQ)
+        v = tl.load(v_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, s[:, None])), QMIN), QMAX)
+        tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], q.to(tl.int8), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -272,27 +276,38 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     b = r_in.shape[-1]
     nb = k // b
     dummy = r_in  # placeholder pointer for absent optional tensors (never read)
-    g = min(nb, max(1, cfg["G"] * 64 // b))  # G counts 64-wide blocks
+    g = max(1, min(nb, cfg["G"] * 64 // b))  # G counts 64-wide blocks; programs own whole groups
+    while nb % g:
+        g -= 1
+    bmp = cfg["BMP"]
+    tiles = max(1, min(cfg.get("TILES", 1), triton.cdiv(m, bmp)))
     dynamic = mode == MODE_DYNAMIC
     a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
-    bmp = cfg["BMP"]
-    _prep_kernel[(triton.cdiv(m, bmp), triton.cdiv(nb, g))](
+    xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
+    if xload == 1:
+        x = x.index_select(1, perm)
+    elif xload == 2:
+        x = x.t().contiguous()
+    _prep_kernel[(nb // g, triton.cdiv(m, bmp * tiles))](
         x, x.stride(0), m, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
         r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
-        NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, B=b,
+        NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-        num_warps=cfg["prep_warps"])
+        XLOAD=xload, num_warps=cfg["prep_warps"])
     if not dynamic:
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
     tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
-    bmq, bkq = min(16, triton.next_power_of_2(m)), 256
+    bmq, bkq = min(cfg.get("BMQ", 16), triton.next_power_of_2(m)), cfg.get("BKQ", 256)
     while k % bkq:
         bkq //= 2
-    _quant_kernel[(triton.cdiv(m, bmq), triton.cdiv(k, bkq))](
+    qch = max(1, min(cfg.get("QCH", 1), k // bkq))
+    while (k // bkq) % qch:
+        qch -= 1
+    _quant_kernel[(triton.cdiv(m, bmq), k // (bkq * qch))](
         a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
-        BMQ=bmq, BKQ=bkq, num_warps=4)
+        BMQ=bmq, BKQ=bkq, QCH=qch, num_warps=4)
     return codes, tok_scale
 
 
