@@ -8,7 +8,7 @@ Per shape (N out, K in) and token count M, timed as CUDA-graph replays in one ru
 - bf16 `nn.Linear` (the baseline);
 - per activation mode (dynamic, static): the activation launches alone (`prepare_activation`)
   for `pick_config`'s choice and prep variants (rows per program BMP, row tiles per program
-  TILES, reading x through the permutation or gathered beforehand: XLOAD; for dynamic
+  TILES, reading x through the permutation, gathered beforehand or transposed: XLOAD; for dynamic
   activations the quantize launch's rows BMQ and column chunks QCH); the GEMM launch alone with
   split-K variants (small N at large M); the whole `w4_linear` with the picked and the best
   ("tuned") configuration, and its error against the float32 reference;
@@ -92,9 +92,9 @@ def bench(tower, name, n, k, m, args) -> dict:
 
         pv = [{}]  # the picked configuration first
         if not args.quick:
-            for xl in (("gather", "index_select") if m >= 64 else ("gather",)):
+            for xl in (("gather", "index_select", "transpose") if m >= 64 else ("gather",)):
                 for bmp in ((64, 128) if m >= 256 else (16, 32, 64) if m > 1 else (16,)):
-                    for tiles in ((1, 4, 13) if m >= 256 else (1,)):
+                    for tiles in ((1, 4) if m >= 256 else (1,)):
                         pv.append(dict(XLOAD=xl, BMP=bmp, TILES=tiles, prep_warps=4 if bmp <= 64 else 8,
                                        prep_stages=3))
         bp = best_of(pv, "prep_variants")

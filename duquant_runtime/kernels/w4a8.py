@@ -57,6 +57,42 @@ _rint = _rint_sw if _INTERPRET else _rint_hw
 
 
 @triton.jit
+def _unpack_sw(wb, INT8: tl.constexpr):
+    """(low, high) int4 codes of int8 bytes wb (BN, BK/2), in plain arithmetic (the CPU
+    interpreter): int8 16 * q for the int8 dot (INT8), else int8 q."""
+    if INT8:
+        return wb << 4, (wb >> 4) << 4
+    else:
+        return (wb << 4) >> 4, wb >> 4
+
+
+@triton.jit
+def _unpack_asm(wb, INT8: tl.constexpr):
+    """(low, high) int4 codes of int8 bytes wb (BN, BK/2), four bytes per 32-bit register:
+    int8 16 * q by two masks (INT8), else bf16 q exactly: each code n goes into the mantissa of
+    bf16 128 + (n ^ 8) = 136 + q (prmt + lop3), then one bf16x2 fma subtracts 136."""
+    if INT8:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shl.b32 t, $2, 4; and.b32 $0, t, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0; }",
+            "=r,=r,r", [wb], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 z, m, e, one, off, t0, t1, u0, u1;\n"
+            "mov.b32 z, 0; mov.b32 m, 0x000F000F; mov.b32 e, 0x43084308;\n"
+            "mov.b32 one, 0x3F803F80; mov.b32 off, 0xC308C308;\n"
+            "prmt.b32 t0, $4, z, 0x4140; prmt.b32 t1, $4, z, 0x4342;\n"
+            "lop3.b32 u0, t0, m, e, 0x6A; lop3.b32 u1, t1, m, e, 0x6A;\n"
+            "fma.rn.bf16x2 $0, u0, one, off; fma.rn.bf16x2 $1, u1, one, off;\n"
+            "shr.b32 t0, t0, 4; shr.b32 t1, t1, 4;\n"
+            "lop3.b32 u0, t0, m, e, 0x6A; lop3.b32 u1, t1, m, e, 0x6A;\n"
+            "fma.rn.bf16x2 $2, u0, one, off; fma.rn.bf16x2 $3, u1, one, off; }",
+            "=r,=r,=r,=r,r", [wb], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+_unpack = _unpack_sw if _INTERPRET else _unpack_asm
+
+
+@triton.jit
 def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_ptr, out_ptr,
                  part_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
                  G: tl.constexpr, BMP: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, B: tl.constexpr,
@@ -83,13 +119,15 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
         for t in tl.range(0, TILES, num_stages=STAGES):
             offs_m = (pid_m * TILES + t) * BMP + tl.arange(0, BMP)
             row_ok = offs_m < M
-            if XLOAD == 1:
-                xp = x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :]
-            elif XLOAD == 2:
-                xp = x_ptr + src[None, :] * stride_xm + offs_m[:, None]
+            if XLOAD == 2:  # (B, BMP) tile of x^T: each permuted row is BMP contiguous tokens
+                x = tl.trans(tl.load(x_ptr + src[:, None] * stride_xm + offs_m[None, :], mask=row_ok[None, :],
+                                     other=0.0)).to(tl.float32)
             else:
-                xp = x_ptr + offs_m[:, None] * stride_xm + src[None, :]
-            x = tl.load(xp, mask=row_ok[:, None], other=0.0).to(tl.float32)
+                if XLOAD == 1:
+                    xp = x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :]
+                else:
+                    xp = x_ptr + offs_m[:, None] * stride_xm + src[None, :]
+                x = tl.load(xp, mask=row_ok[:, None], other=0.0).to(tl.float32)
             if HAS_SMOOTH:
                 x = tl.math.div_rn(x, smooth[None, :])
             xt = tl.dot(x, r, input_precision=PREC)
@@ -102,6 +140,17 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
                 tl.store(dst, (q * sk[None, :]).to(tl.bfloat16), mask=row_ok[:, None])
             else:
                 tl.store(dst, xt.to(tl.bfloat16), mask=row_ok[:, None])
+
+
+@triton.jit
+def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr):
+    """out (K, M) = x (M, K)^T, BT x BT tiles (K a multiple of BT): the prep's XLOAD 2 operand,
+    whose permuted rows it then reads as contiguous runs of tokens."""
+    offs_m = tl.program_id(0) * BT + tl.arange(0, BT)
+    offs_k = tl.program_id(1) * BT + tl.arange(0, BT)
+    mask = offs_m[:, None] < M
+    t = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask)
+    tl.store(out_ptr + offs_k[None, :] * M + offs_m[:, None], t, mask=mask)
 
 
 @triton.jit
@@ -174,10 +223,10 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         acc = tl.zeros((BMT, BN), dtype=tl.int32 if INT8 else tl.float32)
     for k0 in range(0, K_CHUNK, BK):
         kk = pid_k * K_CHUNK + k0
-        wb = tl.load(w_ptrs + kk // 2).to(tl.int8, bitcast=True)
-        w = tl.join((wb << 4) >> 4, wb >> 4).reshape(BN, BK)  # column 2j: low nibble, 2j+1: high
+        lo, hi = _unpack(tl.load(w_ptrs + kk // 2).to(tl.int8, bitcast=True), INT8)
+        w = tl.join(lo, hi).reshape(BN, BK)  # column 2j: low nibble, 2j+1: high
         a = tl.load(a_ptrs + kk)
-        if INT8:
+        if INT8:  # int8 16 * q: exact int32 sums (|sum| < 2^31 for K <= 2^17), scaled by 1/16 below
             if SWAP:
                 acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
             else:
@@ -196,7 +245,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
     if not SWAP:
         y = tl.trans(y)  # (BN, BMT)
     if INT8:
-        y = y * tl.load(tok_scale_ptr + rows_m)[None, :]
+        y = (y * 0.0625) * tl.load(tok_scale_ptr + rows_m)[None, :]  # exact: the codes were 16 * q
     y = y * tl.load(w_scale_ptr + rows_n)[:, None]
     if SPLIT == 1:
         _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, BN, BO,
@@ -238,7 +287,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     program), BMP (rows per program), prep_warps; GEMM BN (weight rows), BMT (tokens),
     BK, GROUP, SWAP (weight as the dot's register operand), SPLIT (split-K), num_warps, num_stages."""
     dynamic = mode == MODE_DYNAMIC
-    cfg = dict(G=1, BMP=16 if m <= 64 else 64, prep_warps=4, GROUP=8, SWAP=True)
+    cfg = dict(G=1, BMP=16 if m <= 64 else 64, prep_warps=4, GROUP=8, SWAP=True, BMQ=4, QCH=4 if k > 4096 else 1)
     if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
         cfg.update(BN=64, BMT=16, BK=128, SPLIT=4, num_warps=4, num_stages=3)
         if dynamic and k > 4096:
@@ -250,7 +299,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         if not dynamic and k <= 1024 and n >= 2048:
             cfg.update(SPLIT=1)
     elif dynamic:  # int8 tensor cores
-        cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
+        cfg.update(BN=64, BMT=128, BK=128, SPLIT=4 if n <= 256 else 1, num_warps=4, num_stages=4)
         if n * k >= 1 << 25 and k <= 4096:
             cfg.update(BN=128, BMT=256, num_warps=8, num_stages=3)
     else:
@@ -258,7 +307,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         if n * k >= 1 << 25 and k <= 4096:
             cfg.update(BMT=256)
         elif n < 1024:
-            cfg.update(BMT=64, num_warps=4, num_stages=4)
+            cfg.update(BMT=64, SPLIT=4, num_warps=4, num_stages=4)
     return cfg
 
 
@@ -288,7 +337,9 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     if xload == 1:
         x = x.index_select(1, perm)
     elif xload == 2:
-        x = x.t().contiguous()
+        xt = torch.empty((k, m), device=x.device, dtype=x.dtype)
+        _transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xt, m, BT=64, num_warps=4)
+        x = xt
     _prep_kernel[(nb // g, triton.cdiv(m, bmp * tiles))](
         x, x.stride(0), m, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
         r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
