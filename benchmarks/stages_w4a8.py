@@ -11,7 +11,8 @@ Per shape (N out, K in) and token count M, timed as CUDA-graph replays in one ru
   TILES, reading x through the permutation, gathered beforehand or transposed: XLOAD; for dynamic
   activations the quantize launch's rows BMQ and column chunks QCH); the GEMM launch alone with
   split-K variants (small N at large M); the whole `w4_linear` with the picked and the best
-  ("tuned") configuration, and its error against the float32 reference;
+  ("tuned") configuration, and without programmatic dependent launch, with its error against the
+  float32 reference;
 - at M >= 64: `torch._int_mm` (cuBLAS int8 x int8 -> int32, weights held as int8) as the
   int8 tensor-core ceiling of an unfused design;
 - once: the time of an empty Triton launch inside a CUDA graph (the per-launch floor).
@@ -118,7 +119,7 @@ def bench(tower, name, n, k, m, args) -> dict:
         if gemm:
             tuned["SPLIT"] = min(gemm, key=lambda row: row["s"])["SPLIT"]
         r["tuned"] = tuned
-        for label, cfg in (("picked", base), ("tuned", tuned)):
+        for label, cfg in (("picked", base), ("tuned", tuned), ("picked_nopdl", {**base, "PDL": False})):
             r[f"full_{label}_s"] = safe_time([full(lay, cfg) for lay in layers], x, args.repeats)
             with torch.no_grad():
                 r[f"full_{label}_err"] = float((full(layers[0], cfg)(x).float() - ref).norm() / ref.norm())
@@ -128,6 +129,7 @@ def bench(tower, name, n, k, m, args) -> dict:
                     f"gemm " + " ".join(f"split{g['SPLIT']} {us(g['s'])}" for g in gemm) +
                     f" | full picked {us(r['full_picked_s'])} ({r['full_picked_s'] / res['bf16_s']:.2f}x) "
                     f"tuned {us(r['full_tuned_s'])} ({r['full_tuned_s'] / res['bf16_s']:.2f}x) "
+                    f"no-PDL {us(r['full_picked_nopdl_s'])} "
                     f"err {r['full_picked_err']:.1e}/{r['full_tuned_err']:.1e}")
     print(" ".join(line), flush=True)
     return res

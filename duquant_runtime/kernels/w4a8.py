@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 MODE_NONE, MODE_STATIC, MODE_DYNAMIC = 0, 1, 2
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter (tests)
@@ -96,11 +97,18 @@ _unpack = _unpack_sw if _INTERPRET else _unpack_asm
 def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_ptr, out_ptr,
                  part_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
                  G: tl.constexpr, BMP: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, B: tl.constexpr,
-                 HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, XLOAD: tl.constexpr):
+                 HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, XLOAD: tl.constexpr,
+                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr):
     """Program (i, j): rotation blocks i*G .. i*G+G-1, row tiles j*TILES .. j*TILES+TILES-1 of BMP
     rows. Per block, the permutation slice, the R_in block and the scales are loaded once; the row
     tiles stream through a software-pipelined loop (STAGES). XLOAD 0: x (M, K) read through perm;
-    1: x already gathered (x[:, perm]); 2: x transposed (K, M), read through perm along tokens."""
+    1: x already gathered (x[:, perm]); 2: x transposed (K, M), read through perm along tokens.
+    PDL: let the next launch start (it waits for this one's results itself); PDL_WAIT: launched
+    early after the transpose launch, wait for its results first."""
+    if PDL_WAIT:
+        gdc_wait()
+    if PDL:
+        gdc_launch_dependents()
     pid_g = tl.program_id(0)
     pid_m = tl.program_id(1)
     cb = tl.arange(0, B)
@@ -143,9 +151,11 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
 
 
 @triton.jit
-def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr):
+def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr, PDL: tl.constexpr):
     """out (K, M) = x (M, K)^T, BT x BT tiles (K a multiple of BT): the prep's XLOAD 2 operand,
     whose permuted rows it then reads as contiguous runs of tokens."""
+    if PDL:
+        gdc_launch_dependents()
     offs_m = tl.program_id(0) * BT + tl.arange(0, BT)
     offs_k = tl.program_id(1) * BT + tl.arange(0, BT)
     mask = offs_m[:, None] < M
@@ -156,10 +166,13 @@ def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr):
 @triton.jit
 def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, NB: tl.constexpr,
                   NB_P2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BMQ: tl.constexpr,
-                  BKQ: tl.constexpr, QCH: tl.constexpr):
+                  BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr):
     """Dynamic per-token codes: int8 (M, K) of float32 rotated values with the row scale from the
     per-(token, block) absmax (M, NB). Program (i, j): BMQ rows, QCH chunks of BKQ columns;
-    program column 0 also writes the scales (M,)."""
+    program column 0 also writes the scales (M,). PDL: launched early, waits for the prep."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BMQ + tl.arange(0, BMQ)
@@ -197,7 +210,8 @@ def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr,
 def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
                  M, N, K: tl.constexpr, stride_om, ws_ptr, cnt_ptr, INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
                  GROUP: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
-                 HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr):
+                 HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
+                 PF_N: tl.constexpr, PF: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BN)
@@ -217,6 +231,13 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
     kf = tl.arange(0, BK)
     w_ptrs = w_ptr + rows_n[:, None] * (K // 2) + kh[None, :]
     a_ptrs = a_ptr + rows_m[:, None] * K + kf[None, :]
+    if PDL:  # launched while the activation launch still runs: fetch this program's weights into
+        # L2 (PF_N lines of 128 bytes per row), then wait for the activations; no write before the wait
+        line = tl.minimum(tl.arange(0, PF), PF_N - 1)
+        pf = w_ptr + rows_n[:, None] * (K // 2) + (pid_k * K_CHUNK) // 2 + line[None, :] * 128
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pf], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+        gdc_wait()
     if SWAP:
         acc = tl.zeros((BN, BMT), dtype=tl.int32 if INT8 else tl.float32)
     else:
@@ -283,23 +304,30 @@ def supports(in_features: int, out_features: int, block_in: int, block_out: int 
 
 def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     """Launch configuration for (M tokens, N out, K in): the fastest measured on an H200 for the
-    pi0.5 shapes (benchmarks/sweep_w4a8.py; docs/benchmarks.md). Keys: prep G (64-wide blocks per
-    program), BMP (rows per program), prep_warps; GEMM BN (weight rows), BMT (tokens),
-    BK, GROUP, SWAP (weight as the dot's register operand), SPLIT (split-K), num_warps, num_stages."""
+    pi0.5 shapes (benchmarks/stages_w4a8.py, sweep_w4a8.py; docs/benchmarks.md). Keys: prep G
+    (64-wide blocks per program), BMP (rows per tile), TILES (row tiles per program), XLOAD (how x
+    is read through the permutation), prep_warps, prep_stages; quantize BMQ (rows), QCH (column
+    chunks); GEMM BN (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register
+    operand), SPLIT (split-K), num_warps, num_stages; PDL (programmatic dependent launch)."""
     dynamic = mode == MODE_DYNAMIC
-    cfg = dict(G=1, BMP=16 if m <= 64 else 64, prep_warps=4, GROUP=8, SWAP=True, BMQ=4, QCH=4 if k > 4096 else 1)
+    cfg = dict(G=1, BMP=16, prep_warps=4, GROUP=8, SWAP=True, BMQ=4, QCH=4 if k > 4096 else 1, PDL=True)
     if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
         cfg.update(BN=64, BMT=16, BK=128, SPLIT=4, num_warps=4, num_stages=3)
         if dynamic and k > 4096:
             cfg.update(BN=128, SPLIT=8)
         elif dynamic:
             cfg.update(BK=256, SWAP=False)
-    elif m <= 64:
+        return cfg
+    if m <= 64:
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3)
         if not dynamic and k <= 1024 and n >= 2048:
             cfg.update(SPLIT=1)
-    elif dynamic:  # int8 tensor cores
-        cfg.update(BN=64, BMT=128, BK=128, SPLIT=4 if n <= 256 else 1, num_warps=4, num_stages=4)
+        return cfg
+    # x^T first: the prep then reads whole runs of tokens per permuted channel (no 16x sector gather)
+    cfg.update(XLOAD="transpose", BMP=128 if k <= 4096 else 64, prep_warps=8 if k <= 4096 else 4,
+               TILES=4 if dynamic and k > 4096 else 1, prep_stages=3)
+    if dynamic:  # int8 tensor cores
+        cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
         if n * k >= 1 << 25 and k <= 4096:
             cfg.update(BN=128, BMT=256, num_warps=8, num_stages=3)
     else:
@@ -312,6 +340,13 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
 
 
 _PREC = {"tf32": "tf32", "tf32x3": "tf32x3", "ieee": "ieee"}
+
+
+def _pdl(on: bool) -> dict:
+    """Launch option for programmatic dependent launch (Hopper+): the kernel may start while the
+    previous launch of the stream runs, and waits (griddepcontrol.wait) before it reads that
+    launch's results or writes anything."""
+    return {"launch_pdl": True} if on else {}
 
 
 def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tensor | None,
@@ -334,18 +369,19 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
+    pdl = bool(cfg.get("PDL")) and not _INTERPRET
     if xload == 1:
         x = x.index_select(1, perm)
     elif xload == 2:
         xt = torch.empty((k, m), device=x.device, dtype=x.dtype)
-        _transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xt, m, BT=64, num_warps=4)
+        _transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xt, m, BT=64, PDL=pdl, num_warps=4)
         x = xt
     _prep_kernel[(nb // g, triton.cdiv(m, bmp * tiles))](
         x, x.stride(0), m, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
         r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
         NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-        XLOAD=xload, num_warps=cfg["prep_warps"])
+        XLOAD=xload, PDL=pdl, PDL_WAIT=pdl and xload == 2, num_warps=cfg["prep_warps"], **_pdl(pdl and xload == 2))
     if not dynamic:
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
@@ -358,7 +394,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         qch -= 1
     _quant_kernel[(triton.cdiv(m, bmq), k // (bkq * qch))](
         a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
-        BMQ=bmq, BKQ=bkq, QCH=qch, num_warps=4)
+        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, num_warps=4, **_pdl(pdl))
     return codes, tok_scale
 
 
@@ -398,12 +434,14 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bmt)
     ws = torch.empty((split, m, n), device=a.device, dtype=torch.float32) if split > 1 else w_scale
     cnt = _counters(a.device, tiles) if split > 1 else w_scale
+    pdl = bool(cfg.get("PDL")) and not _INTERPRET
+    pf_n = max(1, k // split // 256)  # 128-byte lines of packed weights per row and program
     _gemm_kernel[(tiles, split)](
         a, tok_scale if tok_scale is not None else w_scale, qweight, w_scale,
         r_out if r_out is not None else w_scale, bias if bias is not None else w_scale, out, m, n, K=k,
         stride_om=out.stride(0), ws_ptr=ws, cnt_ptr=cnt, INT8=tok_scale is not None, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
-        HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET, PDL=pdl, PF_N=pf_n,
+        PF=triton.next_power_of_2(pf_n), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
     return out
 
 
