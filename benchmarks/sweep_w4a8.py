@@ -50,22 +50,21 @@ def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
         for r in rows:
             out.append({**dict(zip(keys, r)), "GROUP": 8, **prep})
 
-    if m > 64:
-        for g in (1,):
-            prep = {k: v for k, v in out[0].items() if k in ("G", "BMP", "TILES", "XLOAD", "prep_warps",
-                                                             "prep_stages", "BMQ", "QCH", "PDL")}
-            if mode == "dynamic":
-                add(prep, [(64, 128, 128, 4, 4, True, 1), (128, 128, 128, 8, 4, True, 1),
-                           (128, 256, 128, 8, 3, True, 1), (128, 256, 64, 8, 4, True, 1),
-                           (256, 128, 128, 8, 3, True, 1), (128, 128, 256, 8, 3, True, 1)])
-            else:
-                add(prep, [(128, 256, 64, 8, 3, True, 1), (128, 128, 64, 8, 3, True, 1),
-                           (128, 64, 64, 4, 4, True, 1), (128, 256, 64, 8, 4, True, 1),
-                           (256, 128, 64, 8, 3, True, 1), (128, 128, 128, 8, 3, True, 1)])
+    picked_prep = {key: v for key, v in out[0].items()
+                   if key in ("G", "BMP", "TILES", "XLOAD", "prep_warps", "prep_stages", "BMQ", "QCH", "PDL")}
+    if m > 64:  # the picked activation launches, GEMM tile variants
+        if mode == "dynamic":
+            add(picked_prep, [(64, 128, 128, 4, 4, True, 1), (128, 128, 128, 8, 4, True, 1),
+                              (128, 256, 128, 8, 3, True, 1), (128, 256, 64, 8, 4, True, 1),
+                              (256, 128, 128, 8, 3, True, 1), (128, 128, 256, 8, 3, True, 1)])
+        else:
+            add(picked_prep, [(128, 256, 64, 8, 3, True, 1), (128, 128, 64, 8, 3, True, 1),
+                              (128, 64, 64, 4, 4, True, 1), (128, 256, 64, 8, 4, True, 1),
+                              (256, 128, 64, 8, 3, True, 1), (128, 128, 128, 8, 3, True, 1)])
         return out
     bmt = 64 if m > 16 else 16
     for bmp in ((16, 64) if m > 16 else (16,)):
-        prep = dict(G=1, BMP=bmp, prep_warps=4)
+        prep = {**picked_prep, "BMP": bmp}
         if mode == "dynamic":
             add(prep, [(64, bmt, 128, 4, 3, True, 4), (64, bmt, 256, 4, 3, False, 4), (128, bmt, 128, 4, 3, True, 8)])
         else:
