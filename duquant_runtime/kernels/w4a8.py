@@ -322,20 +322,22 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3)
         if not dynamic and k <= 1024 and n >= 2048:
             cfg.update(SPLIT=1)
+        if not dynamic and k >= 2048:  # measured: PDL slower here (expert o/down static, 13.0 -> 16.2 us)
+            cfg.update(PDL=False)
         return cfg
     # x^T first: the prep then reads whole runs of tokens per permuted channel (no 16x sector gather)
     cfg.update(XLOAD="transpose", BMP=128 if k <= 4096 else 64, prep_warps=8 if k <= 4096 else 4,
                TILES=4 if dynamic and k > 4096 else 1, prep_stages=3)
+    if k > 4096 or n < 1024:  # measured: PDL slower for the LLM down and k/v projections
+        cfg.update(PDL=False)
     if dynamic:  # int8 tensor cores
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
-        if n * k >= 1 << 25 and k <= 4096:
-            cfg.update(BN=128, BMT=256, num_warps=8, num_stages=3)
+    elif n * k >= 1 << 25 and k <= 4096:
+        cfg.update(BN=128, BMT=256, BK=64, SPLIT=1, num_warps=8, num_stages=4)
+    elif n < 1024:
+        cfg.update(BN=128, BMT=64, BK=64, SPLIT=4, num_warps=4, num_stages=4)
     else:
-        cfg.update(BN=128, BMT=128, BK=64, SPLIT=1, num_warps=8, num_stages=3)
-        if n * k >= 1 << 25 and k <= 4096:
-            cfg.update(BMT=256)
-        elif n < 1024:
-            cfg.update(BMT=64, SPLIT=4, num_warps=4, num_stages=4)
+        cfg.update(BN=128, BMT=128, BK=128, SPLIT=1, num_warps=8, num_stages=3)
     return cfg
 
 
