@@ -77,3 +77,37 @@ def test_kernels_match_reference_in_interpreter():
     errs = [float(v) for v in res.stdout.split("ERR")[1].split("REFUSED")[0].split()]
     assert len(errs) == 9 and all(e < 1e-2 for e in errs), errs  # bf16 output, fp16 rotations, tf32
     assert res.stdout.count("REFUSED True") == 2, res.stdout
+
+
+@pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("xload", ["gather", "index_select", "transpose"])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_launch_variants_match_reference_on_gpu(xload, pdl):
+    """Every way of reading x through the permutation, with and without programmatic dependent
+    launch, at prefix (M=800, split-K on a narrow layer too) and action-chunk sizes (M=50)."""
+    import torch
+    from duquant_runtime.activation import fake_quantize_per_channel, fake_quantize_per_token
+    from duquant_runtime.kernels import w4a8 as K
+    from duquant_runtime.quant import pack_int4
+    from duquant_runtime.transforms import input_transform, output_restore
+
+    g = torch.Generator().manual_seed(3)
+    for m, n, k, split in ((800, 512, 1024, 1), (800, 256, 1024, 4), (50, 512, 2048, 4)):
+        orth = lambda nb: torch.linalg.qr(torch.randn(nb, 64, 64, generator=g, dtype=torch.float64))[0].float()  # noqa: E731
+        r_in, r_out = orth(k // 64), orth(n // 64)
+        perm = torch.randperm(k, generator=g)
+        q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+        ws = torch.rand(n, generator=g) * 0.01 + 0.001
+        x = torch.randn(m, k, generator=g)
+        x[:, :3] *= 40.0
+        xt = input_transform(x, perm, r_in)
+        act = xt.abs().amax(0) / 127 * 0.8
+        for mode in (K.MODE_DYNAMIC, K.MODE_STATIC):
+            xq = fake_quantize_per_token(xt, 8) if mode == K.MODE_DYNAMIC else fake_quantize_per_channel(xt, act, 8)
+            ref = output_restore((xq @ q.float().t()) * ws, r_out)
+            cfg = dict(XLOAD=xload, PDL=pdl, SPLIT=split, TILES=2)
+            y = K.w4_linear(x.cuda().bfloat16(), qweight=pack_int4(q).cuda(), w_scale=ws.cuda(),
+                            r_in=r_in.half().cuda(), perm=perm.cuda(), r_out=r_out.half().cuda(), bias=None,
+                            smooth=None, mode=mode, act_scale=act.cuda(), config=cfg)
+            err = float((y.float().cpu() - ref).norm() / ref.norm())
+            assert err < 1e-2, (m, n, k, mode, xload, pdl, err)
