@@ -93,7 +93,7 @@ def test_launch_variants_match_reference_on_gpu(xload, pdl):
 
     g = torch.Generator().manual_seed(3)
     for m, n, k, split in ((800, 512, 1024, 1), (800, 256, 1024, 4), (50, 512, 2048, 4)):
-        orth = lambda nb: torch.linalg.qr(torch.randn(nb, 64, 64, generator=g, dtype=torch.float64))[0].float()  # noqa: E731
+        orth = lambda nb: torch.linalg.qr(torch.randn(nb, 64, 64, generator=g, dtype=torch.float64))[0].float().contiguous()  # noqa: E731
         r_in, r_out = orth(k // 64), orth(n // 64)
         perm = torch.randperm(k, generator=g)
         q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
