@@ -1,28 +1,36 @@
-"""Triton kernels of the fast W4 path (v2): int4 weights read once, two or three launches.
+"""Triton kernels of the fast W4 path (v3): int4 weights read once, two to four launches.
 
     y = ((Q_a(x/s P BD(R_in))) Q_w(W_t)^T) BD(R_out)^T + b       (s: smoothing, optional)
 
-1. `_prep_kernel`: the activation transform. Each program owns BMP rows and G consecutive
-   rotation blocks. The tile x[:, perm[block]] (/ smoothing) is rotated by its R_in block (a
-   B x B tf32 dot) and written
+0. `_transpose_kernel` (large M, `XLOAD="transpose"`): x^T (K, M), so that the prep reads each
+   permuted channel as a contiguous run of tokens instead of one 32-byte sector per element.
+1. `_prep_kernel`: the activation transform. A program owns G rotation blocks (their perm slice,
+   R_in block and scales loaded once) and streams TILES row tiles of BMP rows through a
+   software-pipelined loop. The tile x[:, perm[block]] (/ smoothing) is rotated by its R_in block
+   (a B x B tf32 dot) and written
    - static scales: as bf16 values q * s_k of the per-channel quantized activation;
    - dynamic: as float32 rotated values plus the per-(token, block) absmax;
    - no activation quantization: as bf16 rotated values.
 2. `_quant_kernel` (dynamic only): per-token scales from the block maxima, int8 codes.
-3. `_gemm_kernel`: out^T tile (BN rows of W, BMT tokens) = W_q (int4 unpacked in registers to
-   int8 / bf16) @ A^T, so the unpacked weight is the dot's register operand and the activation
-   streams through shared memory (`SWAP`; the unswapped order is kept for tuning). int8 x int8
-   -> int32 dots (exact) for dynamic activations, bf16 dots with float32 sums otherwise. Epilogue
+3. `_gemm_kernel`: out^T tile (BN rows of W, BMT tokens) = W_q @ A^T, the weight unpacked in
+   registers by inline PTX (int8 16 * q with two masks; bf16 q by the exact magic-number
+   conversion) as the dot's register operand, the activation streaming through shared memory
+   (`SWAP`; the unswapped order is kept for tuning). int8 x int8 -> int32 dots (exact; the 16 is
+   divided out exactly) for dynamic activations, bf16 dots with float32 sums otherwise. Epilogue
    (`_finish`): x token scale x row scale, the output restore as one tf32 dot with the tile's
    block-diagonal slice of R_out, the bias, the cast, the transposed store. Split-K (small M):
    partial tiles go to a float32 workspace, a per-tile counter finds the last program, which
    adds the partials in split order (deterministic), finishes the tile and resets the counter.
+Programmatic dependent launch (`PDL`, Hopper+): the quantize launch and the GEMM start while the
+previous launch runs; the GEMM pulls its weight slice into L2, then both wait
+(griddepcontrol.wait) before they read the previous launch's results or write anything.
 
-Launch configurations: `pick_config` (measured: benchmarks/sweep_w4a8.py, docs/benchmarks.md;
-the causes of the remaining cost: benchmarks/notes_runtime_gpu.md).
+Launch configurations: `pick_config` (measured: benchmarks/stages_w4a8.py, sweep_w4a8.py,
+docs/benchmarks.md; the causes of the remaining cost: benchmarks/notes_runtime_gpu.md).
 Rounding: torch.round's half-to-even (rint) and correctly rounded divisions (div_rn), as the
 reference path. Differences to the float32 reference: x P BD(R_in) in tf32, rotations stored in
 16 bits, static activations q*s rounded to bf16, R_out restore in tf32, output in x's dtype.
+The CPU interpreter (tests) runs the same kernels with plain-arithmetic rounding and unpacking.
 """
 
 from __future__ import annotations
