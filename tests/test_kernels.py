@@ -111,3 +111,13 @@ def test_launch_variants_match_reference_on_gpu(xload, pdl):
                             smooth=None, mode=mode, act_scale=act.cuda(), config=cfg)
             err = float((y.float().cpu() - ref).norm() / ref.norm())
             assert err < 1e-2, (m, n, k, mode, xload, pdl, err)
+
+
+def test_supports_refuses_geometries_the_kernels_cannot_run():
+    from duquant_runtime.kernels.w4a8 import supports
+    assert supports(16384, 2048, 64, 64) is None and supports(2048, 256, 64, None) is None
+    assert "multiple of 128" in supports(1000, 2048, 8, 64)
+    assert "exceeds 65536" in supports(1 << 17, 2048, 64, 64)  # int32 sums of the int8 path
+    assert "input block" in supports(2048, 2048, 48, 64)
+    assert "output block" in supports(2048, 2048, 64, 48)
+    assert "out_features" in supports(2048, 2000, 64, None)

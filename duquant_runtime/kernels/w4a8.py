@@ -255,7 +255,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         lo, hi = _unpack(tl.load(w_ptrs + kk // 2).to(tl.int8, bitcast=True), INT8)
         w = tl.join(lo, hi).reshape(BN, BK)  # column 2j: low nibble, 2j+1: high
         a = tl.load(a_ptrs + kk)
-        if INT8:  # int8 16 * q: exact int32 sums (|sum| < 2^31 for K <= 2^17), scaled by 1/16 below
+        if INT8:  # int8 16 * q: exact int32 sums (|sum| <= K * 2^14 < 2^31: `supports` caps K), 1/16 below
             if SWAP:
                 acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
             else:
@@ -301,6 +301,8 @@ def supports(in_features: int, out_features: int, block_in: int, block_out: int 
     """None when the kernels handle this layer geometry, else the reason they do not."""
     if in_features % 128:
         return f"in_features {in_features} is not a multiple of 128"
+    if in_features > 1 << 16:  # int8 path: K products of up to 2^14 (16 * q times a code) in int32
+        return f"in_features {in_features} exceeds 65536"
     if block_in not in (16, 32, 64, 128) or in_features % block_in:
         return f"input block {block_in} must be 16/32/64/128 and divide in_features"
     if block_out is not None and (block_out not in (16, 32, 64, 128) or out_features % block_out):
