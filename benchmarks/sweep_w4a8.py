@@ -63,12 +63,16 @@ def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
                               (256, 128, 64, 8, 3, True, 1), (128, 128, 128, 8, 3, True, 1)])
         return out
     bmt = 64 if m > 16 else 16
-    for bmp in ((16, 64) if m > 16 else (16,)):
+    for bmp in (16,):
         prep = {**picked_prep, "BMP": bmp}
+        rows = [(64, bmt, 128, 4, 3, True, 1), (64, bmt, 128, 4, 3, True, 2), (64, bmt, 128, 4, 3, True, 4),
+                (64, bmt, 256, 4, 3, True, 2), (64, bmt, 128, 4, 4, True, 2), (128, bmt, 128, 8, 3, True, 2),
+                (128, bmt, 128, 4, 3, True, 8), (32, bmt, 128, 4, 3, False, 1), (32, bmt, 128, 4, 3, False, 2)]
         if mode == "dynamic":
-            add(prep, [(64, bmt, 128, 4, 3, True, 4), (64, bmt, 256, 4, 3, False, 4), (128, bmt, 128, 4, 3, True, 8)])
-        else:
-            add(prep, [(64, bmt, 128, 4, 3, True, 4), (64, bmt, 128, 4, 3, True, 1), (128, bmt, 128, 4, 3, True, 8)])
+            rows.append((64, bmt, 256, 4, 3, False, 4))
+        add(prep, rows)
+        for pdl in (False, True):  # the picked GEMM, PDL toggled
+            out.append({**out[0], "BMP": bmp, "PDL": pdl})
     return out
 
 
@@ -133,7 +137,7 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
             print(f"    {mode_name:7s} {t * 1e6:7.1f} us ({t / t_bf16:.2f}x) err {err:.1e} "
                   f"G{cfg['G']}/BMP{cfg['BMP']} "
                   f"BN{cfg['BN']} BMT{cfg['BMT']} BK{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']} "
-                  f"{'swap' if cfg['SWAP'] else 'noswap'} split{cfg['SPLIT']}{flag}", flush=True)
+                  f"{'swap' if cfg['SWAP'] else 'noswap'} split{cfg['SPLIT']} pdl{int(bool(cfg.get('PDL')))}{flag}", flush=True)
         ok = [r for r in rows if r["rel_err"] < 2e-2]
         best = min(ok, key=lambda r: r["s"]) if ok else None
         res[mode_name] = {"configs": rows, "best": best, "picked": rows[0] if rows else None}
