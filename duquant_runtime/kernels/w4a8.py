@@ -322,15 +322,20 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     dynamic = mode == MODE_DYNAMIC
     cfg = dict(G=1, BMP=16, prep_warps=4, GROUP=8, SWAP=True, BMQ=4, QCH=4 if k > 4096 else 1, PDL=True)
     if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
-        cfg.update(BN=64, BMT=16, BK=128, SPLIT=4, num_warps=4, num_stages=3)
-        if dynamic and k > 4096:
-            cfg.update(BN=128, SPLIT=8)
-        elif dynamic:
-            cfg.update(BK=256, SWAP=False)
+        if dynamic:
+            cfg.update(BN=64, BMT=16, BK=256, SPLIT=4, SWAP=False, num_warps=4, num_stages=3)
+            if n >= 8192:
+                cfg.update(SPLIT=2, SWAP=True)
+        else:
+            cfg.update(BN=64, BMT=16, BK=128, SPLIT=4, num_warps=4, num_stages=3)
+            if n >= 8192:
+                cfg.update(BN=128, SPLIT=2, num_warps=8)
+            elif k > 4096:
+                cfg.update(BN=128, SPLIT=8)
         return cfg
     if m <= 64:
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3)
-        if not dynamic and k <= 1024 and n >= 2048:
+        if k <= 1024 and (dynamic or n >= 2048):
             cfg.update(SPLIT=1)
         if not dynamic and k >= 2048:  # measured: PDL slower here (expert o/down static, 13.0 -> 16.2 us)
             cfg.update(PDL=False)
