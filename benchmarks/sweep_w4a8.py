@@ -73,11 +73,6 @@ def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
         add(prep, rows)
         for pdl in (False, True):  # the picked GEMM, PDL toggled
             out.append({**out[0], "BMP": bmp, "PDL": pdl})
-    if mode == "static":  # the one-launch kernel
-        for bn, split, warps, stages in ((64, 1, 4, 3), (64, 2, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3), (128, 2, 4, 3),
-                                         (128, 4, 4, 3), (64, 4, 4, 2), (128, 8, 8, 3)):
-            out.append({**out[0], "FUSED": True, "BN": bn, "BMT": bmt, "SPLIT": split, "num_warps": warps,
-                        "num_stages": stages})
     return out
 
 
@@ -144,8 +139,7 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
             print(f"    {mode_name:7s} {t * 1e6:7.1f} us ({t / t_bf16:.2f}x) err {err:.1e} "
                   f"G{cfg['G']}/BMP{cfg['BMP']} "
                   f"BN{cfg['BN']} BMT{cfg['BMT']} BK{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']} "
-                  f"{'swap' if cfg['SWAP'] else 'noswap'} split{cfg['SPLIT']} pdl{int(bool(cfg.get('PDL')))}"
-                  f"{' FUSED' if cfg.get('FUSED') else ''}{flag}", flush=True)
+                  f"{'swap' if cfg['SWAP'] else 'noswap'} split{cfg['SPLIT']} pdl{int(bool(cfg.get('PDL')))}{flag}", flush=True)
         ok = [r for r in rows if r["rel_err"] < 2e-2]
         best = min(ok, key=lambda r: r["s"]) if ok else None
         res[mode_name] = {"configs": rows, "best": best, "picked": rows[0] if rows else None}

@@ -276,28 +276,17 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
     if INT8:
         y = (y * 0.0625) * tl.load(tok_scale_ptr + rows_m)[None, :]  # exact: the codes were 16 * q
     y = y * tl.load(w_scale_ptr + rows_n)[:, None]
-    _store_tile(y, pid, pid_k, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om,
-                ws_ptr, cnt_ptr, BN, BMT, SPLIT, BO, HAS_ROUT, HAS_BIAS, F32_DOT)
-
-
-@triton.jit
-def _store_tile(y, tile, pid_k, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om,
-                ws_ptr, cnt_ptr, BN: tl.constexpr, BMT: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
-                HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr):
-    """Finish a scaled out^T tile y (BN, BMT), or with split-K (SPLIT > 1) put it in the workspace;
-    the last program of the tile (per-tile counter) adds the partials in split order
-    (deterministic), finishes the tile and resets the counter."""
     if SPLIT == 1:
         _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, BN, BO,
                 HAS_ROUT, HAS_BIAS)
-    else:
+    else:  # split-K: partial sums to the workspace; the last program of the tile adds them in order
         wsp = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
         tl.store(wsp + pid_k * (M * N), y, mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
         if not F32_DOT:  # make this thread's stores visible GPU-wide before the counter moves
             tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [pid_k], dtype=tl.int32,
                                       is_pure=False, pack=1)
         tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
         if done == SPLIT - 1:
             tot = tl.zeros((BN, BMT), dtype=tl.float32)
             for sk in range(0, SPLIT):  # fixed order: deterministic sums
@@ -305,55 +294,7 @@ def _store_tile(y, tile, pid_k, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, b
                                other=0.0, cache_modifier=".cg")
             _finish(tot, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, BN,
                     BO, HAS_ROUT, HAS_BIAS)
-            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next call
-
-
-@triton.jit
-def _fused_static_kernel(x_ptr, stride_xm, perm_ptr, smooth_ptr, r_ptr, act_scale_ptr, w_ptr, w_scale_ptr,
-                         rout_ptr, bias_ptr, out_ptr, M, N, K: tl.constexpr, stride_om, ws_ptr, cnt_ptr,
-                         QMIN: tl.constexpr, QMAX: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr,
-                         B: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr, HAS_PERM: tl.constexpr,
-                         HAS_SMOOTH: tl.constexpr, HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         F32_DOT: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
-    """One launch for static activation scales and M <= BMT tokens: program (n, s) owns BN weight
-    rows and K chunk s; per rotation block of the chunk it rotates x[:, perm[block]] (/ smoothing)
-    by the R_in block, quantizes with the static scales to bf16 q * s (the prep's arithmetic) and
-    multiplies it with the unpacked weight block. Every program redoes the rotation of its chunk
-    (M x K/SPLIT x B multiply-adds): cheap at small M, where two launches cost more."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    rows_n = offs_n % N
-    offs_m = tl.arange(0, BMT)
-    row_ok = offs_m < M
-    cb = tl.arange(0, B)
-    K_CHUNK: tl.constexpr = K // SPLIT
-    acc = tl.zeros((BN, BMT), dtype=tl.float32)
-    for k0 in tl.range(0, K_CHUNK, B, num_stages=STAGES):
-        kb = (pid_k * K_CHUNK + k0) // B
-        offs_c = kb * B + cb
-        if HAS_PERM:
-            src = tl.load(perm_ptr + offs_c)
-        else:
-            src = offs_c
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            x = tl.math.div_rn(x, tl.load(smooth_ptr + src).to(tl.float32)[None, :])
-        r = tl.load(r_ptr + kb * B * B + cb[:, None] * B + cb[None, :]).to(tl.float32)
-        xt = tl.dot(x, r, input_precision=PREC)
-        sk = tl.load(act_scale_ptr + offs_c)
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, sk[None, :])), QMIN), QMAX)
-        a = (q * sk[None, :]).to(tl.bfloat16)  # (BMT, B), as the prep writes it
-        lo, hi = _unpack(tl.load(w_ptr + rows_n[:, None] * (K // 2) + kb * (B // 2)
-                                 + tl.arange(0, B // 2)[None, :]).to(tl.int8, bitcast=True), False)
-        w = tl.join(lo, hi).reshape(BN, B)
-        if F32_DOT:  # Triton's CPU interpreter multiplies bf16 bit patterns; tests only
-            acc = tl.dot(w.to(tl.float32), tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w.to(tl.bfloat16), tl.trans(a), acc)
-    y = acc * tl.load(w_scale_ptr + rows_n)[:, None]
-    _store_tile(y, pid_n, pid_k, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om,
-                ws_ptr, cnt_ptr, BN, BMT, SPLIT, BO, HAS_ROUT, HAS_BIAS, F32_DOT)
+            tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next call
 
 
 def supports(in_features: int, out_features: int, block_in: int, block_out: int | None) -> str | None:
@@ -377,9 +318,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     (64-wide blocks per program), BMP (rows per tile), TILES (row tiles per program), XLOAD (how x
     is read through the permutation), prep_warps, prep_stages; quantize BMQ (rows), QCH (column
     chunks); GEMM BN (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register
-    operand), SPLIT (split-K), num_warps, num_stages; PDL (programmatic dependent launch); FUSED
-    (static scales, M <= BMT: the one-launch kernel, which uses BN, BMT, SPLIT, num_warps,
-    num_stages)."""
+    operand), SPLIT (split-K), num_warps, num_stages; PDL (programmatic dependent launch)."""
     dynamic = mode == MODE_DYNAMIC
     cfg = dict(G=1, BMP=16, prep_warps=4, GROUP=8, SWAP=True, BMQ=4, QCH=4 if k > 4096 else 1, PDL=True)
     if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
@@ -393,7 +332,6 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
                 cfg.update(BN=128, SPLIT=2, num_warps=8)
             elif k > 4096:
                 cfg.update(BN=128, SPLIT=8)
-            cfg.update(FUSED=True, BN=64, SPLIT=8 if k > 4096 else 4, num_warps=4, num_stages=3)
         return cfg
     if m <= 64:
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3)
@@ -401,8 +339,6 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
             cfg.update(SPLIT=1)
         if not dynamic and k >= 2048:  # measured: PDL slower here (expert o/down static, 13.0 -> 16.2 us)
             cfg.update(PDL=False)
-        if not dynamic:
-            cfg.update(FUSED=True, BN=64, SPLIT=4 if k >= 2048 else 2, num_warps=4, num_stages=3)
         return cfg
     # x^T first: the prep then reads whole runs of tokens per permuted channel (no 16x sector gather)
     cfg.update(XLOAD="transpose", BMP=128 if k <= 4096 else 64, prep_warps=8 if k <= 4096 else 4,
@@ -526,35 +462,6 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     return out
 
 
-def fused_static_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, r_in: torch.Tensor,
-                        perm: torch.Tensor | None, r_out: torch.Tensor | None, bias: torch.Tensor | None,
-                        smooth: torch.Tensor | None, act_scale: torch.Tensor, qmin: int, qmax: int, cfg: dict,
-                        rot_precision: str = "tf32") -> torch.Tensor:
-    """The one-launch static path (`_fused_static_kernel`) for M <= cfg["BMT"] tokens; same
-    arguments and result as `w4_linear` in MODE_STATIC."""
-    m, k = x.shape
-    n = qweight.shape[0]
-    b = r_in.shape[-1]
-    bo = r_out.shape[-1] if r_out is not None else 16
-    bn, bmt, split = cfg["BN"], cfg["BMT"], cfg.get("SPLIT", 1)
-    while split > 1 and k % (b * split):
-        split //= 2
-    if m > bmt or bn % bo or n % bn or k % b:
-        raise ValueError(f"fused config {cfg} does not fit M={m}, N={n}, K={k}, blocks {b}/{bo}")
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    tiles = n // bn
-    ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else w_scale
-    cnt = _counters(x.device, tiles) if split > 1 else w_scale
-    _fused_static_kernel[(tiles, split)](
-        x, x.stride(0), perm if perm is not None else w_scale, smooth if smooth is not None else w_scale, r_in,
-        act_scale, qweight, w_scale, r_out if r_out is not None else w_scale, bias if bias is not None else w_scale,
-        out, m, n, K=k, stride_om=out.stride(0), ws_ptr=ws, cnt_ptr=cnt, QMIN=qmin, QMAX=qmax, BN=bn, BMT=bmt, B=b,
-        SPLIT=split, BO=bo, HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, HAS_ROUT=r_out is not None,
-        HAS_BIAS=bias is not None, F32_DOT=_INTERPRET, PREC=_PREC[rot_precision], STAGES=cfg.get("num_stages", 2),
-        num_warps=cfg["num_warps"])
-    return out
-
-
 def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, r_in: torch.Tensor,
               perm: torch.Tensor | None, r_out: torch.Tensor | None, bias: torch.Tensor | None,
               smooth: torch.Tensor | None, mode: int, qmin: int = -128, qmax: int = 127,
@@ -577,10 +484,6 @@ def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, 
     cfg = dict(pick_config(m, qweight.shape[0], k, mode))
     if config:
         cfg.update(config)
-    if mode == MODE_STATIC and cfg.get("FUSED") and m <= cfg["BMT"]:
-        return fused_static_linear(x, qweight=qweight, w_scale=w_scale, r_in=r_in, perm=perm, r_out=r_out, bias=bias,
-                                   smooth=smooth, act_scale=act_scale, qmin=qmin, qmax=qmax, cfg=cfg,
-                                   rot_precision=rot_precision)
     a, tok_scale = prepare_activation(x, r_in=r_in, perm=perm, smooth=smooth, mode=mode, qmin=qmin, qmax=qmax,
                                       act_scale=act_scale, cfg=cfg, rot_precision=rot_precision)
     return w4_gemm(a, tok_scale, qweight=qweight, w_scale=w_scale, r_out=r_out, bias=bias, out_dtype=x.dtype,
