@@ -199,7 +199,7 @@ class DuQuantLinear(nn.Module):
             return "activation bits > 8 or static scales still calibrating"
         from .kernels import fast_path_available
         if not fast_path_available(x.device):
-            return "Triton is not available"
+            return "Triton is not available, or the GPU is older than compute capability 8.0"
         from .kernels.w4a8 import supports
         return supports(self.in_features, self.out_features, self.r_in.shape[-1],
                         self.r_out.shape[-1] if self.r_out is not None else None)

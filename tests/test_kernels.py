@@ -1,9 +1,14 @@
-"""kernels/w4a8.py under Triton's CPU interpreter (TRITON_INTERPRET=1, tiny shapes): the kernels
-compute the reference numerics in every variant (dynamic activations through the quantize launch,
-static scales, no activation quantization; one or several rotation blocks per prep program;
-split-K; swapped and unswapped dot operands; x read through the permutation, gathered
-beforehand or transposed; one or several row tiles per prep program). Skipped when Triton is not installed (it is
-optional)."""
+"""The Triton kernels (kernels/w4a8.py).
+
+- Under Triton's CPU interpreter (TRITON_INTERPRET=1, tiny shapes): the kernels compute the
+  reference numerics in every variant (dynamic activations through the quantize launch, static
+  scales, no activation quantization; one or several rotation blocks and row tiles per prep
+  program; x read through the permutation, gathered beforehand or transposed; split-K; swapped
+  and unswapped dot operands). Skipped when Triton is not installed (it is optional).
+- On a CUDA GPU (skipped without): every x-load variant with and without programmatic dependent
+  launch against the float reference.
+- Everywhere: which GPUs run the kernels (sm_80+) and PDL (sm_90+).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import pytest
 
 from duquant_runtime.kernels import triton_available
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton not installed")
+needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton not installed")
 
 SCRIPT = r"""
 import torch
@@ -69,6 +74,7 @@ except ValueError as err:
 """
 
 
+@needs_triton
 def test_kernels_match_reference_in_interpreter():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
@@ -113,6 +119,7 @@ def test_launch_variants_match_reference_on_gpu(xload, pdl):
             assert err < 1e-2, (m, n, k, mode, xload, pdl, err)
 
 
+@needs_triton
 def test_supports_refuses_geometries_the_kernels_cannot_run():
     from duquant_runtime.kernels.w4a8 import supports
     assert supports(16384, 2048, 64, 64) is None and supports(2048, 256, 64, None) is None
@@ -121,3 +128,11 @@ def test_supports_refuses_geometries_the_kernels_cannot_run():
     assert "input block" in supports(2048, 2048, 48, 64)
     assert "output block" in supports(2048, 2048, 64, 48)
     assert "out_features" in supports(2048, 2000, 64, None)
+
+
+def test_kernels_need_sm80_and_pdl_needs_sm90():
+    """Older GPUs run the reference path (no bf16 tensor cores / bf16x2 PTX before sm_80), and
+    programmatic dependent launch (griddepcontrol) is only used from Hopper (sm_90) on."""
+    from duquant_runtime.kernels import capability_ok, pdl_ok
+    assert not capability_ok((7, 5)) and capability_ok((8, 0)) and capability_ok((8, 9)) and capability_ok((9, 0))
+    assert not pdl_ok((8, 0)) and not pdl_ok((8, 9)) and pdl_ok((9, 0)) and pdl_ok((10, 0))

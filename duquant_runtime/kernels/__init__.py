@@ -22,8 +22,32 @@ def triton_available() -> bool:
     return True
 
 
+MIN_CAPABILITY = (8, 0)  # bf16 tensor-core dots and the bf16x2 PTX of the weight unpack
+PDL_CAPABILITY = (9, 0)  # programmatic dependent launch (griddepcontrol): Hopper and later
+
+
+def capability_ok(capability: tuple[int, int]) -> bool:
+    """True when a GPU of this compute capability runs the kernels (sm_80 and later)."""
+    return tuple(capability) >= MIN_CAPABILITY
+
+
+def pdl_ok(capability: tuple[int, int]) -> bool:
+    """True when a GPU of this compute capability supports programmatic dependent launch."""
+    return tuple(capability) >= PDL_CAPABILITY
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(index: int) -> tuple[int, int]:
+    """(major, minor) compute capability of CUDA device `index` (cached)."""
+    import torch
+    return tuple(torch.cuda.get_device_capability(index))
+
+
 def fast_path_available(device) -> bool:
-    """True when tensors on `device` can use the Triton kernels (a CUDA device and Triton)."""
+    """True when tensors on `device` can use the Triton kernels: a CUDA device of compute
+    capability 8.0 or later, and Triton."""
     import torch
     dev = torch.device(device)
-    return dev.type == "cuda" and torch.cuda.is_available() and triton_available()
+    if not (dev.type == "cuda" and torch.cuda.is_available() and triton_available()):
+        return False
+    return capability_ok(device_capability(dev.index if dev.index is not None else torch.cuda.current_device()))

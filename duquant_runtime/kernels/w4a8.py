@@ -359,6 +359,14 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
 _PREC = {"tf32": "tf32", "tf32x3": "tf32x3", "ieee": "ieee"}
 
 
+def _use_pdl(cfg: dict, device: torch.device) -> bool:
+    """PDL requested by the configuration, on a GPU that supports it (sm_90+), not interpreted."""
+    if not cfg.get("PDL") or _INTERPRET:
+        return False
+    from . import device_capability, pdl_ok
+    return pdl_ok(device_capability(device.index if device.index is not None else torch.cuda.current_device()))
+
+
 def _pdl(on: bool) -> dict:
     """Launch option for programmatic dependent launch (Hopper+): the kernel may start while the
     previous launch of the stream runs, and waits (griddepcontrol.wait) before it reads that
@@ -386,7 +394,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
-    pdl = bool(cfg.get("PDL")) and not _INTERPRET
+    pdl = _use_pdl(cfg, x.device)
     if xload == 1:
         x = x.index_select(1, perm)
     elif xload == 2:
@@ -451,7 +459,7 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bmt)
     ws = torch.empty((split, m, n), device=a.device, dtype=torch.float32) if split > 1 else w_scale
     cnt = _counters(a.device, tiles) if split > 1 else w_scale
-    pdl = bool(cfg.get("PDL")) and not _INTERPRET
+    pdl = _use_pdl(cfg, a.device)
     pf_n = max(1, k // split // 256)  # 128-byte lines of packed weights per row and program
     _gemm_kernel[(tiles, split)](
         a, tok_scale if tok_scale is not None else w_scale, qweight, w_scale,
