@@ -197,9 +197,11 @@ class DuQuantLinear(nn.Module):
             return "a buffer is not contiguous (the kernels read row-major buffers)"
         if self.abits > 8 or self.calibrating:
             return "activation bits > 8 or static scales still calibrating"
-        from .kernels import fast_path_available
+        from .kernels import fast_path_available, triton_available
+        if not triton_available():
+            return "Triton is not available"
         if not fast_path_available(x.device):
-            return "Triton is not available, or the GPU is older than compute capability 8.0"
+            return "the GPU is older than compute capability 8.0"
         from .kernels.w4a8 import supports
         return supports(self.in_features, self.out_features, self.r_in.shape[-1],
                         self.r_out.shape[-1] if self.r_out is not None else None)

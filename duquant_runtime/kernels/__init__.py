@@ -37,10 +37,17 @@ def pdl_ok(capability: tuple[int, int]) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def device_capability(index: int) -> tuple[int, int]:
-    """(major, minor) compute capability of CUDA device `index` (cached)."""
+def _capability(index: int) -> tuple[int, int]:
     import torch
     return tuple(torch.cuda.get_device_capability(index))
+
+
+def device_capability(device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (the current one when it has no
+    index); cached per device."""
+    import torch
+    dev = torch.device(device)
+    return _capability(dev.index if dev.index is not None else torch.cuda.current_device())
 
 
 def fast_path_available(device) -> bool:
@@ -50,4 +57,4 @@ def fast_path_available(device) -> bool:
     dev = torch.device(device)
     if not (dev.type == "cuda" and torch.cuda.is_available() and triton_available()):
         return False
-    return capability_ok(device_capability(dev.index if dev.index is not None else torch.cuda.current_device()))
+    return capability_ok(device_capability(dev))

@@ -364,7 +364,7 @@ def _use_pdl(cfg: dict, device: torch.device) -> bool:
     if not cfg.get("PDL") or _INTERPRET:
         return False
     from . import device_capability, pdl_ok
-    return pdl_ok(device_capability(device.index if device.index is not None else torch.cuda.current_device()))
+    return pdl_ok(device_capability(device))
 
 
 def _pdl(on: bool) -> dict:
