@@ -58,8 +58,9 @@ LAYERS_PER_TOWER = 18
 BLOCK = 64
 
 
-def random_layer(out_f: int, in_f: int, seed: int, dev) -> tuple[nn.Linear, LayerPack, torch.Tensor]:
-    """bf16 nn.Linear and a LayerPack with stored int4 integers of its transformed weight."""
+def random_layer(out_f: int, in_f: int, seed: int, dev, input_side=None) -> tuple[nn.Linear, LayerPack, torch.Tensor]:
+    """bf16 nn.Linear and a LayerPack with stored int4 integers of its transformed weight.
+    input_side: (perm, r_in) to use instead of the layer's own (a shared input group)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     w = (torch.randn(out_f, in_f, generator=g) * 0.02)
     w[:, torch.randperm(in_f, generator=g)[:4]] *= 20.0
@@ -72,6 +73,8 @@ def random_layer(out_f: int, in_f: int, seed: int, dev) -> tuple[nn.Linear, Laye
             .to(torch.float32).contiguous()
     perm = torch.randperm(in_f, generator=g)
     r_in, r_out = orth(in_f), orth(out_f)
+    if input_side is not None:
+        perm, r_in = input_side
     from duquant_runtime.transforms import transform_weight
     w_t = transform_weight(w.to(dev), perm.to(dev), r_in.to(dev), r_out.to(dev))
     scale = absmax_scales(w_t, 4)
@@ -196,6 +199,75 @@ def bench_shape(tower: str, name: str, out_f: int, in_f: int, m: int, args, dev)
     return res
 
 
+# input groups of a --share-inputs pack: (group label, member names); o_proj and down_proj stay alone
+GROUPS = [("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj"))]
+
+
+def bench_group(tower: str, label: str, names: tuple, m: int, args, dev) -> dict:
+    """One input group linked (duquant_runtime.input_group): the members' calls on one activation
+    (one fused launch pair) against the bf16 members called one by one, and against one bf16
+    nn.Linear over the concatenated rows (what a model with fused q/k/v weights would run)."""
+    from duquant_runtime.input_group import link_input_group
+    shapes = {n: (o, i) for n, o, i in (LLM if tower == "llm" else EXPERT)}
+    members = [(n, *shapes[n]) for n in names]
+    in_f = members[0][2]
+    out_tot = sum(o for _, o, _ in members)
+    reps = max(1, min(args.max_instances, -(-args.l2_bytes // (out_tot * in_f * 2))))
+    groups = {"dynamic": [], "static": []}
+    bf16, bf16_cat = [], []
+    for r in range(reps):
+        g = torch.Generator(device="cpu").manual_seed(77 + r)
+        perm = torch.randperm(in_f, generator=g)
+        r_in = torch.linalg.qr(torch.randn(n_blocks(in_f, BLOCK), BLOCK, BLOCK, generator=g,
+                                           dtype=torch.float64))[0].to(torch.float32).contiguous()
+        lins, lps = [], []
+        for j, (_, o, i) in enumerate(members):
+            lin, lp, _ = random_layer(o, i, 1000 * r + 17 * j + o + i, dev, input_side=(perm, r_in))
+            lins.append(lin)
+            lps.append(lp)
+        bf16.append(lambda x, lins=lins: [lin(x) for lin in lins])
+        cat = nn.Linear(in_f, out_tot, bias=False, device=dev, dtype=torch.bfloat16)
+        with torch.no_grad():
+            cat.weight.copy_(torch.cat([lin.weight for lin in lins]))
+        bf16_cat.append(cat)
+        for mode in groups:
+            mods = [DuQuantLinear.from_linear(nn.Linear(i, o, bias=False, device="meta", dtype=torch.bfloat16), lp,
+                                              abits=8, act_mode=mode, device=dev, rot_dtype=torch.float16)
+                    for lp, (_, o, i) in zip(lps, members)]
+            if mode == "static":
+                xt = input_transform(activations(256, in_f, 7, dev).float(), mods[0].perm, mods[0].r_in.float())
+                for q in mods:
+                    q.set_act_scale(xt.abs().amax(0).clamp_min(1e-6) / 127 * 0.9)
+            link_input_group(mods)
+            groups[mode].append(lambda x, mods=mods: [q(x) for q in mods])
+    x = activations(m, in_f, 11, dev)
+    err = {}
+    with torch.no_grad():
+        for mode, fns in groups.items():
+            mods = fns[0].__defaults__[0]
+            worst = 0.0
+            for seed in (21, 22, 23):
+                xs = activations(m, in_f, seed, dev)
+                fast = [q(xs) for q in mods]
+                for q, y in zip(mods, fast):
+                    q.use_fast = False
+                    worst = max(worst, rel(y, q(xs)))
+                    q.use_fast = True
+            err[mode] = worst
+    t = {"bf16_members_s": graph_time(bf16, x, args.repeats), "bf16_concatenated_s": graph_time(bf16_cat, x, args.repeats),
+         "ours_dynamic_s": graph_time(groups["dynamic"], x, args.repeats),
+         "ours_static_s": graph_time(groups["static"], x, args.repeats)}
+    for mode in ("dynamic", "static"):
+        t[f"ratio_{mode}"] = t[f"ours_{mode}_s"] / t["bf16_members_s"]
+        t[f"ratio_{mode}_vs_concatenated"] = t[f"ours_{mode}_s"] / t["bf16_concatenated_s"]
+    print(f"{tower:6s} {label:10s} M={m:4d} bf16 {t['bf16_members_s'] * 1e6:8.1f} us (one concatenated "
+          f"{t['bf16_concatenated_s'] * 1e6:.1f}) | linked dyn {t['ours_dynamic_s'] * 1e6:8.1f} ({t['ratio_dynamic']:.2f}x) "
+          f"| static {t['ours_static_s'] * 1e6:8.1f} ({t['ratio_static']:.2f}x) | err dyn {err['dynamic']:.1e} "
+          f"st {err['static']:.1e}", flush=True)
+    return {"tower": tower, "group": label, "members": list(names), "M": m, "instances": reps, **t,
+            "rel_err_vs_reference": err}
+
+
 def memory_252(rot_bytes: int = 2) -> dict:
     """Analytic resident bytes of the 252-layer pi0.5 set (18 LLM + 18 expert decoder layers)."""
     tot = {"int4_weights": 0, "weight_scales": 0, "rotations": 0, "permutations": 0, "act_scales": 0, "bf16": 0}
@@ -212,6 +284,38 @@ def memory_252(rot_bytes: int = 2) -> dict:
     total = sum(v for k, v in tot.items() if k != "bf16")
     return {**tot, "weights": weights * LAYERS_PER_TOWER, "total": total, "total_gib": total / 2**30,
             "bf16_gib": tot["bf16"] / 2**30, "ratio_vs_bf16": total / tot["bf16"]}
+
+
+def shared_total(rows: list[dict], args, dev) -> dict:
+    """Total of one sample_actions call with a --share-inputs pack: the linked q/k/v and gate/up
+    groups (timed here) plus o_proj and down_proj (from `rows`), against the same bf16 total."""
+    groups = []
+    for tower, m in (("llm", 800), ("expert", 50), ("llm", 1)):
+        for label, names in GROUPS:
+            groups.append(bench_group(tower, label, names, m, args, dev))
+            torch.cuda.empty_cache()
+    total = {"bf16_linear_s": 0.0, "bf16_concatenated_groups_s": 0.0, "ours_dynamic_s": 0.0, "ours_static_s": 0.0}
+    weight = {("llm", 800): 1, ("expert", 50): 10}
+    for r in rows:
+        w = weight.get((r["tower"], r["M"]), 0)
+        total["bf16_linear_s"] += w * r["bf16_linear_s"]
+        if r["name"] in ("o_proj", "down_proj"):
+            total["bf16_concatenated_groups_s"] += w * r["bf16_linear_s"]
+            total["ours_dynamic_s"] += w * r["ours_dynamic_s"]
+            total["ours_static_s"] += w * r["ours_static_s"]
+    for gr in groups:
+        w = weight.get((gr["tower"], gr["M"]), 0)
+        total["bf16_concatenated_groups_s"] += w * gr["bf16_concatenated_s"]
+        total["ours_dynamic_s"] += w * gr["ours_dynamic_s"]
+        total["ours_static_s"] += w * gr["ours_static_s"]
+    for mode in ("dynamic", "static"):
+        total[f"ratio_{mode}"] = total[f"ours_{mode}_s"] / total["bf16_linear_s"]
+        total[f"ratio_{mode}_vs_concatenated"] = total[f"ours_{mode}_s"] / total["bf16_concatenated_groups_s"]
+    print(f"TOTAL with linked input groups: bf16 {total['bf16_linear_s'] * 1e6:.0f} us (q/k/v and gate/up as one "
+          f"bf16 linear each: {total['bf16_concatenated_groups_s'] * 1e6:.0f} us), ours dynamic "
+          f"{total['ours_dynamic_s'] * 1e6:.0f} us ({total['ratio_dynamic']:.2f}x), static "
+          f"{total['ours_static_s'] * 1e6:.0f} us ({total['ratio_static']:.2f}x)", flush=True)
+    return {**total, "groups": groups}
 
 
 def apply_real_pack(pack_dir: Path, ckpt_dir: Path, dev, act_mode: str) -> dict:
@@ -283,6 +387,7 @@ def main(argv=None) -> int:
     ap.add_argument("--act-mode", default="dynamic", choices=("dynamic", "static"))
     ap.add_argument("--pack-only", action="store_true", help="only the --pack measurement (any device)")
     ap.add_argument("--device", default="cuda", help="device for --pack-only (cpu for a dry check)")
+    ap.add_argument("--no-groups", action="store_true", help="skip the linked input groups (--share-inputs)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     result = {"benchmark": "runtime_gpu", "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
@@ -323,6 +428,8 @@ def main(argv=None) -> int:
         for k, label in (("old_fakequant_s", "old"), ("ours_dynamic_s", "dynamic"), ("ours_static_s", "static")):
             total["ratio_" + label] = total[k] / total["bf16_linear_s"]
     result["total_sample_actions"] = total
+    if not args.no_groups and not args.only:
+        result["total_sample_actions_shared_inputs"] = shared_total(rows, args, dev)
     mem = result["memory_252_analytic"]
     measured = sum(r["nbytes_module"] for r in rows if (r["tower"], r["M"]) in (("llm", 800), ("expert", 50)))
     result["memory_252_measured_modules"] = {"bytes": measured * LAYERS_PER_TOWER,

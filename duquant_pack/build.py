@@ -40,9 +40,10 @@ from .checkpoint import Checkpoint
 from .config import BuildConfig
 from .errors import BuildError, CheckpointError
 from .act_stats import check_stats_file, layer_stats_digest, read_layer_stats, write_offline_calibration
-from .layer import ALGORITHM_VERSION, LayerSpec, compute_layer
+from .layer import ALGORITHM_VERSION, LayerSpec, compute_input_side, compute_layer
 from .parallel import BACKENDS, run_unordered
 from .selection import SelectedLayer, select_layers
+from .shared_inputs import input_groups
 from .writer import reusable_entry, write_layer_file
 
 _OWN_ENTRIES = {MANIFEST, LAYERS_DIR, LOCK_NAME, PENDING_NAME, CALIBRATION_DIR}
@@ -76,13 +77,17 @@ def layer_file_name(name: str, key: str) -> str:
     return f"{LAYERS_DIR}/{safe}.{key[:16]}.h5"
 
 
-def layer_key(name: str, spec: LayerSpec, weight_fp: str, device: str = "cpu") -> str:
+def layer_key(name: str, spec: LayerSpec, weight_fp: str, device: str = "cpu", group: list | None = None) -> str:
     """Identity of one layer's computation. A CUDA build's float rounding differs from the CPU's,
-    so its files get their own keys (and a CPU rebuild never reuses them, nor the reverse)."""
+    so its files get their own keys (and a CPU rebuild never reuses them, nor the reverse).
+    `group`: [name, weight fingerprint, statistics digest] of every member of a shared input
+    transform (the transform depends on all of them)."""
     ident = {"algorithm": ALGORITHM_VERSION, "format": FORMAT_VERSION, "name": name,
              "spec": spec.to_dict(), "weight": weight_fp}
     if device != "cpu":
         ident["device"] = device
+    if group is not None:
+        ident["input_group"] = group
     return hashlib.sha256(canonical_json(ident).encode()).hexdigest()
 
 
@@ -120,40 +125,75 @@ def build_one_layer(ckpt_path: str, ckpt_fp: str, build_id: str, layer: Selected
                     out_dir: str, act_stats: str | None = None, device: str = "cpu") -> dict:
     """Read, fingerprint, compute (or reuse) and write one layer; returns its manifest entry.
     On the CPU the computation is single-threaded (results do not depend on the job count)."""
+    return build_input_group(ckpt_path, ckpt_fp, build_id, [layer], [spec], out_dir, act_stats, device)[0]
+
+
+def build_input_group(ckpt_path: str, ckpt_fp: str, build_id: str, layers: list[SelectedLayer],
+                      specs: list[LayerSpec], out_dir: str, act_stats: str | None = None,
+                      device: str = "cpu") -> list[dict]:
+    """`build_one_layer` for layers that share one input transform (shared_inputs.py), computed
+    from their weights stacked row-wise (the first member's activation statistics); a single
+    layer is a group of one with its own transform. Returns one result per layer."""
     t0 = time.perf_counter()
+    grouped = len(layers) > 1
     with (_single_thread() if device == "cpu" else nullcontext()):
-        raw = _checkpoint(ckpt_path, ckpt_fp, build_id).read_weight(layer.key, dtype=None)
-        fp = weight_fingerprint(raw)  # of the stored dtype: bf16 bytes hash directly
-        w = raw.to(torch.float32) if device == "cpu" else raw.to(device).to(torch.float32)
-        del raw
+        ck = _checkpoint(ckpt_path, ckpt_fp, build_id)
+        fps, weights = [], []
+        for layer in layers:  # fingerprints first: the keys of all members depend on all of them
+            raw = ck.read_weight(layer.key, dtype=None)
+            fps.append(weight_fingerprint(raw))  # of the stored dtype: bf16 bytes hash directly
+            weights.append(raw.to(torch.float32) if device == "cpu" else raw.to(device).to(torch.float32))
+            del raw
         if act_stats is not None:  # the layer's statistics are part of its computation (act_stats.py)
-            spec = replace(spec, act_stats=layer_stats_digest(act_stats, layer.name))
-        key = layer_key(layer.name, spec, fp, _device_kind(device))
-        rel = layer_file_name(layer.name, key)
-        path = Path(out_dir) / rel
-        entry = reusable_entry(path, key) if path.is_file() else None
-        reused = entry is not None
+            specs = [replace(spec, act_stats=layer_stats_digest(act_stats, layer.name))
+                     for layer, spec in zip(layers, specs)]
+        ident = [[layer.name, fp, spec.act_stats] for layer, fp, spec in zip(layers, fps, specs)] if grouped else None
+        keys = [layer_key(layer.name, spec, fp, _device_kind(device), ident)
+                for layer, spec, fp in zip(layers, specs, fps)]
+        rels = [layer_file_name(layer.name, key) for layer, key in zip(layers, keys)]
+        paths = [Path(out_dir) / rel for rel in rels]
+        entries = [reusable_entry(path, key) if path.is_file() else None for path, key in zip(paths, keys)]
+        reused = all(e is not None for e in entries)
         if not reused:
-            res = compute_layer(w, spec, read_layer_stats(act_stats, layer.name, layer.in_features,
-                                                          xtx=spec.rounding == "gptq") if act_stats else None)
-            entry = {"name": layer.name, "file": rel, "in_features": layer.in_features,
-                     "out_features": layer.out_features, "wbits": spec.wbits, "block_in": res.block_in,
-                     "block_out": res.block_out, "permuted": res.perm is not None,
-                     "weight_fingerprint": fp, "layer_key": key, "stats": res.stats}
-            if res.qweight is not None:
-                entry["qweight"] = True
-            if res.smooth is not None:
-                entry["smoothed"] = True
-            if spec.group_size and res.weight_scale is not None:
-                entry["group_size"] = spec.group_size
-            del w
-            write_layer_file(path, name=layer.name, layer_key=key, weight_fingerprint=fp, perm=res.perm,
-                             r_in=res.r_in, r_out=res.r_out, weight_scale=res.weight_scale,
-                             entry_json=canonical_json(entry), qweight=res.qweight, smooth=res.smooth)
-        # the file holds what depends on the layer key only; these depend on this build
-        entry["source_dtype"] = layer.dtype
-        entry["sha256"] = file_sha256(path)
-    return {"entry": entry, "reused": reused, "seconds": time.perf_counter() - t0}
+            stats = [read_layer_stats(act_stats, layer.name, layer.in_features, xtx=spec.rounding == "gptq")
+                     if act_stats else None for layer, spec in zip(layers, specs)]
+            shared = None
+            if grouped:
+                stacked = torch.cat(weights)
+                shared = compute_input_side(stacked, specs[0], stats[0])
+                del stacked
+            for i, (layer, spec) in enumerate(zip(layers, specs)):
+                res = compute_layer(weights[i], spec, stats[i], shared)
+                weights[i] = None
+                entries[i] = _new_entry(layer, spec, keys[i], rels[i], fps[i], res,
+                                        [m.name for m in layers] if grouped else None)
+                write_layer_file(paths[i], name=layer.name, layer_key=keys[i], weight_fingerprint=fps[i],
+                                 perm=res.perm, r_in=res.r_in, r_out=res.r_out, weight_scale=res.weight_scale,
+                                 entry_json=canonical_json(entries[i]), qweight=res.qweight, smooth=res.smooth)
+                del res
+        for layer, entry, path in zip(layers, entries, paths):
+            # the file holds what depends on the layer key only; these depend on this build
+            entry["source_dtype"] = layer.dtype
+            entry["sha256"] = file_sha256(path)
+    seconds = (time.perf_counter() - t0) / len(layers)
+    return [{"entry": entry, "reused": reused, "seconds": seconds} for entry in entries]
+
+
+def _new_entry(layer: SelectedLayer, spec: LayerSpec, key: str, rel: str, fp: str, res, group: list | None) -> dict:
+    """The manifest entry of a freshly computed layer (also stored in its file)."""
+    entry = {"name": layer.name, "file": rel, "in_features": layer.in_features,
+             "out_features": layer.out_features, "wbits": spec.wbits, "block_in": res.block_in,
+             "block_out": res.block_out, "permuted": res.perm is not None,
+             "weight_fingerprint": fp, "layer_key": key, "stats": res.stats}
+    if res.qweight is not None:
+        entry["qweight"] = True
+    if res.smooth is not None:
+        entry["smoothed"] = True
+    if spec.group_size and res.weight_scale is not None:
+        entry["group_size"] = spec.group_size
+    if group is not None:
+        entry["input_group"] = group
+    return entry
 
 
 # --- driver side -------------------------------------------------------------------------------
@@ -392,10 +432,15 @@ def _device_kind(device: str) -> str:
 def _run_layers(ckpt_path: str, ckpt_fp: str, selected: list[SelectedLayer], cfg: BuildConfig, out: str,
                 progress: bool, act_stats: str | None, jobs: int, device: str, backend: str,
                 scheduler: str | None) -> list[dict]:
-    # biggest layers first: better load balance; results do not depend on the order
-    order = sorted(selected, key=lambda s: (-s.numel, s.name))
+    # one task per layer or shared-input group; biggest first: better load balance (results do not
+    # depend on the order)
+    groups = input_groups(selected, cfg)
+    in_group = {m.name for g in groups for m in g}
+    tasks = groups + [[s] for s in selected if s.name not in in_group]
+    tasks.sort(key=lambda t: (-sum(s.numel for s in t), t[0].name))
     build_id = f"{os.getpid()}-{time.time_ns()}"
-    args = [(ckpt_path, ckpt_fp, build_id, s, cfg.layer_spec(s.name), out, act_stats, device) for s in order]
+    args = [(ckpt_path, ckpt_fp, build_id, t, [cfg.layer_spec(s.name) for s in t], out, act_stats, device)
+            for t in tasks]
     if backend == "local" and device != "cpu":
         backend = "threads"  # one process feeds the GPU; threads overlap reading/hashing/writing
     bar = None
@@ -405,16 +450,15 @@ def _run_layers(ckpt_path: str, ckpt_fp: str, selected: list[SelectedLayer], cfg
                    dynamic_ncols=True, leave=False)
     results = []
     try:
-        for r in run_unordered(build_one_layer, args, backend=backend, jobs=jobs, scheduler=scheduler):
-            results.append(r)
+        for rs in run_unordered(build_input_group, args, backend=backend, jobs=jobs, scheduler=scheduler):
+            results.extend(rs)
             if bar is not None:
-                e = r["entry"]
-                bar.update(e["in_features"] * e["out_features"])
-                bar.set_postfix_str(f"{len(results)}/{len(order)} layers")
+                bar.update(sum(r["entry"]["in_features"] * r["entry"]["out_features"] for r in rs))
+                bar.set_postfix_str(f"{len(results)}/{len(selected)} layers")
     finally:
         if bar is not None:
             bar.close()
     return results
 
 
-__all__ = ["build_pack", "BuildSummary", "default_out_dir", "layer_key", "build_one_layer"]
+__all__ = ["build_pack", "BuildSummary", "default_out_dir", "layer_key", "build_one_layer", "build_input_group"]

@@ -148,6 +148,11 @@ def layers(ckpt, as_json, **sel):
 @click.option("--store-qweights/--no-store-qweights", default=None,
               help="Store the quantized integers of each layer in the pack (int4 packed two per byte), so "
                    "a deployment loads them instead of quantizing the float weights. Default: off.")
+@click.option("--share-inputs/--no-share-inputs", default=None,
+              help="One input transform (permutation, rotations, smoothing) per group of sibling layers "
+                   "that read the same activation (q/k/v_proj, gate/up_proj, query/key/value), computed "
+                   "from their stacked weights. The GPU runtime then runs each group as one fused "
+                   "launch pair. Default: off (one transform per layer).")
 @click.option("--compat", type=click.Choice(["openpi-duquant"]),
               help="Reproduce the openpi_duquant fork's numerics (interleave permutation, its R_out "
                    "convention, MSE scales) so old and new packs can be diffed.")

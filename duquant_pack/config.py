@@ -62,6 +62,7 @@ class BuildConfig:
     act_stats: str | None = None  # "sha256:<hex>" of the activation statistics file (--act-stats)
     rounding: str = "rtn"  # rtn | gptq (needs act_stats with X^T X)
     group_size: int | None = None  # weight-scale groups of consecutive columns of W_t (None: per row)
+    share_inputs: bool = False  # one input transform per group of sibling layers reading one activation (input_groups.py)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -71,6 +72,8 @@ class BuildConfig:
             del d["compat"]  # absent = null: packs built before the field existed keep their hash
         if not d["store_qweights"]:
             del d["store_qweights"]  # absent = false, likewise
+        if not d["share_inputs"]:
+            del d["share_inputs"]  # absent = false, likewise
         for key, default in QUALITY_DEFAULTS.items():
             if d[key] == default:
                 del d[key]
@@ -192,6 +195,7 @@ def validate(cfg: BuildConfig) -> BuildConfig:
         act_percentile=float(cfg.act_percentile),
         lambda_smooth=float(cfg.lambda_smooth) if cfg.lambda_smooth is not None else None,
         store_qweights=bool(cfg.store_qweights),
+        share_inputs=bool(cfg.share_inputs),
     )
 
 

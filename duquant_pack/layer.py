@@ -25,6 +25,7 @@ from .permutation import compute_permutation
 from .rotation import input_rotations, output_rotations
 from .rounding import quantize_weight
 from .scales import weight_scales
+from .smoothing import fold_into_weight
 
 ALGORITHM_VERSION = 3  # bump when the numbers a given spec produces change (2: cache-sized Gram chunks; 3: greedy Q factor)
 
@@ -78,19 +79,41 @@ class LayerResult:
     smooth: np.ndarray | None = None  # float32 (in,): x / smooth before the permutation (smoothing.py)
 
 
-def compute_layer(w: torch.Tensor, spec: LayerSpec, act_stats=None) -> LayerResult:
+@dataclass
+class InputSide:
+    """The input-side transforms of a layer (or of layers that read one activation, --share-inputs):
+    smooth float32 (in,) on W's device or None, perm int64 numpy (in,) or None, r_in float32 (nb, B, B)."""
+    smooth: torch.Tensor | None
+    perm: np.ndarray | None
+    r_in: torch.Tensor
+
+
+def compute_input_side(w: torch.Tensor, spec: LayerSpec, act_stats=None) -> InputSide:
+    """Smoothing factors, permutation and input rotations of W (out, in) float32 (what
+    `compute_layer` derives from W; for a shared input, W is the members' rows stacked)."""
+    b_in = min(spec.block, w.shape[1])
+    if uses_input_side(spec):  # smoothing, activation zigzag, other rotations (input_side.py)
+        _, smooth, perm, r_in = input_side(w, spec, b_in, act_stats)
+        return InputSide(smooth, perm, r_in)
+    perm = compute_permutation(w, spec.permute, b_in, spec.permute_metric)
+    w_perm = w.index_select(1, torch.from_numpy(perm).to(w.device)) if perm is not None else w
+    return InputSide(None, perm, input_rotations(w_perm, b_in).to(torch.float32))
+
+
+def compute_layer(w: torch.Tensor, spec: LayerSpec, act_stats=None, shared: InputSide | None = None) -> LayerResult:
     """Transforms and scales of one float32 weight W (out, in) on the CPU or a CUDA device; the
-    result's arrays are numpy (host). Deterministic for a given W, spec and device."""
+    result's arrays are numpy (host). Deterministic for a given W, spec and device.
+    `shared`: input-side transforms computed for a group of layers (`compute_input_side` on their
+    stacked rows) used instead of W's own; everything else is computed from W."""
     out_f, in_f = w.shape
     b_in = min(spec.block, in_f)
-    if uses_input_side(spec):  # smoothing, activation zigzag, other rotations (input_side.py)
-        w, smooth, perm, r_in = input_side(w, spec, b_in, act_stats)
-    else:
-        smooth, r_in, perm = None, None, compute_permutation(w, spec.permute, b_in, spec.permute_metric)
+    side = shared if shared is not None else compute_input_side(w, spec, act_stats)
+    smooth, perm, r_in = side.smooth, side.perm, side.r_in
+    if smooth is not None:
+        w = fold_into_weight(w, smooth.to(w.device))
     perm_t = torch.from_numpy(perm).to(w.device) if perm is not None else None
     w_perm = w.index_select(1, perm_t) if perm_t is not None else w
-    if r_in is None:
-        r_in = input_rotations(w_perm, b_in).to(torch.float32)
+    r_in = r_in.to(w.device)
     b_out = r_out = None
     if spec.block_out is not None:
         b_out = min(spec.block_out, out_f)

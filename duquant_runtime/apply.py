@@ -26,6 +26,7 @@ from .fingerprint import weight_fingerprint
 from .linear import DuQuantLinear
 from .pack import LayerPack, Pack, load_pack
 from .quant import is_quantized
+from .input_group import check_compatible, link_input_group
 
 
 @dataclass
@@ -43,12 +44,14 @@ class ApplyReport:
     planned: list[str] = field(default_factory=list)  # module names a dry run would replace
     compiled: bool = False  # enable_duquant_if_configured compiled the pack in this call
     unchecked: list[str] = field(default_factory=list)  # modules whose weights were not fingerprinted
+    input_groups: list[list[str]] = field(default_factory=list)  # linked module names (input_group.py)
 
     def summary(self) -> str:
         if not self.replaced and self.planned:
             return f"dry run: {len(self.planned)} layers would be replaced, {len(self.skipped)} skipped"
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 0.0
         cal = f", {self.calibrated} with saved activation scales" if self.calibrated else ""
+        cal += f", {len(self.input_groups)} input groups linked" if self.input_groups else ""
         return (f"{len(self.replaced)} layers replaced{cal}, {len(self.skipped)} skipped; "
                 f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x)")
 
@@ -87,7 +90,8 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
                name_map: Mapping[str, str] | Callable[[str], str] | None = None,
                device: torch.device | str | None = None, act_mode: str = "static",
                abits: int | None = None, force: bool = False, dry_run: bool = False,
-               check_weights: bool = True, rot_dtype: torch.dtype | None = None) -> ApplyReport:
+               check_weights: bool = True, rot_dtype: torch.dtype | None = None,
+               share_inputs: bool = True) -> ApplyReport:
     """Replace the pack's layers of `model` by `DuQuantLinear` modules; returns an `ApplyReport`.
 
     strict: a pack layer without a matching module is an error (else it is skipped and reported).
@@ -104,6 +108,9 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
     float16 on a CUDA device (the fused kernels' operand precision; half the bytes), else float32.
     Saved activation scales (the manifest's ``calibration``) are installed when act_mode is
     'static' and abits, act_percentile and calib_steps equal those they were calibrated with.
+    share_inputs: link the layers of each of the pack's input groups (build --share-inputs) so that
+    on the GPU fast path they transform the activation once and run one GEMM
+    (duquant_runtime.input_group; listed in `report.input_groups`).
     """
     pack = pack_dir if isinstance(pack_dir, Pack) else load_pack(pack_dir)
     cfg = pack.config
@@ -178,7 +185,30 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
         report.per_layer_bytes[mname] = (before, q.nbytes)
         report.bytes_before += before
         report.bytes_after += q.nbytes
+    if share_inputs:
+        _link_groups(pack, report, {pname: q for (pname, _, _), (_, _, q) in zip(planned, built)},
+                     {pname: mname for pname, mname, _ in planned})
     return report
+
+
+def _link_groups(pack: Pack, report: ApplyReport, built: dict, module_of: dict) -> None:
+    """Link the replaced modules of every complete input group of the pack; a group that cannot be
+    linked (a member skipped, or modules that disagree) runs unlinked and is reported."""
+    seen = set()
+    for name in pack.layer_names:
+        group = pack.entry(name).get("input_group")
+        if group is None or tuple(group) in seen:
+            continue
+        seen.add(tuple(group))
+        if not all(g in built for g in group):
+            report.warnings.append(f"input group {group} not linked: not every member was replaced")
+            continue
+        why = check_compatible([built[g] for g in group])
+        if why is not None:
+            report.warnings.append(f"input group {group} not linked: {why}")
+            continue
+        link_input_group([built[g] for g in group])
+        report.input_groups.append([module_of[g] for g in group])
 
 
 def _saved_scales(pack: Pack, report: ApplyReport, act_mode: str, abits: int, act_percentile: float,

@@ -68,8 +68,10 @@ _LAYER_FIELDS = {
     "weight_fingerprint": str, "layer_key": str, "source_dtype": str, "stats": dict,
 }
 # version 2: "qweight" true when the file stores the integers; "smoothed" true when it holds `smooth`;
-# "group_size" (int >= 1) when weight_scale is (out, ceil(in / group_size))
-_OPTIONAL_LAYER_FIELDS = {"qweight": bool, "smoothed": bool, "group_size": int}
+# "group_size" (int >= 1) when weight_scale is (out, ceil(in / group_size)); "input_group" (list of
+# layer names, this one included) when the layer shares its input transform with those layers
+# (build --share-inputs; readers that ignore it still get correct layers)
+_OPTIONAL_LAYER_FIELDS = {"qweight": bool, "smoothed": bool, "group_size": int, "input_group": list}
 _TOP_FIELDS = {
     "format": str, "format_version": int, "tool": dict, "preset": (str, type(None)),
     "config": dict, "config_hash": str, "checkpoint": dict, "layers": list, "totals": dict,
@@ -136,9 +138,31 @@ def validate_manifest(m: Any) -> dict:
                             "quantized layer")
         if not _HEX64.fullmatch(layer["sha256"]):
             raise PackError(f"manifest.json: layer '{name}': sha256 is not a hex digest")
+    _check_input_groups(m["layers"])
     if "calibration" in m:
         validate_calibration(m["calibration"], len(m["layers"]))
     return m
+
+
+def _check_input_groups(layers: list[dict]) -> None:
+    """Every ``input_group`` lists >= 2 distinct layers of the pack, this one included, with the same
+    input width, and every member lists the same group."""
+    by_name = {layer["name"]: layer for layer in layers}
+    for layer in layers:
+        group = layer.get("input_group")
+        if group is None:
+            continue
+        name = layer["name"]
+        where = f"manifest.json: layer '{name}': input_group"
+        if len(group) < 2 or not all(isinstance(g, str) for g in group) or len(set(group)) != len(group) \
+                or name not in group:
+            raise PackError(f"{where} must list two or more distinct layer names, this one included")
+        for other in group:
+            o = by_name.get(other)
+            if o is None:
+                raise PackError(f"{where} names '{other}', which is not in the pack")
+            if o.get("input_group") != group or o["in_features"] != layer["in_features"]:
+                raise PackError(f"{where} disagrees with layer '{other}' (its group or input width differs)")
 
 
 def validate_calibration(c: Any, n_layers: int) -> dict:

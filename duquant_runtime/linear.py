@@ -70,6 +70,7 @@ class DuQuantLinear(nn.Module):
             self.register_buffer(key, None)
         self.group_size: int | None = None  # w_scale (out, n_groups) over groups of columns (grouped.py)
         self.use_fast = True  # CUDA bf16/fp16 inputs run the fused kernels when they can (fast_path_reason)
+        self.input_group = None  # input_group.InputGroup when linked with layers reading the same input
         self.bias: nn.Parameter | None = None
 
     # --- construction ------------------------------------------------------------------------
@@ -207,15 +208,24 @@ class DuQuantLinear(nn.Module):
                         self.r_out.shape[-1] if self.r_out is not None else None)
 
     def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_group is not None:  # linked with layers that read the same input (input_group.py)
+            y = self.input_group.forward(self, x)
+            if y is not None:
+                return y
+        y = self._kernel_forward(x.reshape(-1, self.in_features), self.qweight, self.w_scale, self.r_out, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _kernel_forward(self, x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                        r_out: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """The fused kernels on x2d (M, in) with this layer's input side and the given row-side
+        buffers (this layer's, or a linked group's concatenation); returns (M, rows)."""
         from .kernels import w4a8
         mode = (w4a8.MODE_NONE if not self.abits else
                 w4a8.MODE_DYNAMIC if self.act_mode == "dynamic" else w4a8.MODE_STATIC)
         qmin, qmax = qrange(self.abits) if self.abits else (-128, 127)
-        y = w4a8.w4_linear(x.reshape(-1, self.in_features), qweight=self.qweight, w_scale=self.w_scale,
-                           r_in=self.r_in, perm=self.perm, r_out=self.r_out, bias=self.bias,
-                           smooth=self.smooth, mode=mode, qmin=qmin, qmax=qmax,
-                           act_scale=self.act_scale if mode == w4a8.MODE_STATIC else None)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return w4a8.w4_linear(x2d, qweight=qweight, w_scale=w_scale, r_in=self.r_in, perm=self.perm, r_out=r_out,
+                              bias=bias, smooth=self.smooth, mode=mode, qmin=qmin, qmax=qmax,
+                              act_scale=self.act_scale if mode == w4a8.MODE_STATIC else None)
 
     def uses_integer_gemm(self, x: torch.Tensor) -> bool:
         """True when `forward(x)` on the CPU runs the integer GEMM (`torch._int_mm`, exact int32

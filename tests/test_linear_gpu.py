@@ -133,3 +133,77 @@ def test_fast_path_on_integers_computed_on_the_gpu():
     assert q.qweight.is_contiguous()
     for m in (1, 50, 800):
         _check(q, m, seed=m)
+
+
+def _group(shapes, seed, mode, bias=False):
+    """DuQuantLinear members of one input group: the first member's perm/r_in/smooth for all."""
+    members = []
+    for i, (out_f, in_f) in enumerate(shapes):
+        lin, lp = _layer(out_f, in_f, seed=seed + i, bias=bias, smooth=True)
+        if members:
+            first = members[0][1]
+            lp.perm, lp.r_in, lp.smooth = first.perm, first.r_in, first.smooth
+        members.append((lin, lp))
+    mods = [DuQuantLinear.from_linear(lin, lp, abits=8, act_mode=mode, device="cuda", rot_dtype=torch.float16)
+            for lin, lp in members]
+    if mode == "static":
+        xt = input_transform(_x(256, shapes[0][1], 1).float() / mods[0].smooth, mods[0].perm, mods[0].r_in.float())
+        for q in mods:
+            q.set_act_scale(xt.abs().amax(0) / 127 * 0.8)
+    return mods
+
+
+# (tower, M, member shapes): the pi0.5 groups of --share-inputs
+PI05_GROUPS = [("llm", 800, [(2048, 2048), (256, 2048), (256, 2048)]), ("llm", 800, [(16384, 2048)] * 2),
+               ("llm", 1, [(16384, 2048)] * 2), ("expert", 50, [(2048, 1024), (256, 1024), (256, 1024)]),
+               ("expert", 50, [(4096, 1024)] * 2)]
+
+
+@pytest.mark.parametrize("tower,m,shapes", PI05_GROUPS)
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_linked_group_matches_each_members_reference(tower, m, shapes, mode):
+    from duquant_runtime.input_group import link_input_group
+    mods = _group(shapes, seed=m + len(shapes), mode=mode, bias=tower == "expert")
+    x = _x(m, shapes[0][1], seed=5)
+    with torch.no_grad():
+        alone = [q(x) for q in mods]
+        link_input_group(mods)
+        fused = [q(x) for q in mods]
+        for q, y, y0 in zip(mods, fused, alone):
+            q.use_fast = False
+            ref = q(x)
+            q.use_fast = True
+            assert y.shape == ref.shape and y.dtype == torch.bfloat16
+            assert float((y.float() - ref.float()).norm() / ref.float().norm()) < TOL
+            assert float((y.float() - y0.float()).norm() / y0.float().norm()) < 5e-3  # fused vs alone
+        assert all(y.untyped_storage().data_ptr() == fused[0].untyped_storage().data_ptr() for y in fused)
+
+
+def test_linked_group_under_cuda_graphs_and_device_moves():
+    from duquant_runtime.input_group import link_input_group
+    mods = _group([(2048, 1024), (256, 1024), (256, 1024)], seed=7, mode="dynamic")
+    link_input_group(mods)
+    x = _x(50, 1024, seed=3)
+    with torch.no_grad():
+        eager = [q(x).clone() for q in mods]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            [q(x) for q in mods]
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs = [q(x) for q in mods]
+        x.copy_(_x(50, 1024, seed=4))
+        g.replay()
+        torch.cuda.synchronize()
+        fresh = [q(x) for q in mods]
+        for y, y1 in zip(outs, fresh):
+            assert torch.equal(y, y1)
+        assert not all(torch.equal(a, b) for a, b in zip(eager, fresh))
+        for q in mods:  # a round trip copies the views apart; the next call links them again
+            q.cpu()
+            q.cuda()
+        again = [q(x) for q in mods]
+        assert all(torch.equal(a, b) for a, b in zip(again, fresh))
+        assert len({q.qweight.untyped_storage().data_ptr() for q in mods}) == 1
