@@ -3,6 +3,8 @@ pi0.5 linear shape (needs CUDA and Triton; skipped otherwise: CI tests the refer
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -142,7 +144,7 @@ def _group(shapes, seed, mode, bias=False):
         lin, lp = _layer(out_f, in_f, seed=seed + i, bias=bias, smooth=True)
         if members:
             first = members[0][1]
-            lp.perm, lp.r_in, lp.smooth = first.perm, first.r_in, first.smooth
+            lp = dataclasses.replace(lp, perm=first.perm, r_in=first.r_in, smooth=first.smooth)
         members.append((lin, lp))
     mods = [DuQuantLinear.from_linear(lin, lp, abits=8, act_mode=mode, device="cuda", rot_dtype=torch.float16)
             for lin, lp in members]
