@@ -37,7 +37,10 @@ SHAPES = [("llm", "q/o", 2048, 2048, 800), ("llm", "k/v", 256, 2048, 800), ("llm
           ("llm", "q/o", 2048, 2048, 1), ("llm", "k/v", 256, 2048, 1), ("llm", "gate/up", 16384, 2048, 1),
           ("llm", "down", 2048, 16384, 1),
           ("expert", "q", 2048, 1024, 50), ("expert", "k/v", 256, 1024, 50), ("expert", "o", 1024, 2048, 50),
-          ("expert", "gate/up", 4096, 1024, 50), ("expert", "down", 1024, 4096, 50)]
+          ("expert", "gate/up", 4096, 1024, 50), ("expert", "down", 1024, 4096, 50),
+          # linked input groups of a --share-inputs pack (q/k/v and gate/up rows concatenated)
+          ("llm", "qkv", 2560, 2048, 800), ("llm", "gate_up", 32768, 2048, 800), ("llm", "qkv", 2560, 2048, 1),
+          ("llm", "gate_up", 32768, 2048, 1), ("expert", "qkv", 2560, 1024, 50), ("expert", "gate_up", 8192, 1024, 50)]
 
 
 def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
