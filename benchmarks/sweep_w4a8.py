@@ -70,7 +70,10 @@ def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
         prep = {**picked_prep, "BMP": bmp}
         rows = [(64, bmt, 128, 4, 3, True, 1), (64, bmt, 128, 4, 3, True, 2), (64, bmt, 128, 4, 3, True, 4),
                 (64, bmt, 256, 4, 3, True, 2), (64, bmt, 128, 4, 4, True, 2), (128, bmt, 128, 8, 3, True, 2),
-                (128, bmt, 128, 4, 3, True, 8), (32, bmt, 128, 4, 3, False, 1), (32, bmt, 128, 4, 3, False, 2)]
+                (128, bmt, 128, 4, 3, True, 8), (32, bmt, 128, 4, 3, False, 1), (32, bmt, 128, 4, 3, False, 2),
+                # deeper weight pipelines without split-K (more bytes in flight per program)
+                (64, bmt, 128, 4, 5, True, 1), (64, bmt, 256, 4, 3, True, 1), (64, bmt, 256, 4, 4, True, 1),
+                (64, bmt, 512, 4, 2, True, 1), (64, bmt, 128, 8, 5, True, 1)]
         if mode == "dynamic":
             rows.append((64, bmt, 256, 4, 3, False, 4))
         add(prep, rows)

@@ -337,14 +337,14 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3)
         if k <= 1024 and (dynamic or n >= 2048):
             cfg.update(SPLIT=1)
-        if not dynamic and k >= 2048:  # measured: PDL slower here (expert o/down static, 13.0 -> 16.2 us)
-            cfg.update(PDL=False)
+        if not dynamic and (k >= 2048 or n >= 8192):  # measured: PDL slower here (expert o/down static,
+            cfg.update(PDL=False)  # 13.0 -> 16.2 us; linked gate/up static 12.1 us without vs 13.3 us with)
         return cfg
     # x^T first: the prep then reads whole runs of tokens per permuted channel (no 16x sector gather)
     cfg.update(XLOAD="transpose", BMP=128 if k <= 4096 else 64, prep_warps=8 if k <= 4096 else 4,
                TILES=4 if dynamic and k > 4096 else 1, prep_stages=3)
-    if k > 4096 or n < 1024:  # measured: PDL slower for the LLM down and k/v projections
-        cfg.update(PDL=False)
+    if k > 4096 or n < 1024 or n >= 16384:  # measured: PDL slower for the LLM down, k/v and gate/up
+        cfg.update(PDL=False)  # projections (gate/up 108.1 -> 106.6 us, linked gate/up 201.5 -> 196.9 us)
     if dynamic:  # int8 tensor cores
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
     elif n * k >= 1 << 25 and k <= 4096:
