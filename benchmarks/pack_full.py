@@ -153,6 +153,8 @@ def main(argv=None) -> int:
                     help="synthesize only the 252 packed tensors (4.6 GB instead of 7.2 GB; same values)")
     ap.add_argument("--store-qweights", action="store_true", help="build with --store-qweights (the integers "
                     "are then compared between CPU and CUDA builds too)")
+    ap.add_argument("--share-inputs", action="store_true", help="build with --share-inputs (one input transform "
+                    "per q/k/v and gate/up group)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pack_full.json"))
     args = ap.parse_args(argv)
     if "cuda" in args.runs:
@@ -169,6 +171,8 @@ def main(argv=None) -> int:
         write_synth(ckpt_dir, "pi05", include=SELECTED_RE if args.synth_selected_only else None)
         report["synth_seconds"] = time.perf_counter() - t0
     extra = {"store_qweights": True} if args.store_qweights else {}
+    if args.share_inputs:
+        extra["share_inputs"] = True
     cfg, _ = resolve(PRESET, **extra)
     ckpt = Checkpoint(ckpt_dir)
     selected = select_layers(ckpt, cfg)

@@ -91,6 +91,10 @@ CONFIGS = {
     "hadamard+smooth+gptq+g64": dict(rotation="hadamard", row_rot="restore", stats=True, lambda_smooth=0.5,
                                      rounding="gptq", group_size=64),
     "svd+gptq": dict(rotation="svd", row_rot="restore", stats=True, rounding="gptq"),
+    # one input transform per query/key/value group (--share-inputs; the GPU runtime's fused groups)
+    "svd+share-inputs": dict(rotation="svd", row_rot="restore", share_inputs=True),
+    "hadamard+gptq+share-inputs": dict(rotation="hadamard", row_rot="restore", stats=True, rounding="gptq",
+                                       share_inputs=True),
     "rtn+gptq (no transforms)": dict(rotation="none", permute="none", scale="max", row_rot="disabled",
                                      stats=True, rounding="gptq"),
 }

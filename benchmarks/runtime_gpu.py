@@ -368,6 +368,7 @@ def apply_real_pack(pack_dir: Path, ckpt_dir: Path, dev, act_mode: str) -> dict:
     mem1 = torch.cuda.memory_allocated() if cuda else 0
     return {"pack": str(pack_dir), "layers": len(report.replaced), "stored_integer_layers": len(stored),
             "float_weights_loaded": loaded, "unchecked": len(report.unchecked),
+            "input_groups_linked": len(report.input_groups),
             "load_plus_apply_s": t_apply, "import_torch_dynamo_s": t_import,
             "cold_process_total_s": t_apply + t_import, "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
             "bytes_after_gib": report.bytes_after / 2**30, "ratio": report.bytes_after / report.bytes_before,

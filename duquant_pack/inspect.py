@@ -38,7 +38,8 @@ def inspect_pack(pack_dir) -> dict:
     rtn_rel_err}} for the groups present, in `GROUPS` order; errors are None for groups without
     quantized layers), ``bits_blocks`` (list of {wbits, block_in, block_out, layers}, one per
     distinct combination, sorted), ``quantized`` (layers with wbits > 0), ``permuted`` (layers
-    with a permutation), ``calibration`` (bool), ``calibration_info`` (the manifest's
+    with a permutation), ``input_groups`` / ``input_group_layers`` (groups sharing one input
+    transform, build --share-inputs, and their member count), ``calibration`` (bool), ``calibration_info`` (the manifest's
     calibration object or None), ``bytes`` ({manifest, layers, calibration, total,
     manifest_layer_bytes, missing_files}; sizes on disk, total = manifest + layers + calibration).
     """
@@ -83,6 +84,8 @@ def inspect_pack(pack_dir) -> dict:
         "bits_blocks": bits_blocks,
         "quantized": sum(1 for e in entries if e["wbits"] > 0),
         "permuted": sum(1 for e in entries if e["permuted"]),
+        "input_groups": len({tuple(e["input_group"]) for e in entries if "input_group" in e}),
+        "input_group_layers": sum(1 for e in entries if "input_group" in e),
         "calibration": cal is not None,
         "calibration_info": cal,
         "bytes": {"manifest": manifest_bytes, "layers": layer_bytes, "calibration": cal_bytes,
@@ -123,6 +126,9 @@ def format_inspect(info: dict) -> str:
         f"layers       {info['layers']} ({info['quantized']} quantized, {info['permuted']} permuted), "
         f"{info['weights']:,} weights",
     ]
+    if info["input_groups"]:
+        lines.append(f"input groups {info['input_groups']} ({info['input_group_layers']} layers share one input "
+                     "transform per group)")
     cal = info["calibration_info"]
     if cal is None:
         lines.append("calibration  none")

@@ -55,8 +55,9 @@ VAR_FIELDS = {
     "WBITS_DEFAULT": "wbits", "ABITS": "abits", "BLOCK": "block", "BLOCK_OUT": "block_out",
     "PERMUTE": "permute", "ROW_ROT": "row_rot", "LS": "lambda_smooth", "ACT_PCT": "act_percentile",
     "CALIB_STEPS": "calib_steps", "SCOPE": "scope", "INCLUDE": "include", "EXCLUDE": "exclude",
-    "LAYERS": "layers", "WBITS": "layer_wbits",
+    "LAYERS": "layers", "WBITS": "layer_wbits", "SHARE_INPUTS": "share_inputs",
 }
+_FIELD_DEFAULTS = {"share_inputs": False}  # config fields a manifest omits at this value
 OTHER_VARS = ("PACKDIR", "DRYRUN", "DEBUG", "PROFILE", "INCLUDE_ACTION_HEAD", "PRECACHE_WEIGHTS")
 KNOWN_VARS = tuple(VAR_FIELDS) + OTHER_VARS
 
@@ -118,6 +119,8 @@ def read_env(environ: Mapping[str, str] | None = None) -> DuquantEnv | None:
         "permute": permute, "row_rot": row_rot, "lambda_smooth": lambda_smooth,
         "act_percentile": act_pct, "calib_steps": calib_steps, "scope": get("SCOPE", ""),
         "include": include, "exclude": exclude, "layers": layers, "layer_wbits": layer_wbits,
+        # not in the old fork: one input transform per q/k/v and gate/up group (build --share-inputs)
+        "share_inputs": _flag("SHARE_INPUTS", get("SHARE_INPUTS"), False),
     }
     # DEBUG, PROFILE, PRECACHE_WEIGHTS: accepted and ignored (the old code's logging and profiling
     # hooks; DuQuantLinear always precomputes its quantized weight)
@@ -162,9 +165,10 @@ def enable_duquant_if_configured(model: nn.Module, *, environ: Mapping[str, str]
 def _check_agreement(env: DuquantEnv, config: dict, layer_names: list[str], packdir: Path) -> None:
     diffs = []
     for var, fld in VAR_FIELDS.items():
-        if var in env.set_vars and env.fields[fld] != config.get(fld):
+        have = config.get(fld, _FIELD_DEFAULTS.get(fld))
+        if var in env.set_vars and env.fields[fld] != have:
             diffs.append(f"{PREFIX}{var}={env.set_vars[var]!r} gives {fld}={env.fields[fld]!r}, "
-                         f"the pack has {fld}={config.get(fld)!r}")
+                         f"the pack has {fld}={have!r}")
     if "INCLUDE_ACTION_HEAD" in env.set_vars and not env.include_action_head:
         heads = [n for n in layer_names if ACTION_HEAD in n.split(".")]
         if heads:

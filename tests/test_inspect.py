@@ -38,6 +38,7 @@ def test_inspect_built_pack(built_pack):
     assert all(c["wbits"] == 4 for c in info["bits_blocks"])
     assert info["permuted"] == 28 and info["quantized"] == 28
     assert info["calibration"] is False and info["calibration_info"] is None
+    assert info["input_groups"] == 0 and "input groups" not in format_inspect(info)
 
 
 def test_inspect_bytes_equal_file_sizes(built_pack):

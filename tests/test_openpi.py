@@ -273,6 +273,17 @@ def test_disagreement_with_existing_pack_shows_both_values(toy, w4_pack):
     assert _kinds(model) == _kinds(toy) and tree_bytes(w4_pack) == files
 
 
+def test_share_inputs_compiles_linked_groups_and_is_compared(toy, tmp_path):
+    packdir = tmp_path / "shared"
+    report = enable_duquant_if_configured(copy.deepcopy(toy), environ=_env(packdir, SHARE_INPUTS=1))
+    assert report.compiled and len(report.input_groups) == 4  # q/k/v and gate/up of two layers
+    assert load_pack(packdir).config["share_inputs"] is True
+    again = enable_duquant_if_configured(copy.deepcopy(toy), environ=_env(packdir, SHARE_INPUTS=1, ABITS=8))
+    assert not again.compiled and len(again.input_groups) == 4
+    with pytest.raises(PackError, match="SHARE_INPUTS='0' gives share_inputs=False, the pack has share_inputs=True"):
+        enable_duquant_if_configured(copy.deepcopy(toy), environ=_env(packdir, SHARE_INPUTS=0))
+
+
 def test_unset_variables_are_not_compared(toy, w4_pack):
     """Only set variables are compared: a pack built with other defaults still loads."""
     report = enable_duquant_if_configured(copy.deepcopy(toy), environ=_env(w4_pack, ABITS=8))
@@ -375,7 +386,7 @@ def test_defaults_match_the_compiler_and_the_old_table():
     assert env.fields == {"wbits": 4, "abits": 8, "block": 16, "block_out": 16, "permute": "zigzag",
                           "row_rot": "restore", "lambda_smooth": 0.15, "act_percentile": 99.9,
                           "calib_steps": 32, "scope": "", "include": OLD_INCLUDE, "exclude": OLD_EXCLUDE,
-                          "layers": None, "layer_wbits": {}}
+                          "layers": None, "layer_wbits": {}, "share_inputs": False}
 
 
 @pytest.mark.parametrize("env", [
@@ -390,7 +401,7 @@ def test_parsed_fields_equal_the_compilers_resolved_config(env):
     fields = dict(parsed.fields)
     fields["layers"] = tuple(fields["layers"]) if fields["layers"] else None
     cfg = resolve(None, **fields)[0].to_dict()
-    assert {k: cfg[k] for k in parsed.fields} == json.loads(json.dumps(parsed.fields))
+    assert {k: cfg.get(k, openpi._FIELD_DEFAULTS.get(k)) for k in parsed.fields} == json.loads(json.dumps(parsed.fields))
 
 
 def test_importing_the_runtime_pulls_in_no_compiler():

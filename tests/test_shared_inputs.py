@@ -8,7 +8,11 @@ import json
 import pytest
 import torch
 
+from click.testing import CliRunner
+
 from duquant_pack.build import build_pack, layer_key
+from duquant_pack.cli import cli
+from duquant_pack.inspect import format_inspect, inspect_pack
 from duquant_pack.checkpoint import Checkpoint
 from duquant_pack.config import resolve
 from duquant_pack.layer import LayerSpec
@@ -97,3 +101,17 @@ def test_manifest_refuses_inconsistent_groups(packs, edit, match):
     edit([e for e in m["layers"] if e.get("input_group") == first["input_group"]])  # the entries, in place
     with pytest.raises(PackError, match=match):
         validate_manifest(m)
+
+
+def test_inspect_counts_groups(packs):
+    info = inspect_pack(packs["shared"])
+    assert (info["input_groups"], info["input_group_layers"]) == (8, 20)
+    assert "input groups 8 (20 layers share one input transform per group)" in format_inspect(info)
+
+
+def test_cli_flag_and_help(synth2, tmp_path, packs):
+    res = CliRunner().invoke(cli, ["build", str(synth2), "--preset", PRESET, "--share-inputs", "--out",
+                                   str(tmp_path / "p"), "-j", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    assert tree_bytes(tmp_path / "p") == tree_bytes(packs["shared"])  # the same pack as the API's
+    assert "--share-inputs" in CliRunner().invoke(cli, ["build", "--help"]).output
