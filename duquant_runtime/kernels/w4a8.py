@@ -102,17 +102,27 @@ _unpack = _unpack_sw if _INTERPRET else _unpack_asm
 
 
 @triton.jit
+def _deint(c, BKD: tl.constexpr):
+    """Stored column of activation column c: within each BKD-wide K tile the even columns come
+    first, then the odd ones, so the GEMM multiplies the low nibbles (even k) and the high
+    nibbles (odd k) of a packed weight tile with two contiguous halves (no interleaving shuffle)."""
+    r = c % BKD
+    return c - r + (r % 2) * (BKD // 2) + r // 2
+
+
+@triton.jit
 def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_ptr, out_ptr,
                  part_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
                  G: tl.constexpr, BMP: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, B: tl.constexpr,
                  HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, XLOAD: tl.constexpr,
-                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr):
+                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr, BKD: tl.constexpr):
     """Program (i, j): rotation blocks i*G .. i*G+G-1, row tiles j*TILES .. j*TILES+TILES-1 of BMP
     rows. Per block, the permutation slice, the R_in block and the scales are loaded once; the row
     tiles stream through a software-pipelined loop (STAGES). XLOAD 0: x (M, K) read through perm;
     1: x already gathered (x[:, perm]); 2: x transposed (K, M), read through perm along tokens.
     PDL: let the next launch start (it waits for this one's results itself); PDL_WAIT: launched
-    early after the transpose launch, wait for its results first."""
+    early after the transpose launch, wait for its results first. The GEMM operand (static, no
+    quantization) is stored in the GEMM's column order (`_deint`, BKD = its BK)."""
     if PDL_WAIT:
         gdc_wait()
     if PDL:
@@ -147,14 +157,15 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
             if HAS_SMOOTH:
                 x = tl.math.div_rn(x, smooth[None, :])
             xt = tl.dot(x, r, input_precision=PREC)
-            dst = out_ptr + offs_m[:, None] * K + offs_c[None, :]
             if MODE == 2:  # rotated values and the block's absmax; `_quant_kernel` makes the codes
-                tl.store(dst, xt, mask=row_ok[:, None])
+                tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], xt, mask=row_ok[:, None])
                 tl.store(part_ptr + offs_m * NB + kb, tl.max(tl.abs(xt), axis=1), mask=row_ok)
             elif MODE == 1:  # static per channel (of the rotated basis)
                 q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, sk[None, :])), QMIN), QMAX)
+                dst = out_ptr + offs_m[:, None] * K + _deint(offs_c, BKD)[None, :]
                 tl.store(dst, (q * sk[None, :]).to(tl.bfloat16), mask=row_ok[:, None])
             else:
+                dst = out_ptr + offs_m[:, None] * K + _deint(offs_c, BKD)[None, :]
                 tl.store(dst, xt.to(tl.bfloat16), mask=row_ok[:, None])
 
 
@@ -174,10 +185,11 @@ def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr, PDL: tl.co
 @triton.jit
 def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, NB: tl.constexpr,
                   NB_P2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BMQ: tl.constexpr,
-                  BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr):
+                  BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr):
     """Dynamic per-token codes: int8 (M, K) of float32 rotated values with the row scale from the
-    per-(token, block) absmax (M, NB). Program (i, j): BMQ rows, QCH chunks of BKQ columns;
-    program column 0 also writes the scales (M,). PDL: launched early, waits for the prep."""
+    per-(token, block) absmax (M, NB), stored in the GEMM's column order (`_deint`). Program
+    (i, j): BMQ rows, QCH chunks of BKQ columns; program column 0 also writes the scales (M,).
+    PDL: launched early, waits for the prep."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -194,7 +206,7 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
         offs_k = (pid_k * QCH + c) * BKQ + tl.arange(0, BKQ)
         v = tl.load(v_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0)
         q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, s[:, None])), QMIN), QMAX)
-        tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], q.to(tl.int8), mask=row_ok[:, None])
+        tl.store(out_ptr + offs_m[:, None] * K + _deint(offs_k, BKD)[None, :], q.to(tl.int8), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -236,9 +248,8 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
     rows_n = offs_n % N
     K_CHUNK: tl.constexpr = K // SPLIT
     kh = tl.arange(0, BK // 2)
-    kf = tl.arange(0, BK)
     w_ptrs = w_ptr + rows_n[:, None] * (K // 2) + kh[None, :]
-    a_ptrs = a_ptr + rows_m[:, None] * K + kf[None, :]
+    a_ptrs = a_ptr + rows_m[:, None] * K + kh[None, :]  # the even-k half of a stored tile (`_deint`)
     if PDL:  # launched while the activation launch still runs: fetch this program's weights into
         # L2 (PF_N lines of 128 bytes per row), then wait for the activations; no write before the wait
         line = tl.minimum(tl.arange(0, PF), PF_N - 1)
@@ -252,24 +263,32 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         acc = tl.zeros((BMT, BN), dtype=tl.int32 if INT8 else tl.float32)
     for k0 in range(0, K_CHUNK, BK):
         kk = pid_k * K_CHUNK + k0
+        # packed byte j of the tile: low nibble = column kk + 2j, high = kk + 2j + 1; the activation
+        # tile holds those columns as two contiguous halves (`_deint`): two dots, no shuffle of W
         lo, hi = _unpack(tl.load(w_ptrs + kk // 2).to(tl.int8, bitcast=True), INT8)
-        w = tl.join(lo, hi).reshape(BN, BK)  # column 2j: low nibble, 2j+1: high
-        a = tl.load(a_ptrs + kk)
+        a_lo = tl.load(a_ptrs + kk)
+        a_hi = tl.load(a_ptrs + kk + BK // 2)
         if INT8:  # int8 16 * q: exact int32 sums (|sum| <= K * 2^14 < 2^31: `supports` caps K), 1/16 below
             if SWAP:
-                acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
+                acc = tl.dot(lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
+                acc = tl.dot(hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
             else:
-                acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+                acc = tl.dot(a_lo, tl.trans(lo), acc, out_dtype=tl.int32)
+                acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=tl.int32)
         elif F32_DOT:  # Triton's CPU interpreter multiplies bf16 bit patterns; tests only
             if SWAP:
-                acc = tl.dot(w.to(tl.float32), tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
+                acc = tl.dot(lo.to(tl.float32), tl.trans(a_lo.to(tl.float32)), acc, input_precision="ieee")
+                acc = tl.dot(hi.to(tl.float32), tl.trans(a_hi.to(tl.float32)), acc, input_precision="ieee")
             else:
-                acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+                acc = tl.dot(a_lo.to(tl.float32), tl.trans(lo.to(tl.float32)), acc, input_precision="ieee")
+                acc = tl.dot(a_hi.to(tl.float32), tl.trans(hi.to(tl.float32)), acc, input_precision="ieee")
         else:
             if SWAP:
-                acc = tl.dot(w.to(tl.bfloat16), tl.trans(a), acc)
+                acc = tl.dot(lo.to(tl.bfloat16), tl.trans(a_lo), acc)
+                acc = tl.dot(hi.to(tl.bfloat16), tl.trans(a_hi), acc)
             else:
-                acc = tl.dot(a, tl.trans(w.to(tl.bfloat16)), acc)
+                acc = tl.dot(a_lo, tl.trans(lo.to(tl.bfloat16)), acc)
+                acc = tl.dot(a_hi, tl.trans(hi.to(tl.bfloat16)), acc)
     y = acc.to(tl.float32)
     if not SWAP:
         y = tl.trans(y)  # (BN, BMT)
@@ -395,6 +414,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
     pdl = _use_pdl(cfg, x.device)
+    bkd = gemm_tiling(k, cfg)[0]  # the operand's column order follows the GEMM's K tiles
     if xload == 1:
         x = x.index_select(1, perm)
     elif xload == 2:
@@ -406,7 +426,8 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
         NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-        XLOAD=xload, PDL=pdl, PDL_WAIT=pdl and xload == 2, num_warps=cfg["prep_warps"], **_pdl(pdl and xload == 2))
+        XLOAD=xload, PDL=pdl, PDL_WAIT=pdl and xload == 2, BKD=bkd, num_warps=cfg["prep_warps"],
+        **_pdl(pdl and xload == 2))
     if not dynamic:
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
@@ -419,7 +440,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         qch -= 1
     _quant_kernel[(triton.cdiv(m, bmq), k // (bkq * qch))](
         a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
-        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, num_warps=4, **_pdl(pdl))
+        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, num_warps=4, **_pdl(pdl))
     return codes, tok_scale
 
 
@@ -438,6 +459,18 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor:
     return c
 
 
+def gemm_tiling(k: int, cfg: dict) -> tuple[int, int]:
+    """(BK, SPLIT) the GEMM runs with for K = k: cfg's, halved until BK * SPLIT divides k. The
+    activation launches store their operand in tiles of this BK (`_deint`)."""
+    bk, split = cfg["BK"], cfg.get("SPLIT", 1)
+    while k % (bk * split):
+        if bk > 32:
+            bk //= 2
+        else:
+            split //= 2
+    return bk, split
+
+
 def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.Tensor, w_scale: torch.Tensor,
             r_out: torch.Tensor | None, bias: torch.Tensor | None, out_dtype: torch.dtype,
             cfg: dict) -> torch.Tensor:
@@ -447,12 +480,8 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     m, k = a.shape
     n = qweight.shape[0]
     bo = r_out.shape[-1] if r_out is not None else 16
-    bn, bmt, bk, split = cfg["BN"], cfg["BMT"], cfg["BK"], cfg.get("SPLIT", 1)
-    while k % (bk * split):
-        if bk > 32:
-            bk //= 2
-        else:
-            split //= 2
+    bn, bmt = cfg["BN"], cfg["BMT"]
+    bk, split = gemm_tiling(k, cfg)
     if bn % bo or n % bn:
         raise ValueError(f"GEMM config {cfg} does not fit N={n}, output block {bo}")
     out = torch.empty((m, n), device=a.device, dtype=out_dtype)
