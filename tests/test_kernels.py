@@ -4,7 +4,8 @@
   reference numerics in every variant (dynamic activations through the quantize launch, static
   scales, no activation quantization; one or several rotation blocks and row tiles per prep
   program; x read through the permutation, gathered beforehand or transposed; split-K; swapped
-  and unswapped dot operands). Skipped when Triton is not installed (it is optional).
+  and unswapped dot operands; K tiles of 64/128/256, which also order the int8 codes' columns).
+  Skipped when Triton is not installed (it is optional).
 - On a CUDA GPU (skipped without): every x-load variant with and without programmatic dependent
   launch against the float reference.
 - Everywhere: which GPUs run the kernels (sm_80+) and PDL (sm_90+).
@@ -51,7 +52,7 @@ for i, (m, n, k, b, bo, mode, smooth, G, swap, split) in enumerate(cases):
     act = xt.abs().amax(0) / 127 * 0.8
     xq = fake_quantize_per_token(xt, 8) if mode == 2 else fake_quantize_per_channel(xt, act, 8) if mode == 1 else xt
     ref = output_restore((xq @ q.float().t()) * ws, r_out) + bias.float()
-    cfg = dict(BN=64, BMT=16, BK=64, G=G, BMP=16, num_warps=4, num_stages=2, SWAP=swap, SPLIT=split,
+    cfg = dict(BN=64, BMT=16, BK=(64, 128, 256)[i % 3], G=G, BMP=16, num_warps=4, num_stages=2, SWAP=swap, SPLIT=split,
                XLOAD=("gather", "index_select", "transpose")[i % 3],  # ways of reading x through perm
                TILES=1 + i % 2,  # row tiles per prep program
                BKQ=64, QCH=1 + i % 3)  # column chunks per quantize program

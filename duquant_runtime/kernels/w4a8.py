@@ -115,14 +115,13 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
                  part_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
                  G: tl.constexpr, BMP: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, B: tl.constexpr,
                  HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, XLOAD: tl.constexpr,
-                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr, BKD: tl.constexpr):
+                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr):
     """Program (i, j): rotation blocks i*G .. i*G+G-1, row tiles j*TILES .. j*TILES+TILES-1 of BMP
     rows. Per block, the permutation slice, the R_in block and the scales are loaded once; the row
     tiles stream through a software-pipelined loop (STAGES). XLOAD 0: x (M, K) read through perm;
     1: x already gathered (x[:, perm]); 2: x transposed (K, M), read through perm along tokens.
     PDL: let the next launch start (it waits for this one's results itself); PDL_WAIT: launched
-    early after the transpose launch, wait for its results first. The GEMM operand (static, no
-    quantization) is stored in the GEMM's column order (`_deint`, BKD = its BK)."""
+    early after the transpose launch, wait for its results first."""
     if PDL_WAIT:
         gdc_wait()
     if PDL:
@@ -162,11 +161,10 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
                 tl.store(part_ptr + offs_m * NB + kb, tl.max(tl.abs(xt), axis=1), mask=row_ok)
             elif MODE == 1:  # static per channel (of the rotated basis)
                 q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, sk[None, :])), QMIN), QMAX)
-                dst = out_ptr + offs_m[:, None] * K + _deint(offs_c, BKD)[None, :]
-                tl.store(dst, (q * sk[None, :]).to(tl.bfloat16), mask=row_ok[:, None])
+                tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], (q * sk[None, :]).to(tl.bfloat16),
+                         mask=row_ok[:, None])
             else:
-                dst = out_ptr + offs_m[:, None] * K + _deint(offs_c, BKD)[None, :]
-                tl.store(dst, xt.to(tl.bfloat16), mask=row_ok[:, None])
+                tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], xt.to(tl.bfloat16), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -249,7 +247,10 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
     K_CHUNK: tl.constexpr = K // SPLIT
     kh = tl.arange(0, BK // 2)
     w_ptrs = w_ptr + rows_n[:, None] * (K // 2) + kh[None, :]
-    a_ptrs = a_ptr + rows_m[:, None] * K + kh[None, :]  # the even-k half of a stored tile (`_deint`)
+    if INT8:
+        a_ptrs = a_ptr + rows_m[:, None] * K + kh[None, :]  # the even-k half of a stored tile (`_deint`)
+    else:
+        a_ptrs = a_ptr + rows_m[:, None] * K + tl.arange(0, BK)[None, :]
     if PDL:  # launched while the activation launch still runs: fetch this program's weights into
         # L2 (PF_N lines of 128 bytes per row), then wait for the activations; no write before the wait
         line = tl.minimum(tl.arange(0, PF), PF_N - 1)
@@ -263,32 +264,31 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         acc = tl.zeros((BMT, BN), dtype=tl.int32 if INT8 else tl.float32)
     for k0 in range(0, K_CHUNK, BK):
         kk = pid_k * K_CHUNK + k0
-        # packed byte j of the tile: low nibble = column kk + 2j, high = kk + 2j + 1; the activation
-        # tile holds those columns as two contiguous halves (`_deint`): two dots, no shuffle of W
         lo, hi = _unpack(tl.load(w_ptrs + kk // 2).to(tl.int8, bitcast=True), INT8)
-        a_lo = tl.load(a_ptrs + kk)
-        a_hi = tl.load(a_ptrs + kk + BK // 2)
         if INT8:  # int8 16 * q: exact int32 sums (|sum| <= K * 2^14 < 2^31: `supports` caps K), 1/16 below
+            # packed byte j: low nibble = column kk + 2j, high = kk + 2j + 1; the codes' tile holds
+            # those columns as two contiguous halves (`_deint`): two dots, no shuffle of W
+            a_lo = tl.load(a_ptrs + kk)
+            a_hi = tl.load(a_ptrs + kk + BK // 2)
             if SWAP:
                 acc = tl.dot(lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
             else:
                 acc = tl.dot(a_lo, tl.trans(lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=tl.int32)
-        elif F32_DOT:  # Triton's CPU interpreter multiplies bf16 bit patterns; tests only
-            if SWAP:
-                acc = tl.dot(lo.to(tl.float32), tl.trans(a_lo.to(tl.float32)), acc, input_precision="ieee")
-                acc = tl.dot(hi.to(tl.float32), tl.trans(a_hi.to(tl.float32)), acc, input_precision="ieee")
+        else:  # bf16 operand in natural column order (two dots measured slower here)
+            w = tl.join(lo, hi).reshape(BN, BK)  # column 2j: low nibble, 2j+1: high
+            a = tl.load(a_ptrs + kk)
+            if F32_DOT:  # Triton's CPU interpreter multiplies bf16 bit patterns; tests only
+                if SWAP:
+                    acc = tl.dot(w.to(tl.float32), tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
             else:
-                acc = tl.dot(a_lo.to(tl.float32), tl.trans(lo.to(tl.float32)), acc, input_precision="ieee")
-                acc = tl.dot(a_hi.to(tl.float32), tl.trans(hi.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            if SWAP:
-                acc = tl.dot(lo.to(tl.bfloat16), tl.trans(a_lo), acc)
-                acc = tl.dot(hi.to(tl.bfloat16), tl.trans(a_hi), acc)
-            else:
-                acc = tl.dot(a_lo, tl.trans(lo.to(tl.bfloat16)), acc)
-                acc = tl.dot(a_hi, tl.trans(hi.to(tl.bfloat16)), acc)
+                if SWAP:
+                    acc = tl.dot(w.to(tl.bfloat16), tl.trans(a), acc)
+                else:
+                    acc = tl.dot(a, tl.trans(w.to(tl.bfloat16)), acc)
     y = acc.to(tl.float32)
     if not SWAP:
         y = tl.trans(y)  # (BN, BMT)
@@ -356,6 +356,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3)
         if k <= 1024 and (dynamic or n >= 2048):
             cfg.update(SPLIT=1)
+            if dynamic and n >= 2560:  # measured on the linked q/k/v and gate/up groups (9.8 vs 10.4 us,
+                cfg.update(BK=256)  # 11.0 vs 11.7 us); the single layers were not re-swept
         if not dynamic and (k >= 2048 or n >= 8192):  # measured: PDL slower here (expert o/down static,
             cfg.update(PDL=False)  # 13.0 -> 16.2 us; linked gate/up static 12.1 us without vs 13.3 us with)
         return cfg
@@ -414,7 +416,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
     pdl = _use_pdl(cfg, x.device)
-    bkd = gemm_tiling(k, cfg)[0]  # the operand's column order follows the GEMM's K tiles
+    bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
     if xload == 1:
         x = x.index_select(1, perm)
     elif xload == 2:
@@ -426,7 +428,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
         NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-        XLOAD=xload, PDL=pdl, PDL_WAIT=pdl and xload == 2, BKD=bkd, num_warps=cfg["prep_warps"],
+        XLOAD=xload, PDL=pdl, PDL_WAIT=pdl and xload == 2, num_warps=cfg["prep_warps"],
         **_pdl(pdl and xload == 2))
     if not dynamic:
         return a, None
