@@ -11,12 +11,18 @@
    - static scales: as bf16 values q * s_k of the per-channel quantized activation;
    - dynamic: as float32 rotated values plus the per-(token, block) absmax;
    - no activation quantization: as bf16 rotated values.
-2. `_quant_kernel` (dynamic only): per-token scales from the block maxima, int8 codes.
+2. `_quant_kernel` (dynamic only): per-token scales from the block maxima, int8 codes, stored
+   in the GEMM's column order: within each BK-wide K tile the even columns, then the odd ones
+   (`_deint`).
 3. `_gemm_kernel`: out^T tile (BN rows of W, BMT tokens) = W_q @ A^T, the weight unpacked in
    registers by inline PTX (int8 16 * q with two masks; bf16 q by the exact magic-number
    conversion) as the dot's register operand, the activation streaming through shared memory
    (`SWAP`; the unswapped order is kept for tuning). int8 x int8 -> int32 dots (exact; the 16 is
-   divided out exactly) for dynamic activations, bf16 dots with float32 sums otherwise. Epilogue
+   divided out exactly) for dynamic activations: two dots per K tile, the low nibbles (even k)
+   against the tile's first half of codes and the high nibbles (odd k) against the second, so
+   the unpacked weight never goes through shared memory to be interleaved. bf16 dots with
+   float32 sums otherwise (one dot on the interleaved tile: the two-dot form measured slower
+   there). Epilogue
    (`_finish`): x token scale x row scale, the output restore as one tf32 dot with the tile's
    block-diagonal slice of R_out, the bias, the cast, the transposed store. Split-K (small M):
    partial tiles go to a float32 workspace, a per-tile counter finds the last program, which
