@@ -157,10 +157,11 @@ def _check_input_groups(layers: list[dict]) -> None:
         if len(group) < 2 or not all(isinstance(g, str) for g in group) or len(set(group)) != len(group) \
                 or name not in group:
             raise PackError(f"{where} must list two or more distinct layer names, this one included")
+        missing = [other for other in group if other not in by_name]
+        if missing:
+            raise PackError(f"{where} names '{missing[0]}', which is not in the pack")
         for other in group:
-            o = by_name.get(other)
-            if o is None:
-                raise PackError(f"{where} names '{other}', which is not in the pack")
+            o = by_name[other]
             if o.get("input_group") != group or o["in_features"] != layer["in_features"]:
                 raise PackError(f"{where} disagrees with layer '{other}' (its group or input width differs)")
 

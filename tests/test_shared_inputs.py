@@ -88,12 +88,12 @@ def test_member_keys_depend_on_every_member():
 
 @pytest.mark.parametrize("edit, match", [
     (lambda g: g[0].update(input_group=[g[0]["name"]]), "two or more"),
-    (lambda g: g[0].update(input_group=g[0]["input_group"] + ["nope"]), "not in the pack|disagrees"),
+    (lambda g: g[0].update(input_group=g[0]["input_group"] + ["nope"]), "'nope', which is not in the pack"),
     (lambda g: g[1].update(input_group=list(reversed(g[1]["input_group"]))), "disagrees"),
     (lambda g: g[0].update(input_group="q,k"), "wrong type"),
     (lambda g: g[0].update(input_group=[n for n in g[0]["input_group"] if n != g[0]["name"]] + ["x"]),
      "this one included"),
-])
+], ids=["group of one", "unknown member", "members disagree on the order", "not a list", "own name missing"])
 def test_manifest_refuses_inconsistent_groups(packs, edit, match):
     m = json.loads((packs["shared"] / "manifest.json").read_text())
     validate_manifest(json.loads(json.dumps(m)))
