@@ -203,6 +203,13 @@ def bench_shape(tower: str, name: str, out_f: int, in_f: int, m: int, args, dev)
 GROUPS = [("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj"))]
 
 
+def add_ratios(t: dict, bf16_key: str, concatenated_key: str) -> None:
+    """ratio_<mode> (ours / bf16 layer by layer) and ratio_<mode>_vs_concatenated, in place."""
+    for mode in ("dynamic", "static"):
+        t[f"ratio_{mode}"] = t[f"ours_{mode}_s"] / t[bf16_key]
+        t[f"ratio_{mode}_vs_concatenated"] = t[f"ours_{mode}_s"] / t[concatenated_key]
+
+
 def bench_group(tower: str, label: str, names: tuple, m: int, args, dev) -> dict:
     """One input group linked (duquant_runtime.input_group): the members' calls on one activation
     (one fused launch pair) against the bf16 members called one by one, and against one bf16
@@ -257,9 +264,7 @@ def bench_group(tower: str, label: str, names: tuple, m: int, args, dev) -> dict
     t = {"bf16_members_s": graph_time(bf16, x, args.repeats), "bf16_concatenated_s": graph_time(bf16_cat, x, args.repeats),
          "ours_dynamic_s": graph_time(groups["dynamic"], x, args.repeats),
          "ours_static_s": graph_time(groups["static"], x, args.repeats)}
-    for mode in ("dynamic", "static"):
-        t[f"ratio_{mode}"] = t[f"ours_{mode}_s"] / t["bf16_members_s"]
-        t[f"ratio_{mode}_vs_concatenated"] = t[f"ours_{mode}_s"] / t["bf16_concatenated_s"]
+    add_ratios(t, "bf16_members_s", "bf16_concatenated_s")
     print(f"{tower:6s} {label:10s} M={m:4d} bf16 {t['bf16_members_s'] * 1e6:8.1f} us (one concatenated "
           f"{t['bf16_concatenated_s'] * 1e6:.1f}) | linked dyn {t['ours_dynamic_s'] * 1e6:8.1f} ({t['ratio_dynamic']:.2f}x) "
           f"| static {t['ours_static_s'] * 1e6:8.1f} ({t['ratio_static']:.2f}x) | err dyn {err['dynamic']:.1e} "
@@ -308,9 +313,7 @@ def shared_total(rows: list[dict], args, dev) -> dict:
         total["bf16_concatenated_groups_s"] += w * gr["bf16_concatenated_s"]
         total["ours_dynamic_s"] += w * gr["ours_dynamic_s"]
         total["ours_static_s"] += w * gr["ours_static_s"]
-    for mode in ("dynamic", "static"):
-        total[f"ratio_{mode}"] = total[f"ours_{mode}_s"] / total["bf16_linear_s"]
-        total[f"ratio_{mode}_vs_concatenated"] = total[f"ours_{mode}_s"] / total["bf16_concatenated_groups_s"]
+    add_ratios(total, "bf16_linear_s", "bf16_concatenated_groups_s")
     print(f"TOTAL with linked input groups: bf16 {total['bf16_linear_s'] * 1e6:.0f} us (q/k/v and gate/up as one "
           f"bf16 linear each: {total['bf16_concatenated_groups_s'] * 1e6:.0f} us), ours dynamic "
           f"{total['ours_dynamic_s'] * 1e6:.0f} us ({total['ratio_dynamic']:.2f}x), static "
