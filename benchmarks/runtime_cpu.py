@@ -1,6 +1,6 @@
 """Benchmark: the runtime on CPU for full-size pi0.5 language-model decoder layers.
 
-    python benchmarks/runtime_cpu.py [--layers 1] [--repeats 7] [--load-repeats 3] [--tokens 1,64] [--out FILE]
+    python benchmarks/runtime_cpu.py [--layers 1] [--repeats 7] [--load-repeats 3] [--tokens 1,64] [--groups] [--out FILE]
 
 With --layers 18 the load+apply part covers the whole pi05-llm set (126 linears); forward timings
 always use decoder layer 0. The description below is for the default, one layer:
@@ -124,6 +124,43 @@ def breakdown(q: DuQuantLinear, x: torch.Tensor, repeats: int) -> dict:
     }
 
 
+GROUPS = {"q/k/v": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "gate/up": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def linked_groups(tmp: Path, ckpt: Path, tokens: list, repeats: int) -> dict:
+    """Decoder layer 0 built with --share-inputs, applied with dynamic activations twice (linked
+    and share_inputs=False): the members of each group called one after the other on one input
+    (as attention and the MLP do), timed; the same for bf16 nn.Linear."""
+    cfg, _ = resolve(PRESET, share_inputs=True)
+    t0 = time.perf_counter()
+    build_pack(tmp / "ckpt", tmp / "pack-shared", cfg, preset=PRESET, progress=False)
+    out = {"build_seconds": round(time.perf_counter() - t0, 3)}
+    state = {k: v for k, v in load_file(str(ckpt)).items() if re.search(LAYER0, k)}
+    models = {}
+    for label, share in (("linked", True), ("unlinked", False)):
+        model = build_tree(state, torch.bfloat16)
+        report = apply_pack(model, tmp / "pack-shared", act_mode="dynamic", share_inputs=share)
+        models[label] = dict(model.named_modules())
+        out[f"input_groups_{label}"] = len(report.input_groups)
+    bf16 = dict(build_tree(state, torch.bfloat16).named_modules())
+    prefix = next(k for k in state if "layers.0." in k).split("layers.0.")[0] + "layers.0."
+    for gname, members in GROUPS.items():
+        names = [prefix + m for m in members]
+        for m in tokens:
+            x = activations(m, bf16[names[0]].in_features, 1).to(torch.bfloat16)
+            t = {f"{label}_s": timed(lambda a, mods=[mods[n] for n in names]: [q(a) for q in mods], x, repeats)
+                 for label, mods in (("bf16", bf16), ("dynamic_unlinked", models["unlinked"]),
+                                     ("dynamic_linked", models["linked"]))}
+            t["ratio_linked_vs_unlinked"] = t["dynamic_linked_s"] / t["dynamic_unlinked_s"]
+            t["ratio_linked_vs_bf16"] = t["dynamic_linked_s"] / t["bf16_s"]
+            out[f"{gname} M={m}"] = t
+            print(f"group {gname:8s} M={m:3d}: bf16 {t['bf16_s'] * 1e3:8.3f} ms, dynamic unlinked "
+                  f"{t['dynamic_unlinked_s'] * 1e3:8.3f} ms, linked {t['dynamic_linked_s'] * 1e3:8.3f} ms "
+                  f"({t['ratio_linked_vs_unlinked']:.2f}x)", file=sys.stderr)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=7, help="timing samples per forward measurement")
@@ -132,6 +169,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=1,
                     help="LLM decoder layers for load+apply (18 = the whole pi05-llm set, 126 linears); "
                          "forward timings use layer 0")
+    ap.add_argument("--groups", action="store_true",
+                    help="also build the layer with --share-inputs and time its linked q/k/v and gate/up groups "
+                         "(dynamic activations, the CPU integer GEMM) against the same members unlinked")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime_cpu.json"))
     args = ap.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -240,6 +280,8 @@ def main(argv=None) -> int:
             tot["ratio_static_vs_f32"] = tot["duquant_static_bf16in_s"] / tot["linear_f32_s"]
             totals[k] = tot
         result["forward_decoder_layer_totals"] = totals
+        if args.groups:
+            result["linked_groups"] = linked_groups(tmp, ckpt, tokens, args.repeats)
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     default = (lambda o: list(o) if isinstance(o, tuple) else str(o))

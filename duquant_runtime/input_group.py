@@ -1,4 +1,4 @@
-"""Layers that share one input transform run as one on the GPU fast path.
+"""Layers that share one input transform run as one (GPU kernels, CPU integer GEMM).
 
     group = link_input_group([q, k, v])  # DuQuantLinear modules of one --share-inputs group
     q(x); k(x); v(x)                     # q's call runs the kernels for all three
@@ -6,16 +6,17 @@
 A pack built with ``--share-inputs`` gives sibling layers that read the same activation (q/k/v,
 gate/up) one permutation, one set of input rotations and one smoothing vector. Linking them makes
 each member's ``qweight``, ``w_scale``, ``r_out`` and ``bias`` a view of one row-wise concatenated
-tensor (no extra memory), so the fused kernels (kernels/w4a8.py) transform and quantize the
-activation once and run one GEMM over every member's rows.
+tensor (no extra memory), so the fused kernels (kernels/w4a8.py), and on the CPU the integer GEMM
+path of dynamic activations, transform and quantize the activation once and run one GEMM over
+every member's rows.
 
-Call protocol: the first member called with an activation ``x`` on the fast path computes every
+Call protocol: the first member called with an activation ``x`` on one of those paths computes every
 member's output (M, sum of out_features) and keeps it; another member called next with the same
 tensor object (not modified in place since, where torch tracks versions) returns its columns of
 that output: a view whose rows are strided by the group's total width. A call that cannot be
-served so (a member called twice, another input) starts a new fused launch. A member runs alone
-on the CPU, on the reference path, or while the members disagree (different activation scales,
-modes, `use_fast`). Views that a device move copied apart are linked again at the next call. The
+served so (a member called twice, another input) starts a new fused call. A member runs alone
+on the float reference path, or while the members disagree (different activation scales, modes,
+`use_fast`). Views that a device move copied apart are linked again at the next call. The
 fused GEMM equals the members' own up to float32 accumulation order.
 
 Caveat: tensors made under ``torch.inference_mode`` carry no version counter, so there an in-place
@@ -76,10 +77,11 @@ def check_compatible(members: list) -> str | None:
 class _Output:
     """The group's output for one activation, until every member took its columns."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, first):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, first, kernel: str):
         self.x = weakref.ref(x)
         self.version = _version(x)
         self.y = y
+        self.kernel = kernel
         self.served = {id(first)}
 
 
@@ -152,14 +154,17 @@ class InputGroup:
 
     # --- forward -----------------------------------------------------------------------------
 
-    def forward(self, member, x: torch.Tensor) -> torch.Tensor | None:
-        """`member`'s output for x from the group's fused launch, or None (then it runs alone)."""
+    def forward(self, member, x: torch.Tensor, kernel: str = "_kernel_forward") -> torch.Tensor | None:
+        """`member`'s output for x from the group's fused call, or None (then it runs alone).
+        kernel: the DuQuantLinear method that computes (M, rows) from x (M, in) and row-side
+        buffers: "_kernel_forward" (the GPU kernels) or "_integer_kernel" (the CPU integer GEMM)."""
         i = next((k for k, m in enumerate(self.members) if m is member), None)
         if i is None:
             return None
         a, b = self.bounds[i]
         p = self._pending
-        if p is not None and p.x() is x and id(member) not in p.served and p.version == _version(x):
+        if p is not None and p.x() is x and id(member) not in p.served and p.version == _version(x) \
+                and p.kernel == kernel:
             p.served.add(id(member))
             if len(p.served) == len(self.members):
                 self._pending = None
@@ -179,9 +184,9 @@ class InputGroup:
             fused = {key: self.fused(key) for key in _LINKED}
         if not self._inputs_equal():
             return None
-        y = m0._kernel_forward(x.reshape(-1, m0.in_features), fused["qweight"], fused["w_scale"], fused["r_out"],
-                               fused["bias"])
-        self._pending = _Output(x, y, member)
+        y = getattr(m0, kernel)(x.reshape(-1, m0.in_features), fused["qweight"], fused["w_scale"], fused["r_out"],
+                                fused["bias"])
+        self._pending = _Output(x, y, member, kernel)
         return y[:, a:b].reshape(*x.shape[:-1], b - a)
 
 

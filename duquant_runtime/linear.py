@@ -209,7 +209,7 @@ class DuQuantLinear(nn.Module):
 
     def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_group is not None:  # linked with layers that read the same input (input_group.py)
-            y = self.input_group.forward(self, x)
+            y = self.input_group.forward(self, x, "_kernel_forward")
             if y is not None:
                 return y
         y = self._kernel_forward(x.reshape(-1, self.in_features), self.qweight, self.w_scale, self.r_out, self.bias)
@@ -241,15 +241,27 @@ class DuQuantLinear(nn.Module):
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         """CPU W(<=8)A(<=8) dynamic path: float32 transforms, int8 codes, int32 GEMM, float32 restore."""
-        xc = x.to(torch.float32) if self.smooth is None else x.to(torch.float32) / self.smooth.to(torch.float32)
+        if self.input_group is not None:  # linked with layers that read the same input (input_group.py)
+            y = self.input_group.forward(self, x, "_integer_kernel")
+            if y is not None:
+                return y
+        y = self._integer_kernel(x.reshape(-1, self.in_features), self.qweight, self.w_scale, self.r_out, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _integer_kernel(self, x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                        r_out: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """The CPU integer path on x2d (M, in) with this layer's input side and the given row-side
+        buffers (this layer's, or a linked group's concatenation); returns (M, rows) in x's dtype."""
+        xc = x2d.to(torch.float32) if self.smooth is None else x2d.to(torch.float32) / self.smooth.to(torch.float32)
         xt = input_transform(xc, self.perm, self.r_in.to(torch.float32))
         q, s = per_token_codes(xt, self.abits)
-        acc = torch._int_mm(q.reshape(-1, self.in_features).to(torch.int8), self.int_codes().t())
-        y = acc.reshape(*xt.shape[:-1], self.out_features).to(torch.float32) * s * self.w_scale.to(torch.float32)
-        y = output_restore(y, self.r_out.to(torch.float32) if self.r_out is not None else None)
-        if self.bias is not None:
-            y = y + self.bias.to(torch.float32)
-        return y.to(x.dtype)
+        codes = unpack_int4(qweight, self.in_features) if qweight.dtype == torch.uint8 else qweight
+        acc = torch._int_mm(q.to(torch.int8), codes.t())
+        y = acc.to(torch.float32) * s * w_scale.to(torch.float32)
+        y = output_restore(y, r_out.to(torch.float32) if r_out is not None else None)
+        if bias is not None:
+            y = y + bias.to(torch.float32)
+        return y.to(x2d.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.fast_path_reason(x) is None:

@@ -102,8 +102,40 @@ def test_apply_links_every_group_without_extra_memory(shared_pack):
     assert report2.input_groups == [] and report2.bytes_after == report.bytes_after
     assert a.q_proj.input_group is a.k_proj.input_group is not None and m2.layers[0].attn.q_proj.input_group is None
     x = torch.randn(3, 5, D)
-    with torch.no_grad():  # the CPU path ignores the grouping
-        assert torch.equal(m.layers[0](x), m2.layers[0](x))
+    with torch.no_grad():  # linked or not, the same block output
+        assert torch.allclose(m.layers[0](x), m2.layers[0](x), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_integer_path_runs_one_gemm_per_group(shared_pack, monkeypatch):
+    """Dynamic activations on the CPU (the integer GEMM path): one transform and one _int_mm per
+    group and activation, the same outputs as the unlinked layers; without activation
+    quantization (the float reference path) each layer runs alone."""
+    m, _ = _applied(shared_pack)
+    ref, _ = _applied(shared_pack, share_inputs=False)
+    rows = []
+    real = DuQuantLinear._integer_kernel
+
+    def counting(self, x2d, qweight, *rest):
+        rows.append(qweight.shape[0])
+        return real(self, x2d, qweight, *rest)
+
+    monkeypatch.setattr(DuQuantLinear, "_integer_kernel", counting)
+    x = torch.randn(2, 6, D)
+    with torch.no_grad():
+        a, ra = m.layers[0].attn, ref.layers[0].attn
+        assert a.q_proj.uses_integer_gemm(x)
+        ys = [getattr(a, n)(x) for n in QKV]
+        assert rows == [D + 2 * KV]
+        rows.clear()
+        ys_ref = [getattr(ra, n)(x) for n in QKV]
+        assert rows == [D, KV, KV]
+        for y, y_ref in zip(ys, ys_ref):
+            assert y.shape == y_ref.shape and torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+        rows.clear()
+        s_model = _model()
+        apply_pack(s_model, shared_pack, act_mode="static", abits=0)  # no activation quantization: reference path
+        [getattr(s_model.layers[0].attn, n)(x) for n in QKV]
+        assert rows == []
 
 
 def test_one_fused_call_per_group_and_activation(shared_pack, fake_kernels):
