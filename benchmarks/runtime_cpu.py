@@ -110,12 +110,12 @@ def breakdown(q: DuQuantLinear, x: torch.Tensor, repeats: int) -> dict:
     xf = x.float()
     r_in = q.r_in
     r_out = q.r_out
-    wq = q.qweight.to(torch.float32)
+    wq = q.int_codes().to(torch.float32)
     xt = input_transform(xf, q.perm, r_in)
     xq = fake_quantize_per_channel(xt, q.act_scale, q.abits)
     yt = (xq @ wq.t()) * q.w_scale
     return {
-        "dequantize_codes_s": timed(lambda _: q.qweight.to(torch.float32), x, repeats),
+        "dequantize_codes_s": timed(lambda _: q.int_codes().to(torch.float32), x, repeats),
         "input_transform_s": timed(lambda a: input_transform(a, q.perm, r_in), xf, repeats),
         "act_quant_s": timed(lambda a: fake_quantize_per_channel(a, q.act_scale, q.abits), xt, repeats),
         "matmul_s": timed(lambda a: (a @ wq.t()) * q.w_scale, xq, repeats),
