@@ -420,6 +420,20 @@ def test_cpu_integer_gemm_matches_the_reference_path(packs, wbits, abits, row_ro
         assert m(xb).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("wbits", [4, 8])
+def test_cpu_integer_gemm_row_chunks_give_identical_results(packs, wbits, monkeypatch):
+    """The integer GEMM unpacks and multiplies weight rows in chunks (_CPU_ROWS); chunks of 64 rows
+    (300 = 4 x 64 + 44: a partial last chunk) give bit-identical outputs to one chunk."""
+    import duquant_runtime.linear as linear_mod
+    m = DuQuantLinear.from_linear(_linear(), packs("restore", "zigzag", wbits).layer("blk.proj"), abits=8,
+                                  act_mode="dynamic")
+    x = _x(7, seed=60)
+    with torch.no_grad():
+        whole = m(x)
+        monkeypatch.setattr(linear_mod, "_CPU_ROWS", 64)
+        assert torch.equal(m(x), whole)
+
+
 def test_cpu_integer_gemm_only_where_its_numerics_are_exact(packs):
     lp = packs("restore", "zigzag", 4).layer("blk.proj")
     x = _x(8, seed=54)
