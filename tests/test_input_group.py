@@ -100,6 +100,12 @@ def test_apply_links_every_group_without_extra_memory(shared_pack):
     assert a.q_proj.bias.untyped_storage().data_ptr() == a.v_proj.bias.untyped_storage().data_ptr()
     m2, report2 = _applied(shared_pack, share_inputs=False)
     assert report2.input_groups == [] and report2.bytes_after == report.bytes_after
+    storages = {}  # every byte the linked modules keep is in the report: no hidden copy
+    for mod in m.modules():
+        if isinstance(mod, DuQuantLinear):
+            for b in [*mod.buffers(), *([mod.bias] if mod.bias is not None else [])]:
+                storages[b.untyped_storage().data_ptr()] = b.untyped_storage().nbytes()
+    assert sum(storages.values()) == report.bytes_after
     assert a.q_proj.input_group is a.k_proj.input_group is not None and m2.layers[0].attn.q_proj.input_group is None
     x = torch.randn(3, 5, D)
     with torch.no_grad():  # linked or not, the same block output
