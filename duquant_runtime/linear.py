@@ -27,10 +27,15 @@ from .transforms import input_transform, output_restore, transform_weight
 
 
 _FLOAT32_BUFFERS = ("r_in", "r_out", "w_scale", "act_scale", "weight_t", "smooth")
-# weight rows per chunk when int codes are unpacked for a matmul (CPU integer GEMM, reference path):
-# unpacking all codes of a 16384 x 2048 layer at once took 23 ms of a 27 ms integer call at M = 1,
-# chunks of 2048 rows 18 ms in all; the float reference matmul 56.7 -> 24.8 ms (2-core Xeon, torch 2.13)
-_CPU_ROWS = 2048
+# codes per chunk when int codes are unpacked for a matmul (CPU integer GEMM, reference path), in
+# whole weight rows (at least 64). 2-core Xeon, torch 2.13, M = 1: a 16384 x 2048 layer took 27 ms
+# (integer) / 56.7 ms (float) unpacked at once, 18 / 24.8 ms in 2048-row chunks; a 2048 x 16384
+# layer 23.7 / 60.1 ms at once, 14.8 / 21.9 ms in 256-row chunks.
+_CPU_CODES = 1 << 22
+
+
+def _chunk_rows(in_features: int) -> int:
+    return max(64, _CPU_CODES // in_features)
 
 
 class DuQuantLinear(nn.Module):
@@ -175,9 +180,9 @@ class DuQuantLinear(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------
 
-    def _codes(self, r: int) -> torch.Tensor:
-        """Integer codes (int8/int16) of weight rows r .. r + _CPU_ROWS - 1, unpacked."""
-        rows = self.qweight[r:r + _CPU_ROWS]
+    def _codes(self, r: int, n: int) -> torch.Tensor:
+        """Integer codes (int8/int16) of weight rows r .. r + n - 1, unpacked."""
+        rows = self.qweight[r:r + n]
         return unpack_int4(rows, self.in_features) if rows.dtype == torch.uint8 else rows
 
     def int_codes(self) -> torch.Tensor:
@@ -266,10 +271,11 @@ class DuQuantLinear(nn.Module):
         q, s = per_token_codes(xt, self.abits)
         q = q.to(torch.int8)
         acc = torch.empty((q.shape[0], qweight.shape[0]), dtype=torch.int32, device=q.device)
-        for r in range(0, qweight.shape[0], _CPU_ROWS):  # unpack and multiply cache-sized row chunks
-            rows = qweight[r:r + _CPU_ROWS]
+        step = _chunk_rows(self.in_features)
+        for r in range(0, qweight.shape[0], step):  # unpack and multiply cache-sized row chunks
+            rows = qweight[r:r + step]
             codes = unpack_int4(rows, self.in_features) if rows.dtype == torch.uint8 else rows
-            acc[:, r:r + _CPU_ROWS] = torch._int_mm(q, codes.t())
+            acc[:, r:r + step] = torch._int_mm(q, codes.t())
         y = acc.to(torch.float32) * s * w_scale.to(torch.float32)
         y = output_restore(y, r_out.to(torch.float32) if r_out is not None else None)
         if bias is not None:
@@ -296,7 +302,8 @@ class DuQuantLinear(nn.Module):
         if self.wbits and self.group_size is not None:
             y = xt @ dequantize_grouped(self.int_codes(), self.w_scale, self.group_size).to(cdt).t()
         elif self.wbits:  # codes unpacked and multiplied in row chunks (cache-sized; same products)
-            y = torch.cat([xt @ self._codes(r).to(cdt).t() for r in range(0, self.out_features, _CPU_ROWS)],
+            step = _chunk_rows(self.in_features)
+            y = torch.cat([xt @ self._codes(r, step).to(cdt).t() for r in range(0, self.out_features, step)],
                           dim=-1) * self.w_scale.to(cdt)
         else:
             y = xt @ self.weight_t.to(cdt).t()

@@ -422,7 +422,7 @@ def test_cpu_integer_gemm_matches_the_reference_path(packs, wbits, abits, row_ro
 
 @pytest.mark.parametrize("wbits", [4, 8])
 def test_reference_path_row_chunks_match_one_chunk(packs, wbits, monkeypatch):
-    """The float reference path also unpacks the codes in row chunks (_CPU_ROWS): chunks of 64 rows
+    """The float reference path also unpacks the codes in row chunks (_CPU_CODES): chunks of 64 rows
     give the same outputs and gradients as one chunk, in float32 and float64."""
     import duquant_runtime.linear as linear_mod
     m = DuQuantLinear.from_linear(_linear(), packs("restore", "zigzag", wbits).layer("blk.proj"), abits=0)
@@ -430,16 +430,16 @@ def test_reference_path_row_chunks_match_one_chunk(packs, wbits, monkeypatch):
         x = _x(6, seed=61).to(dtype).requires_grad_()
         whole = m(x)
         (g_whole,) = torch.autograd.grad(whole.sum(), x)
-        monkeypatch.setattr(linear_mod, "_CPU_ROWS", 64)
+        monkeypatch.setattr(linear_mod, "_CPU_CODES", 1)  # the 64-row minimum
         chunked = m(x)
         (g_chunked,) = torch.autograd.grad(chunked.sum(), x)
-        monkeypatch.setattr(linear_mod, "_CPU_ROWS", 2048)
+        monkeypatch.setattr(linear_mod, "_CPU_CODES", 1 << 22)
         assert max_rel(chunked.detach(), whole.detach()) < 1e-6 and max_rel(g_chunked, g_whole) < 1e-6
 
 
 @pytest.mark.parametrize("wbits", [4, 8])
 def test_cpu_integer_gemm_row_chunks_give_identical_results(packs, wbits, monkeypatch):
-    """The integer GEMM unpacks and multiplies weight rows in chunks (_CPU_ROWS); chunks of 64 rows
+    """The integer GEMM unpacks and multiplies weight rows in chunks (_CPU_CODES); chunks of 64 rows
     (300 = 4 x 64 + 44: a partial last chunk) give bit-identical outputs to one chunk."""
     import duquant_runtime.linear as linear_mod
     m = DuQuantLinear.from_linear(_linear(), packs("restore", "zigzag", wbits).layer("blk.proj"), abits=8,
@@ -447,7 +447,7 @@ def test_cpu_integer_gemm_row_chunks_give_identical_results(packs, wbits, monkey
     x = _x(7, seed=60)
     with torch.no_grad():
         whole = m(x)
-        monkeypatch.setattr(linear_mod, "_CPU_ROWS", 64)
+        monkeypatch.setattr(linear_mod, "_CPU_CODES", 1)  # the 64-row minimum
         assert torch.equal(m(x), whole)
 
 
