@@ -255,7 +255,9 @@ class DuQuantLinear(nn.Module):
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         """CPU W(<=8)A(<=8) dynamic path: float32 transforms, int8 codes, int32 GEMM, float32 restore."""
-        if self.input_group is not None:  # linked with layers that read the same input (input_group.py)
+        if self.input_group is not None and not torch.compiler.is_compiling():
+            # linked with layers that read the same input (input_group.py); the group's call protocol
+            # is Python state, so a compiled graph runs each layer alone (traceable)
             y = self.input_group.forward(self, x, "_integer_kernel")
             if y is not None:
                 return y
