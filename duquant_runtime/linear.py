@@ -222,11 +222,16 @@ class DuQuantLinear(nn.Module):
                         self.r_out.shape[-1] if self.r_out is not None else None)
 
     def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_group is not None:  # linked with layers that read the same input (input_group.py)
-            y = self.input_group.forward(self, x, "_kernel_forward")
+        return self._through(x, "_kernel_forward", grouped=True)
+
+    def _through(self, x: torch.Tensor, kernel: str, grouped: bool) -> torch.Tensor:
+        """x (..., in) -> (..., out) by the row-side `kernel` method, through the linked group
+        (input_group.py: layers that read the same input) when `grouped` and linked."""
+        if grouped and self.input_group is not None:
+            y = self.input_group.forward(self, x, kernel)
             if y is not None:
                 return y
-        y = self._kernel_forward(x.reshape(-1, self.in_features), self.qweight, self.w_scale, self.r_out, self.bias)
+        y = getattr(self, kernel)(x.reshape(-1, self.in_features), self.qweight, self.w_scale, self.r_out, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _kernel_forward(self, x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
@@ -254,15 +259,9 @@ class DuQuantLinear(nn.Module):
                     and hasattr(torch, "_int_mm"))
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """CPU W(<=8)A(<=8) dynamic path: float32 transforms, int8 codes, int32 GEMM, float32 restore."""
-        if self.input_group is not None and not torch.compiler.is_compiling():
-            # linked with layers that read the same input (input_group.py); the group's call protocol
-            # is Python state, so a compiled graph runs each layer alone (traceable)
-            y = self.input_group.forward(self, x, "_integer_kernel")
-            if y is not None:
-                return y
-        y = self._integer_kernel(x.reshape(-1, self.in_features), self.qweight, self.w_scale, self.r_out, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        """CPU W(<=8)A(<=8) dynamic path: float32 transforms, int8 codes, int32 GEMM, float32 restore.
+        The group's call protocol is Python state, so a compiled graph runs each layer alone."""
+        return self._through(x, "_integer_kernel", grouped=not torch.compiler.is_compiling())
 
     def _integer_kernel(self, x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                         r_out: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
