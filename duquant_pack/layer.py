@@ -91,13 +91,18 @@ class InputSide:
 def compute_input_side(w: torch.Tensor, spec: LayerSpec, act_stats=None) -> InputSide:
     """Smoothing factors, permutation and input rotations of W (out, in) float32 (what
     `compute_layer` derives from W; for a shared input, W is the members' rows stacked)."""
+    return _input_side(w, spec, act_stats)[0]
+
+
+def _input_side(w: torch.Tensor, spec: LayerSpec, act_stats=None):
+    """(InputSide, W with the smoothing folded in, W' = that W[:, perm] or None when not formed)."""
     b_in = min(spec.block, w.shape[1])
     if uses_input_side(spec):  # smoothing, activation zigzag, other rotations (input_side.py)
-        _, smooth, perm, r_in = input_side(w, spec, b_in, act_stats)
-        return InputSide(smooth, perm, r_in)
+        w, smooth, perm, r_in = input_side(w, spec, b_in, act_stats)
+        return InputSide(smooth, perm, r_in), w, None
     perm = compute_permutation(w, spec.permute, b_in, spec.permute_metric)
     w_perm = w.index_select(1, torch.from_numpy(perm).to(w.device)) if perm is not None else w
-    return InputSide(None, perm, input_rotations(w_perm, b_in).to(torch.float32))
+    return InputSide(None, perm, input_rotations(w_perm, b_in).to(torch.float32)), w, w_perm
 
 
 def compute_layer(w: torch.Tensor, spec: LayerSpec, act_stats=None, shared: InputSide | None = None) -> LayerResult:
@@ -107,12 +112,17 @@ def compute_layer(w: torch.Tensor, spec: LayerSpec, act_stats=None, shared: Inpu
     stacked rows) used instead of W's own; everything else is computed from W."""
     out_f, in_f = w.shape
     b_in = min(spec.block, in_f)
-    side = shared if shared is not None else compute_input_side(w, spec, act_stats)
+    w_perm = None
+    if shared is None:
+        side, w, w_perm = _input_side(w, spec, act_stats)  # w: smoothing folded in
+    else:
+        side = shared
+        if side.smooth is not None:
+            w = fold_into_weight(w, side.smooth.to(w.device))
     smooth, perm, r_in = side.smooth, side.perm, side.r_in
-    if smooth is not None:
-        w = fold_into_weight(w, smooth.to(w.device))
     perm_t = torch.from_numpy(perm).to(w.device) if perm is not None else None
-    w_perm = w.index_select(1, perm_t) if perm_t is not None else w
+    if w_perm is None:
+        w_perm = w.index_select(1, perm_t) if perm_t is not None else w
     r_in = r_in.to(w.device)
     b_out = r_out = None
     if spec.block_out is not None:

@@ -109,7 +109,7 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
     Saved activation scales (the manifest's ``calibration``) are installed when act_mode is
     'static' and abits, act_percentile and calib_steps equal those they were calibrated with.
     share_inputs: link the layers of each of the pack's input groups (build --share-inputs) so that
-    on the GPU fast path they transform the activation once and run one GEMM
+    on the GPU kernels and the CPU integer path they transform the activation once and run one GEMM
     (duquant_runtime.input_group; listed in `report.input_groups`).
     """
     pack = pack_dir if isinstance(pack_dir, Pack) else load_pack(pack_dir)

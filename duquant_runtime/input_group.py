@@ -90,13 +90,11 @@ class InputGroup:
 
     def __init__(self, members: list):
         self.members = list(members)
-        self.names = [m.name for m in self.members]
-        self.bounds = []
+        self._columns = {}  # id(member) -> (first, last + 1) of its columns in the group's output
         start = 0
         for m in self.members:
-            self.bounds.append((start, start + m.out_features))
+            self._columns[id(m)] = (start, start + m.out_features)
             start += m.out_features
-        self.out_features = start
         self._checked_inputs: tuple | None = None  # data_ptrs of the input-side buffers found equal
         self._pending: _Output | None = None
 
@@ -158,10 +156,9 @@ class InputGroup:
         """`member`'s output for x from the group's fused call, or None (then it runs alone).
         kernel: the DuQuantLinear method that computes (M, rows) from x (M, in) and row-side
         buffers: "_kernel_forward" (the GPU kernels) or "_integer_kernel" (the CPU integer GEMM)."""
-        i = next((k for k, m in enumerate(self.members) if m is member), None)
-        if i is None:
+        if id(member) not in self._columns:
             return None
-        a, b = self.bounds[i]
+        a, b = self._columns[id(member)]
         p = self._pending
         if p is not None and p.x() is x and id(member) not in p.served and p.version == _version(x) \
                 and p.kernel == kernel:
