@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 MODE_NONE, MODE_STATIC, MODE_DYNAMIC = 0, 1, 2
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter (tests)
@@ -162,9 +163,14 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
             if HAS_SMOOTH:
                 x = tl.math.div_rn(x, smooth[None, :])
             xt = tl.dot(x, r, input_precision=PREC)
-            if MODE == 2:  # rotated values and the block's absmax; `_quant_kernel` makes the codes
-                tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], xt, mask=row_ok[:, None])
-                tl.store(part_ptr + offs_m * NB + kb, tl.max(tl.abs(xt), axis=1), mask=row_ok)
+            if MODE == 2:  # the block's absmax and the values relative to it as float16 (|v| <= 1:
+                # no overflow, 11 significant bits, the fp16-stored R_in's precision; half the bytes
+                # of float32); `_quant_kernel` makes the codes
+                bm = tl.max(tl.abs(xt), axis=1)
+                inv = tl.where(bm > 0, 1.0 / bm, 0.0)
+                tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], (xt * inv[:, None]).to(tl.float16),
+                         mask=row_ok[:, None])
+                tl.store(part_ptr + offs_m * NB + kb, bm, mask=row_ok)
             elif MODE == 1:  # static per channel (of the rotated basis)
                 q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, sk[None, :])), QMIN), QMAX)
                 tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], (q * sk[None, :]).to(tl.bfloat16),
@@ -189,9 +195,10 @@ def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr, PDL: tl.co
 @triton.jit
 def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, NB: tl.constexpr,
                   NB_P2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BMQ: tl.constexpr,
-                  BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr):
-    """Dynamic per-token codes: int8 (M, K) of float32 rotated values with the row scale from the
-    per-(token, block) absmax (M, NB), stored in the GEMM's column order (`_deint`). Program
+                  BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr, B: tl.constexpr):
+    """Dynamic per-token codes: int8 (M, K) of the rotated values (float16 (M, K) relative to their
+    B-wide block's absmax, times that absmax (M, NB)) with the row scale from the block maxima,
+    stored in the GEMM's column order (`_deint`). Program
     (i, j): BMQ rows, QCH chunks of BKQ columns; program column 0 also writes the scales (M,).
     PDL: launched early, waits for the prep."""
     if PDL:
@@ -209,6 +216,9 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
     for c in tl.range(0, QCH):
         offs_k = (pid_k * QCH + c) * BKQ + tl.arange(0, BKQ)
         v = tl.load(v_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+        bm = tl.load(part_ptr + offs_m[:, None] * NB + (pid_k * QCH + c) * (BKQ // B) + tl.arange(0, BKQ // B)[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        v = (v.to(tl.float32).reshape(BMQ, BKQ // B, B) * bm[:, :, None]).reshape(BMQ, BKQ)
         q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, s[:, None])), QMIN), QMAX)
         tl.store(out_ptr + offs_m[:, None] * K + _deint(offs_k, BKD)[None, :], q.to(tl.int8), mask=row_ok[:, None])
 
@@ -232,7 +242,8 @@ def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr,
 
 @triton.jit
 def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
-                 M, N, K: tl.constexpr, stride_om, ws_ptr, cnt_ptr, INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
+                 M, N, K: tl.constexpr, stride_om, ws_ptr, cnt_ptr, a_desc, w_desc, TMA: tl.constexpr,
+                 INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
                  GROUP: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
                  HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
                  PF_N: tl.constexpr, PF: tl.constexpr):
@@ -270,12 +281,20 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         acc = tl.zeros((BMT, BN), dtype=tl.int32 if INT8 else tl.float32)
     for k0 in range(0, K_CHUNK, BK):
         kk = pid_k * K_CHUNK + k0
-        lo, hi = _unpack(tl.load(w_ptrs + kk // 2).to(tl.int8, bitcast=True), INT8)
+        if TMA:  # tensor-memory-accelerator tiles (rows past M or N read as zeros)
+            wb = w_desc.load([pid_n * BN, kk // 2])
+        else:
+            wb = tl.load(w_ptrs + kk // 2)
+        lo, hi = _unpack(wb.to(tl.int8, bitcast=True), INT8)
         if INT8:  # int8 16 * q: exact int32 sums (|sum| <= K * 2^14 < 2^31: `supports` caps K), 1/16 below
             # packed byte j: low nibble = column kk + 2j, high = kk + 2j + 1; the codes' tile holds
             # those columns as two contiguous halves (`_deint`): two dots, no shuffle of W
-            a_lo = tl.load(a_ptrs + kk)
-            a_hi = tl.load(a_ptrs + kk + BK // 2)
+            if TMA:
+                a_lo = a_desc.load([pid_m * BMT, kk])
+                a_hi = a_desc.load([pid_m * BMT, kk + BK // 2])
+            else:
+                a_lo = tl.load(a_ptrs + kk)
+                a_hi = tl.load(a_ptrs + kk + BK // 2)
             if SWAP:
                 acc = tl.dot(lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
@@ -284,7 +303,10 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
                 acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=tl.int32)
         else:  # bf16 operand in natural column order (two dots measured slower here)
             w = tl.join(lo, hi).reshape(BN, BK)  # column 2j: low nibble, 2j+1: high
-            a = tl.load(a_ptrs + kk)
+            if TMA:
+                a = a_desc.load([pid_m * BMT, kk])
+            else:
+                a = tl.load(a_ptrs + kk)
             if F32_DOT:  # Triton's CPU interpreter multiplies bf16 bit patterns; tests only
                 if SWAP:
                     acc = tl.dot(w.to(tl.float32), tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
@@ -418,7 +440,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     bmp = cfg["BMP"]
     tiles = max(1, min(cfg.get("TILES", 1), triton.cdiv(m, bmp)))
     dynamic = mode == MODE_DYNAMIC
-    a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
+    a = torch.empty((m, k), device=x.device, dtype=torch.float16 if dynamic else torch.bfloat16)
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
     pdl = _use_pdl(cfg, x.device)
@@ -440,15 +462,15 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
     tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
-    bmq, bkq = min(cfg.get("BMQ", 16), triton.next_power_of_2(m)), cfg.get("BKQ", 256)
-    while k % bkq:
+    bmq, bkq = min(cfg.get("BMQ", 16), triton.next_power_of_2(m)), max(cfg.get("BKQ", 256), b)
+    while k % bkq:  # stops at b at the latest (b divides k)
         bkq //= 2
     qch = max(1, min(cfg.get("QCH", 1), k // bkq))
     while (k // bkq) % qch:
         qch -= 1
     _quant_kernel[(triton.cdiv(m, bmq), k // (bkq * qch))](
         a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
-        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, num_warps=4, **_pdl(pdl))
+        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, B=b, num_warps=4, **_pdl(pdl))
     return codes, tok_scale
 
 
@@ -498,10 +520,17 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     cnt = _counters(a.device, tiles) if split > 1 else w_scale
     pdl = _use_pdl(cfg, a.device)
     pf_n = max(1, k // split // 256)  # 128-byte lines of packed weights per row and program
+    tma = bool(cfg.get("TMA"))
+    int8 = tok_scale is not None
+    if tma:
+        a_desc = TensorDescriptor.from_tensor(a, [bmt, bk // 2 if int8 else bk])
+        w_desc = TensorDescriptor.from_tensor(qweight, [bn, bk // 2])
+    else:
+        a_desc = w_desc = w_scale
     _gemm_kernel[(tiles, split)](
         a, tok_scale if tok_scale is not None else w_scale, qweight, w_scale,
         r_out if r_out is not None else w_scale, bias if bias is not None else w_scale, out, m, n, K=k,
-        stride_om=out.stride(0), ws_ptr=ws, cnt_ptr=cnt, INT8=tok_scale is not None, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
+        stride_om=out.stride(0), ws_ptr=ws, cnt_ptr=cnt, a_desc=a_desc, w_desc=w_desc, TMA=tma, INT8=int8, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
         HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET, PDL=pdl, PF_N=pf_n,
         PF=triton.next_power_of_2(pf_n), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
     return out
