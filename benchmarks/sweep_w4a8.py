@@ -43,17 +43,9 @@ SHAPES = [("llm", "q/o", 2048, 2048, 800), ("llm", "k/v", 256, 2048, 800), ("llm
           ("llm", "gate_up", 32768, 2048, 1), ("expert", "qkv", 2560, 1024, 50), ("expert", "gate_up", 8192, 1024, 50)]
 
 
-def configs(m: int, n: int, k: int, mode: str, tma: bool = False) -> list[dict]:
+def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
     """Whole launch configurations to time for M tokens: `pick_config`'s choice first, then
-    alternatives (prep blocks and rows per program, tiles, split-K); with `tma`, each also with
-    the GEMM operands loaded as tensor-descriptor tiles."""
-    out = _configs(m, n, k, mode)
-    if tma:
-        out += [{**c, "TMA": not c.get("TMA")} for c in out]
-    return out
-
-
-def _configs(m: int, n: int, k: int, mode: str) -> list[dict]:
+    alternatives (prep blocks and rows per program, tiles, split-K)."""
     keys = ("BN", "BMT", "BK", "num_warps", "num_stages", "SWAP", "SPLIT")
     out = [K.pick_config(m, n, k, K.MODE_DYNAMIC if mode == "dynamic" else K.MODE_STATIC)]
 
@@ -81,8 +73,7 @@ def _configs(m: int, n: int, k: int, mode: str) -> list[dict]:
                 (128, bmt, 128, 4, 3, True, 8), (32, bmt, 128, 4, 3, False, 1), (32, bmt, 128, 4, 3, False, 2),
                 # deeper weight pipelines without split-K (more bytes in flight per program)
                 (64, bmt, 128, 4, 5, True, 1), (64, bmt, 256, 4, 3, True, 1), (64, bmt, 256, 4, 4, True, 1),
-                (64, bmt, 512, 4, 2, True, 1), (64, bmt, 128, 8, 5, True, 1), (64, bmt, 128, 4, 3, True, 8),
-                (64, bmt, 64, 4, 3, True, 8)]
+                (64, bmt, 512, 4, 2, True, 1), (64, bmt, 128, 8, 5, True, 1)]
         if mode == "dynamic":
             rows.append((64, bmt, 256, 4, 3, False, 4))
         add(prep, rows)
@@ -138,7 +129,7 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
         with torch.no_grad():
             ref = reference(x, layers[0], mode)
         rows = []
-        for cfg in configs(m, n, k, mode_name, args.tma):
+        for cfg in configs(m, n, k, mode_name):
             fns = [lambda a, lay=lay, cfg=cfg: K.w4_linear(a, qweight=lay["qweight"], w_scale=lay["w_scale"],
                                                            r_in=lay["r_in"], perm=lay["perm"], r_out=lay["r_out"],
                                                            bias=None, smooth=None, mode=mode,
@@ -154,8 +145,7 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
             print(f"    {mode_name:7s} {t * 1e6:7.1f} us ({t / t_bf16:.2f}x) err {err:.1e} "
                   f"G{cfg['G']}/BMP{cfg['BMP']} "
                   f"BN{cfg['BN']} BMT{cfg['BMT']} BK{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']} "
-                  f"{'swap' if cfg['SWAP'] else 'noswap'} split{cfg['SPLIT']} pdl{int(bool(cfg.get('PDL')))}"
-                  f"{' tma' if cfg.get('TMA') else ''}{flag}", flush=True)
+                  f"{'swap' if cfg['SWAP'] else 'noswap'} split{cfg['SPLIT']} pdl{int(bool(cfg.get('PDL')))}{flag}", flush=True)
         ok = [r for r in rows if r["rel_err"] < 2e-2]
         best = min(ok, key=lambda r: r["s"]) if ok else None
         res[mode_name] = {"configs": rows, "best": best, "picked": rows[0] if rows else None}
@@ -171,7 +161,6 @@ def main(argv=None) -> int:
     ap.add_argument("--l2-bytes", type=int, default=256 << 20)
     ap.add_argument("--only", default="", help="comma-separated tower:name:M filters")
     ap.add_argument("--mode", default="both", choices=("both", "dynamic", "static"), help="activation modes to sweep")
-    ap.add_argument("--tma", action="store_true", help="also time every configuration with TMA operand tiles")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     import triton

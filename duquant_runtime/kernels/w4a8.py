@@ -9,9 +9,10 @@
    software-pipelined loop. The tile x[:, perm[block]] (/ smoothing) is rotated by its R_in block
    (a B x B tf32 dot) and written
    - static scales: as bf16 values q * s_k of the per-channel quantized activation;
-   - dynamic: as float32 rotated values plus the per-(token, block) absmax;
+   - dynamic: the per-(token, block) absmax and the rotated values relative to it as float16;
    - no activation quantization: as bf16 rotated values.
-2. `_quant_kernel` (dynamic only): per-token scales from the block maxima, int8 codes, stored
+2. `_quant_kernel` (dynamic only): per-token scales from the block maxima, int8 codes of the
+   rotated values (float16 relative value x block absmax, in float32), stored
    in the GEMM's column order: within each BK-wide K tile the even columns, then the odd ones
    (`_deint`).
 3. `_gemm_kernel`: out^T tile (BN rows of W, BMT tokens) = W_q @ A^T, the weight unpacked in
@@ -35,7 +36,9 @@ Launch configurations: `pick_config` (measured: benchmarks/stages_w4a8.py, sweep
 docs/benchmarks.md; the causes of the remaining cost: benchmarks/notes_runtime_gpu.md).
 Rounding: torch.round's half-to-even (rint) and correctly rounded divisions (div_rn), as the
 reference path. Differences to the float32 reference: x P BD(R_in) in tf32, rotations stored in
-16 bits, static activations q*s rounded to bf16, R_out restore in tf32, output in x's dtype.
+16 bits, dynamic rotated values stored as float16 relative to their block's absmax (11
+significant bits, as the fp16 rotations), static activations q*s rounded to bf16, R_out restore
+in tf32, output in x's dtype.
 The CPU interpreter (tests) runs the same kernels with plain-arithmetic rounding and unpacking.
 """
 
@@ -48,7 +51,6 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 MODE_NONE, MODE_STATIC, MODE_DYNAMIC = 0, 1, 2
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter (tests)
@@ -242,8 +244,7 @@ def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr,
 
 @triton.jit
 def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
-                 M, N, K: tl.constexpr, stride_om, ws_ptr, cnt_ptr, a_desc, w_desc, TMA: tl.constexpr,
-                 INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
+                 M, N, K: tl.constexpr, stride_om, ws_ptr, cnt_ptr, INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
                  GROUP: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
                  HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
                  PF_N: tl.constexpr, PF: tl.constexpr):
@@ -281,20 +282,12 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         acc = tl.zeros((BMT, BN), dtype=tl.int32 if INT8 else tl.float32)
     for k0 in range(0, K_CHUNK, BK):
         kk = pid_k * K_CHUNK + k0
-        if TMA:  # tensor-memory-accelerator tiles (rows past M or N read as zeros)
-            wb = w_desc.load([pid_n * BN, kk // 2])
-        else:
-            wb = tl.load(w_ptrs + kk // 2)
-        lo, hi = _unpack(wb.to(tl.int8, bitcast=True), INT8)
+        lo, hi = _unpack(tl.load(w_ptrs + kk // 2).to(tl.int8, bitcast=True), INT8)
         if INT8:  # int8 16 * q: exact int32 sums (|sum| <= K * 2^14 < 2^31: `supports` caps K), 1/16 below
             # packed byte j: low nibble = column kk + 2j, high = kk + 2j + 1; the codes' tile holds
             # those columns as two contiguous halves (`_deint`): two dots, no shuffle of W
-            if TMA:
-                a_lo = a_desc.load([pid_m * BMT, kk])
-                a_hi = a_desc.load([pid_m * BMT, kk + BK // 2])
-            else:
-                a_lo = tl.load(a_ptrs + kk)
-                a_hi = tl.load(a_ptrs + kk + BK // 2)
+            a_lo = tl.load(a_ptrs + kk)
+            a_hi = tl.load(a_ptrs + kk + BK // 2)
             if SWAP:
                 acc = tl.dot(lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
@@ -303,10 +296,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
                 acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=tl.int32)
         else:  # bf16 operand in natural column order (two dots measured slower here)
             w = tl.join(lo, hi).reshape(BN, BK)  # column 2j: low nibble, 2j+1: high
-            if TMA:
-                a = a_desc.load([pid_m * BMT, kk])
-            else:
-                a = tl.load(a_ptrs + kk)
+            a = tl.load(a_ptrs + kk)
             if F32_DOT:  # Triton's CPU interpreter multiplies bf16 bit patterns; tests only
                 if SWAP:
                     acc = tl.dot(w.to(tl.float32), tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
@@ -386,6 +376,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
             cfg.update(SPLIT=1)
             if dynamic and n >= 2560:  # measured on the linked q/k/v and gate/up groups (9.8 vs 10.4 us,
                 cfg.update(BK=256)  # 11.0 vs 11.7 us); the single layers were not re-swept
+        elif dynamic and k == 2048 and n <= 1024:  # expert o_proj: 11.6 vs 12.4 us (split-K 4, BK 128)
+            cfg.update(SPLIT=1, BK=256)
         if not dynamic and (k >= 2048 or n >= 8192):  # measured: PDL slower here (expert o/down static,
             cfg.update(PDL=False)  # 13.0 -> 16.2 us; linked gate/up static 12.1 us without vs 13.3 us with)
         return cfg
@@ -394,7 +386,9 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
                TILES=4 if dynamic and k > 4096 else 1, prep_stages=3)
     if k > 4096 or n < 1024 or n >= 16384:  # measured: PDL slower for the LLM down, k/v and gate/up
         cfg.update(PDL=False)  # projections (gate/up 108.1 -> 106.6 us, linked gate/up 201.5 -> 196.9 us)
-    if dynamic:  # int8 tensor cores
+    if dynamic and k > 4096:  # int8 tensor cores; LLM down_proj: 136.9 vs 140.1 us (BN 64, BMT 128, BK 128)
+        cfg.update(BN=128, BMT=128, BK=256, SPLIT=1, num_warps=8, num_stages=3)
+    elif dynamic:
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
     elif n * k >= 1 << 25 and k <= 4096:
         cfg.update(BN=128, BMT=256, BK=64, SPLIT=1, num_warps=8, num_stages=4)
@@ -520,17 +514,10 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     cnt = _counters(a.device, tiles) if split > 1 else w_scale
     pdl = _use_pdl(cfg, a.device)
     pf_n = max(1, k // split // 256)  # 128-byte lines of packed weights per row and program
-    tma = bool(cfg.get("TMA"))
-    int8 = tok_scale is not None
-    if tma:
-        a_desc = TensorDescriptor.from_tensor(a, [bmt, bk // 2 if int8 else bk])
-        w_desc = TensorDescriptor.from_tensor(qweight, [bn, bk // 2])
-    else:
-        a_desc = w_desc = w_scale
     _gemm_kernel[(tiles, split)](
         a, tok_scale if tok_scale is not None else w_scale, qweight, w_scale,
         r_out if r_out is not None else w_scale, bias if bias is not None else w_scale, out, m, n, K=k,
-        stride_om=out.stride(0), ws_ptr=ws, cnt_ptr=cnt, a_desc=a_desc, w_desc=w_desc, TMA=tma, INT8=int8, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
+        stride_om=out.stride(0), ws_ptr=ws, cnt_ptr=cnt, INT8=tok_scale is not None, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
         HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET, PDL=pdl, PF_N=pf_n,
         PF=triton.next_power_of_2(pf_n), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
     return out
