@@ -9,10 +9,9 @@
    software-pipelined loop. The tile x[:, perm[block]] (/ smoothing) is rotated by its R_in block
    (a B x B tf32 dot) and written
    - static scales: as bf16 values q * s_k of the per-channel quantized activation;
-   - dynamic: the per-(token, block) absmax and the rotated values relative to it as float16;
+   - dynamic: as float32 rotated values plus the per-(token, block) absmax;
    - no activation quantization: as bf16 rotated values.
-2. `_quant_kernel` (dynamic only): per-token scales from the block maxima, int8 codes of the
-   rotated values (float16 relative value x block absmax, in float32), stored
+2. `_quant_kernel` (dynamic only): per-token scales from the block maxima, int8 codes, stored
    in the GEMM's column order: within each BK-wide K tile the even columns, then the odd ones
    (`_deint`).
 3. `_gemm_kernel`: out^T tile (BN rows of W, BMT tokens) = W_q @ A^T, the weight unpacked in
@@ -36,9 +35,7 @@ Launch configurations: `pick_config` (measured: benchmarks/stages_w4a8.py, sweep
 docs/benchmarks.md; the causes of the remaining cost: benchmarks/notes_runtime_gpu.md).
 Rounding: torch.round's half-to-even (rint) and correctly rounded divisions (div_rn), as the
 reference path. Differences to the float32 reference: x P BD(R_in) in tf32, rotations stored in
-16 bits, dynamic rotated values stored as float16 relative to their block's absmax (11
-significant bits, as the fp16 rotations), static activations q*s rounded to bf16, R_out restore
-in tf32, output in x's dtype.
+16 bits, static activations q*s rounded to bf16, R_out restore in tf32, output in x's dtype.
 The CPU interpreter (tests) runs the same kernels with plain-arithmetic rounding and unpacking.
 """
 
@@ -165,14 +162,9 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
             if HAS_SMOOTH:
                 x = tl.math.div_rn(x, smooth[None, :])
             xt = tl.dot(x, r, input_precision=PREC)
-            if MODE == 2:  # the block's absmax and the values relative to it as float16 (|v| <= 1:
-                # no overflow, 11 significant bits, the fp16-stored R_in's precision; half the bytes
-                # of float32); `_quant_kernel` makes the codes
-                bm = tl.max(tl.abs(xt), axis=1)
-                inv = tl.where(bm > 0, 1.0 / bm, 0.0)
-                tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], (xt * inv[:, None]).to(tl.float16),
-                         mask=row_ok[:, None])
-                tl.store(part_ptr + offs_m * NB + kb, bm, mask=row_ok)
+            if MODE == 2:  # rotated values and the block's absmax; `_quant_kernel` makes the codes
+                tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], xt, mask=row_ok[:, None])
+                tl.store(part_ptr + offs_m * NB + kb, tl.max(tl.abs(xt), axis=1), mask=row_ok)
             elif MODE == 1:  # static per channel (of the rotated basis)
                 q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, sk[None, :])), QMIN), QMAX)
                 tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], (q * sk[None, :]).to(tl.bfloat16),
@@ -197,10 +189,9 @@ def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr, PDL: tl.co
 @triton.jit
 def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, NB: tl.constexpr,
                   NB_P2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BMQ: tl.constexpr,
-                  BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr, B: tl.constexpr):
-    """Dynamic per-token codes: int8 (M, K) of the rotated values (float16 (M, K) relative to their
-    B-wide block's absmax, times that absmax (M, NB)) with the row scale from the block maxima,
-    stored in the GEMM's column order (`_deint`). Program
+                  BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr):
+    """Dynamic per-token codes: int8 (M, K) of float32 rotated values with the row scale from the
+    per-(token, block) absmax (M, NB), stored in the GEMM's column order (`_deint`). Program
     (i, j): BMQ rows, QCH chunks of BKQ columns; program column 0 also writes the scales (M,).
     PDL: launched early, waits for the prep."""
     if PDL:
@@ -218,9 +209,6 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
     for c in tl.range(0, QCH):
         offs_k = (pid_k * QCH + c) * BKQ + tl.arange(0, BKQ)
         v = tl.load(v_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0)
-        bm = tl.load(part_ptr + offs_m[:, None] * NB + (pid_k * QCH + c) * (BKQ // B) + tl.arange(0, BKQ // B)[None, :],
-                     mask=row_ok[:, None], other=0.0)
-        v = (v.to(tl.float32).reshape(BMQ, BKQ // B, B) * bm[:, :, None]).reshape(BMQ, BKQ)
         q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, s[:, None])), QMIN), QMAX)
         tl.store(out_ptr + offs_m[:, None] * K + _deint(offs_k, BKD)[None, :], q.to(tl.int8), mask=row_ok[:, None])
 
@@ -434,7 +422,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     bmp = cfg["BMP"]
     tiles = max(1, min(cfg.get("TILES", 1), triton.cdiv(m, bmp)))
     dynamic = mode == MODE_DYNAMIC
-    a = torch.empty((m, k), device=x.device, dtype=torch.float16 if dynamic else torch.bfloat16)
+    a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
     pdl = _use_pdl(cfg, x.device)
@@ -456,15 +444,15 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
     tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
-    bmq, bkq = min(cfg.get("BMQ", 16), triton.next_power_of_2(m)), max(cfg.get("BKQ", 256), b)
-    while k % bkq:  # stops at b at the latest (b divides k)
+    bmq, bkq = min(cfg.get("BMQ", 16), triton.next_power_of_2(m)), cfg.get("BKQ", 256)
+    while k % bkq:
         bkq //= 2
     qch = max(1, min(cfg.get("QCH", 1), k // bkq))
     while (k // bkq) % qch:
         qch -= 1
     _quant_kernel[(triton.cdiv(m, bmq), k // (bkq * qch))](
         a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
-        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, B=b, num_warps=4, **_pdl(pdl))
+        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, num_warps=4, **_pdl(pdl))
     return codes, tok_scale
 
 
