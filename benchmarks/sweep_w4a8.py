@@ -59,11 +59,18 @@ def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
         if mode == "dynamic":
             add(picked_prep, [(64, 128, 128, 4, 4, True, 1), (128, 128, 128, 8, 4, True, 1),
                               (128, 256, 128, 8, 3, True, 1), (128, 256, 64, 8, 4, True, 1),
-                              (256, 128, 128, 8, 3, True, 1), (128, 128, 256, 8, 3, True, 1)])
+                              (256, 128, 128, 8, 3, True, 1), (128, 128, 256, 8, 3, True, 1),
+                              # fewer stages / smaller tiles: more programs per SM (offline ptxas: 127 registers
+                              # and 57 KB at BN64/BMT128/BK128/3 stages -> 4 per SM instead of 2)
+                              (64, 128, 128, 4, 3, True, 1), (64, 128, 64, 4, 4, True, 1),
+                              (64, 64, 128, 4, 4, True, 1), (64, 128, 64, 4, 5, True, 1),
+                              (64, 128, 256, 4, 2, True, 1)])
         else:
             add(picked_prep, [(128, 256, 64, 8, 3, True, 1), (128, 128, 64, 8, 3, True, 1),
                               (128, 64, 64, 4, 4, True, 1), (128, 256, 64, 8, 4, True, 1),
-                              (256, 128, 64, 8, 3, True, 1), (128, 128, 128, 8, 3, True, 1)])
+                              (256, 128, 64, 8, 3, True, 1), (128, 128, 128, 8, 3, True, 1),
+                              (64, 128, 64, 4, 3, True, 1), (64, 128, 64, 4, 4, True, 1),
+                              (64, 128, 128, 4, 3, True, 1), (128, 128, 64, 4, 3, True, 1)])
         return out
     bmt = 64 if m > 16 else 16
     for bmp in (16,):
