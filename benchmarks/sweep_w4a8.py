@@ -80,7 +80,11 @@ def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
                 (128, bmt, 128, 4, 3, True, 8), (32, bmt, 128, 4, 3, False, 1), (32, bmt, 128, 4, 3, False, 2),
                 # deeper weight pipelines without split-K (more bytes in flight per program)
                 (64, bmt, 128, 4, 5, True, 1), (64, bmt, 256, 4, 3, True, 1), (64, bmt, 256, 4, 4, True, 1),
-                (64, bmt, 512, 4, 2, True, 1), (64, bmt, 128, 8, 5, True, 1)]
+                (64, bmt, 512, 4, 2, True, 1), (64, bmt, 128, 8, 5, True, 1),
+                # token tiles below M: more programs without a split-K reduction (the weight tile is
+                # read by each token tile, from L2 after the first)
+                (64, 16, 256, 4, 3, True, 1), (64, 32, 256, 4, 3, True, 1), (64, 16, 128, 4, 4, True, 1),
+                (64, 32, 128, 4, 3, True, 1), (64, 16, 128, 4, 3, True, 2), (64, 32, 128, 4, 3, True, 2)]
         if mode == "dynamic":
             rows.append((64, bmt, 256, 4, 3, False, 4))
         add(prep, rows)

@@ -374,16 +374,26 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
                TILES=4 if dynamic and k > 4096 else 1, prep_stages=3)
     if k > 4096 or n < 1024 or n >= 16384:  # measured: PDL slower for the LLM down, k/v and gate/up
         cfg.update(PDL=False)  # projections (gate/up 108.1 -> 106.6 us, linked gate/up 201.5 -> 196.9 us)
+    # GEMM tiles (sweep_w4a8.py, H200). The int8 loop waits for each wgmma (Triton 3.6 keeps none in
+    # flight with a register operand), so programs per SM hide the latency: fewer pipeline stages
+    # where the grid is large (offline ptxas: BN64/BMT128/BK128 at 3 stages is 127 registers and
+    # 57 KB, 4 programs per SM instead of 2 at 4 stages)
     if dynamic and k > 4096:  # int8 tensor cores; LLM down_proj: 136.9 vs 140.1 us (BN 64, BMT 128, BK 128)
         cfg.update(BN=128, BMT=128, BK=256, SPLIT=1, num_warps=8, num_stages=3)
+    elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)
+        cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
+    elif dynamic and n < 1024:  # k/v_proj: 20.4 vs 23.5 us
+        cfg.update(BN=64, BMT=64, BK=128, SPLIT=1, num_warps=4, num_stages=4)
     elif dynamic:
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
     elif n * k >= 1 << 25 and k <= 4096:
         cfg.update(BN=128, BMT=256, BK=64, SPLIT=1, num_warps=8, num_stages=4)
     elif n < 1024:
         cfg.update(BN=128, BMT=64, BK=64, SPLIT=4, num_warps=4, num_stages=4)
-    else:
-        cfg.update(BN=128, BMT=128, BK=128, SPLIT=1, num_warps=8, num_stages=3)
+    elif n > 2048 and k <= 4096:  # linked q/k/v static: 41.4 vs 55.6 us (BN128/BK128/8 warps)
+        cfg.update(BN=64, BMT=128, BK=64, SPLIT=1, num_warps=4, num_stages=3)
+    else:  # q/o_proj static 30.8 vs 34.5 us, down_proj static 174.6 vs 193.0 us (BN128/8 warps)
+        cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=3)
     return cfg
 
 
