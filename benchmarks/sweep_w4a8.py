@@ -1,6 +1,7 @@
 """Launch-configuration sweep of the fused W4 GPU kernels (kernels/w4a8.py) on the pi0.5 shapes.
 
     PYTHONPATH=. python3 benchmarks/sweep_w4a8.py [--out FILE] [--only llm:gate:800,...] [--repeats N]
+                                                  [--mode dynamic|static|both] [--ab KEY=VALUE,...]
 
 For every pi0.5 linear shape (N out, K in) and token count M of one `sample_actions` call
 (language model at M = 800 and M = 1, action expert at M = 50), timed as CUDA-graph replays over
@@ -140,7 +141,10 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
         with torch.no_grad():
             ref = reference(x, layers[0], mode)
         rows = []
-        for cfg in configs(m, n, k, mode_name):
+        cands = configs(m, n, k, mode_name)
+        if args.ab:  # A/B: the picked configuration against the same with the given keys changed
+            cands = [cands[0], {**cands[0], **args.ab}]
+        for cfg in cands:
             fns = [lambda a, lay=lay, cfg=cfg: K.w4_linear(a, qweight=lay["qweight"], w_scale=lay["w_scale"],
                                                            r_in=lay["r_in"], perm=lay["perm"], r_out=lay["r_out"],
                                                            bias=None, smooth=None, mode=mode,
@@ -172,7 +176,11 @@ def main(argv=None) -> int:
     ap.add_argument("--l2-bytes", type=int, default=256 << 20)
     ap.add_argument("--only", default="", help="comma-separated tower:name:M filters")
     ap.add_argument("--mode", default="both", choices=("both", "dynamic", "static"), help="activation modes to sweep")
+    ap.add_argument("--ab", default="", help="only the picked configuration and it with KEY=VALUE[,...] "
+                    "changed (Python literals), e.g. TWO_PASS=False")
     args = ap.parse_args(argv)
+    import ast
+    args.ab = {kv.split("=")[0]: ast.literal_eval(kv.split("=", 1)[1]) for kv in filter(None, args.ab.split(","))}
     dev = torch.device("cuda")
     import triton
     result = {"benchmark": "sweep_w4a8", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
