@@ -11,12 +11,9 @@
    - static scales: as bf16 values q * s_k of the per-channel quantized activation;
    - dynamic: as float32 rotated values plus the per-(token, block) absmax;
    - no activation quantization: as bf16 rotated values.
-   Dynamic at large M (`TWO_PASS`): two prep launches instead of prep + quantize, so that no
-   float32 values go to memory and back: the first max-reduces each token's absmax (atomic max
-   on the float bits), the second rotates again and writes the int8 codes and token scales.
-2. `_quant_kernel` (dynamic, one pass): per-token scales from the block maxima, int8 codes,
-   stored in the GEMM's column order: within each BK-wide K tile the even columns, then the odd
-   ones (`_deint`).
+2. `_quant_kernel` (dynamic only): per-token scales from the block maxima, int8 codes, stored
+   in the GEMM's column order: within each BK-wide K tile the even columns, then the odd ones
+   (`_deint`).
 3. `_gemm_kernel`: out^T tile (BN rows of W, BMT tokens) = W_q @ A^T, the weight unpacked in
    registers by inline PTX (int8 16 * q with two masks; bf16 q by the exact magic-number
    conversion) as the dot's register operand, the activation streaming through shared memory
@@ -121,8 +118,7 @@ def _deint(c, BKD: tl.constexpr):
 
 @triton.jit
 def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_ptr, out_ptr,
-                 part_ptr, tok_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
-                 PASS: tl.constexpr, BKD: tl.constexpr,
+                 part_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
                  G: tl.constexpr, BMP: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, B: tl.constexpr,
                  HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, XLOAD: tl.constexpr,
                  PDL: tl.constexpr, PDL_WAIT: tl.constexpr):
@@ -131,11 +127,7 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
     tiles stream through a software-pipelined loop (STAGES). XLOAD 0: x (M, K) read through perm;
     1: x already gathered (x[:, perm]); 2: x transposed (K, M), read through perm along tokens.
     PDL: let the next launch start (it waits for this one's results itself); PDL_WAIT: launched
-    early after the previous launch, wait for its results first. Dynamic activations, PASS 0:
-    float32 values + block maxima for `_quant_kernel`; two passes instead (large M: no float32
-    round trip): PASS 1 only max-reduces each token's absmax into part (M,) (float bits as int32,
-    zeroed beforehand; exact: max is order-free), PASS 2 rotates again (the same code, so the same
-    values) and writes int8 codes in the GEMM's column order (`_deint`) and the token scales."""
+    early after the transpose launch, wait for its results first."""
     if PDL_WAIT:
         gdc_wait()
     if PDL:
@@ -170,18 +162,7 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
             if HAS_SMOOTH:
                 x = tl.math.div_rn(x, smooth[None, :])
             xt = tl.dot(x, r, input_precision=PREC)
-            if MODE == 2 and PASS == 1:  # token absmax: non-negative floats order as their int32 bits
-                tl.atomic_max(part_ptr + offs_m, tl.max(tl.abs(xt), axis=1).to(tl.int32, bitcast=True),
-                              mask=row_ok, sem="relaxed")
-            elif MODE == 2 and PASS == 2:  # per-token codes of the reference's scale absmax / QMAX
-                amax = tl.load(part_ptr + offs_m, mask=row_ok, other=0).to(tl.float32, bitcast=True)
-                s = tl.math.div_rn(amax, tl.full((BMP,), QMAX, tl.float32))
-                s = tl.where(s > 0, s, 1.0)
-                q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, s[:, None])), QMIN), QMAX)
-                tl.store(out_ptr + offs_m[:, None] * K + _deint(offs_c, BKD)[None, :], q.to(tl.int8),
-                         mask=row_ok[:, None])
-                tl.store(tok_ptr + offs_m, s, mask=row_ok & (kb == 0))
-            elif MODE == 2:  # rotated values and the block's absmax; `_quant_kernel` makes the codes
+            if MODE == 2:  # rotated values and the block's absmax; `_quant_kernel` makes the codes
                 tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], xt, mask=row_ok[:, None])
                 tl.store(part_ptr + offs_m * NB + kb, tl.max(tl.abs(xt), axis=1), mask=row_ok)
             elif MODE == 1:  # static per channel (of the rotated basis)
@@ -193,11 +174,9 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
 
 
 @triton.jit
-def _transpose_kernel(x_ptr, stride_xm, out_ptr, zero_ptr, M, BT: tl.constexpr, PDL: tl.constexpr,
-                      ZERO: tl.constexpr):
+def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr, PDL: tl.constexpr):
     """out (K, M) = x (M, K)^T, BT x BT tiles (K a multiple of BT): the prep's XLOAD 2 operand,
-    whose permuted rows it then reads as contiguous runs of tokens. ZERO: also zero int32
-    zero_ptr (M,) (the two-pass prep's token maxima)."""
+    whose permuted rows it then reads as contiguous runs of tokens."""
     if PDL:
         gdc_launch_dependents()
     offs_m = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -205,8 +184,6 @@ def _transpose_kernel(x_ptr, stride_xm, out_ptr, zero_ptr, M, BT: tl.constexpr, 
     mask = offs_m[:, None] < M
     t = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask)
     tl.store(out_ptr + offs_k[None, :] * M + offs_m[:, None], t, mask=mask)
-    if ZERO:
-        tl.store(zero_ptr + offs_m, tl.zeros((BT,), tl.int32), mask=(offs_m < M) & (tl.program_id(1) == 0))
 
 
 @triton.jit
@@ -364,8 +341,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     """Launch configuration for (M tokens, N out, K in): the fastest measured on an H200 for the
     pi0.5 shapes (benchmarks/stages_w4a8.py, sweep_w4a8.py; docs/benchmarks.md). Keys: prep G
     (64-wide blocks per program), BMP (rows per tile), TILES (row tiles per program), XLOAD (how x
-    is read through the permutation), prep_warps, prep_stages; TWO_PASS (dynamic: token maxima,
-    then codes, instead of float32 values + quantize launch); quantize BMQ (rows), QCH (column
+    is read through the permutation), prep_warps, prep_stages; quantize BMQ (rows), QCH (column
     chunks); GEMM BN (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register
     operand), SPLIT (split-K), num_warps, num_stages; PDL (programmatic dependent launch)."""
     dynamic = mode == MODE_DYNAMIC
@@ -404,8 +380,6 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     # flight with a register operand), so programs per SM hide the latency: fewer pipeline stages
     # where the grid is large (offline ptxas: BN64/BMT128/BK128 at 3 stages is 127 registers and
     # 57 KB, 4 programs per SM instead of 2 at 4 stages)
-    if dynamic:  # measured: down_proj prep 62 -> see docs/benchmarks.md; bit-identical codes (tests)
-        cfg.update(TWO_PASS=True)
     if dynamic and k > 4096:  # int8 tensor cores; LLM down_proj: 136.9 vs 140.1 us (BN 64, BMT 128, BK 128)
         cfg.update(BN=128, BMT=128, BK=256, SPLIT=1, num_warps=8, num_stages=3)
     elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)
@@ -448,9 +422,8 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
                        act_scale: torch.Tensor | None = None, cfg: dict,
                        rot_precision: str = "tf32") -> tuple[torch.Tensor, torch.Tensor | None]:
     """The activation launches: x (M, K) -> (a, tok_scale), the GEMM's operand (M, K): int8 codes
-    with per-token scales float32 (M,) for dynamic activations (prep + quantize launch, or two
-    prep passes with cfg TWO_PASS), else bf16 values (static q*s, or rotated values without
-    activation quantization) and None."""
+    with per-token scales float32 (M,) for dynamic activations (prep + quantize launch), else
+    bf16 values (static q*s, or rotated values without activation quantization) and None."""
     m, k = x.shape
     b = r_in.shape[-1]
     nb = k // b
@@ -461,41 +434,24 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     bmp = cfg["BMP"]
     tiles = max(1, min(cfg.get("TILES", 1), triton.cdiv(m, bmp)))
     dynamic = mode == MODE_DYNAMIC
-    two_pass = dynamic and bool(cfg.get("TWO_PASS"))
+    a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
+    part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
     pdl = _use_pdl(cfg, x.device)
     bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
-    if two_pass:
-        a = torch.empty((m, k), device=x.device, dtype=torch.int8)
-        tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
-        part = torch.empty((m,), device=x.device, dtype=torch.int32) if xload == 2 else \
-            torch.zeros((m,), device=x.device, dtype=torch.int32)
-    else:
-        a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
-        part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
-        tok_scale = None
     if xload == 1:
         x = x.index_select(1, perm)
     elif xload == 2:
         xt = torch.empty((k, m), device=x.device, dtype=x.dtype)
-        _transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xt, part if two_pass else xt, m, BT=64,
-                                                           PDL=pdl, ZERO=two_pass, num_warps=4)
+        _transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xt, m, BT=64, PDL=pdl, num_warps=4)
         x = xt
-
-    def prep(out, pass_, wait):
-        _prep_kernel[(nb // g, triton.cdiv(m, bmp * tiles))](
-            x, x.stride(0), m, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
-            r_in, act_scale if act_scale is not None else dummy, out, part if part is not None else dummy,
-            tok_scale if tok_scale is not None else dummy, NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, PASS=pass_,
-            BKD=bkd, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b, HAS_PERM=perm is not None,
-            HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision], XLOAD=xload, PDL=pdl, PDL_WAIT=wait,
-            num_warps=cfg["prep_warps"], **_pdl(wait))
-
-    if two_pass:  # token maxima, then codes: x read twice, no float32 values written and read back
-        prep(a, 1, pdl and xload == 2)
-        prep(a, 2, pdl)
-        return a, tok_scale
-    prep(a, 0, pdl and xload == 2)
+    _prep_kernel[(nb // g, triton.cdiv(m, bmp * tiles))](
+        x, x.stride(0), m, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
+        r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
+        NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
+        HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
+        XLOAD=xload, PDL=pdl, PDL_WAIT=pdl and xload == 2, num_warps=cfg["prep_warps"],
+        **_pdl(pdl and xload == 2))
     if not dynamic:
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
