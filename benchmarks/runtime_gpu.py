@@ -24,7 +24,7 @@ activation scales), checked against the measured `nbytes` of the modules built h
 --pack/--ckpt: apply a real pack (built with --store-qweights) to a module tree with the
 checkpoint's pi0.5 names and shapes, weights on the meta device for layers whose integers the
 pack stores: apply time (load_pack + apply_pack to CUDA) and resident bytes (report and
-torch.cuda.memory_allocated).
+torch.cuda.memory_allocated, and the bytes the tensors requested from the allocator).
 Launch configurations per shape: benchmarks/sweep_w4a8.py (what kernels/w4a8.pick_config encodes).
 """
 
@@ -362,6 +362,7 @@ def apply_real_pack(pack_dir: Path, ckpt_dir: Path, dev, act_mode: str) -> dict:
     if cuda:
         torch.cuda.synchronize()
     mem0 = torch.cuda.memory_allocated() if cuda else 0
+    req0 = torch.cuda.memory_stats()["requested_bytes.all.current"] if cuda else 0
     t0 = time.perf_counter()
     pack = load_pack(pack_dir)
     report = apply_pack(root, pack, device=dev, act_mode=act_mode)
@@ -369,13 +370,16 @@ def apply_real_pack(pack_dir: Path, ckpt_dir: Path, dev, act_mode: str) -> dict:
         torch.cuda.synchronize()
     t_apply = time.perf_counter() - t0
     mem1 = torch.cuda.memory_allocated() if cuda else 0
+    req1 = torch.cuda.memory_stats()["requested_bytes.all.current"] if cuda else 0
     return {"pack": str(pack_dir), "layers": len(report.replaced), "stored_integer_layers": len(stored),
             "float_weights_loaded": loaded, "unchecked": len(report.unchecked),
             "input_groups_linked": len(report.input_groups),
             "load_plus_apply_s": t_apply, "import_torch_dynamo_s": t_import,
             "cold_process_total_s": t_apply + t_import, "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
             "bytes_after_gib": report.bytes_after / 2**30, "ratio": report.bytes_after / report.bytes_before,
-            "cuda_allocated_delta_bytes": mem1 - mem0, "summary": report.summary()}
+            "cuda_allocated_delta_bytes": mem1 - mem0,  # allocator blocks, incl. unsplit remainders of reused ones
+            "cuda_requested_delta_bytes": req1 - req0,  # the bytes the tensors asked for
+            "summary": report.summary()}
 
 
 def main(argv=None) -> int:

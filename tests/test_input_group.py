@@ -112,6 +112,21 @@ def test_apply_links_every_group_without_extra_memory(shared_pack):
         assert torch.allclose(m.layers[0](x), m2.layers[0](x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_linked_groups_request_only_the_reported_bytes_on_cuda(shared_pack):
+    """On the GPU, the bytes the linked model asks the allocator for are the report's: the
+    concatenation frees the members' own buffers (memory_allocated may still count the caching
+    allocator's unsplit remainders of reused blocks, which later allocations can use)."""
+    torch.cuda.synchronize()
+    req0, alloc0 = torch.cuda.memory_stats()["requested_bytes.all.current"], torch.cuda.memory_allocated()
+    m, report = _applied(shared_pack, device="cuda")
+    torch.cuda.synchronize()
+    req = torch.cuda.memory_stats()["requested_bytes.all.current"] - req0
+    alloc = torch.cuda.memory_allocated() - alloc0
+    print(f"report {report.bytes_after} requested {req} allocated {alloc}")
+    assert report.input_groups and req == report.bytes_after
+
+
 def test_cpu_integer_path_runs_one_gemm_per_group(shared_pack, monkeypatch):
     """Dynamic activations on the CPU (the integer GEMM path): one transform and one _int_mm per
     group and activation, the same outputs as the unlinked layers; without activation
