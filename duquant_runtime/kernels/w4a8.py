@@ -379,7 +379,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     # GEMM tiles (sweep_w4a8.py, H200). The int8 loop waits for each wgmma (Triton 3.6 keeps none in
     # flight with a register operand), so programs per SM hide the latency: fewer pipeline stages
     # where the grid is large (offline ptxas: BN64/BMT128/BK128 at 3 stages is 127 registers and
-    # 57 KB, 4 programs per SM instead of 2 at 4 stages)
+    # 56 KB, 4 programs per SM instead of 2 at 4 stages; benchmarks/compile_w4a8.py)
     if dynamic and k > 4096:  # int8 tensor cores; LLM down_proj: 136.9 vs 140.1 us (BN 64, BMT 128, BK 128)
         cfg.update(BN=128, BMT=128, BK=256, SPLIT=1, num_warps=8, num_stages=3)
     elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)

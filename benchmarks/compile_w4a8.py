@@ -1,0 +1,119 @@
+"""Offline sm_90 compile of the W4 GEMM (kernels/w4a8.py `_gemm_kernel`): no GPU needed.
+
+    python benchmarks/compile_w4a8.py [--k 2048] [--tiles 64/128/128/4/4,64/128/128/4/3,...] [--json]
+
+For each tile BN/BMT/BK/num_warps/num_stages and both activation kinds (int8 codes, bf16
+values) it compiles the kernel for sm_90 the way the runtime launches it (pointer arguments
+16-byte aligned) and reports from the generated code:
+- the wgmma instruction shape and how many wgmma groups each wait leaves in flight
+  (`wgmma.wait_group N`; 0 = the loop waits for every dot);
+- registers per thread (Triton's bundled `ptxas -v` on the PTX) and shared memory per program;
+- programs per SM that fit (65536 registers, 227 KB shared memory): with every dot waited for,
+  other resident programs are what hides the weight unpack and the loads.
+This is how the v5 tiles of `pick_config` were chosen before timing them (sweep_w4a8.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REGS_PER_SM, SMEM_PER_SM = 65536, 232448  # sm_90
+
+
+def compile_gemm(int8: bool, bn: int, bmt: int, bk: int, warps: int, stages: int, k: int, swap: bool = True):
+    """The compiled `_gemm_kernel` (triton CompiledKernel) for one tile, sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from duquant_runtime.kernels import w4a8 as kernels
+    fn = kernels._gemm_kernel
+    names = list(inspect.signature(fn.fn).parameters)
+    types = {"a_ptr": "*i8" if int8 else "*bf16", "tok_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32",
+             "rout_ptr": "*fp16", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
+             "stride_om": "i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    consts = {"K": k, "INT8": int8, "BN": bn, "BMT": bmt, "BK": bk, "GROUP": 8, "SWAP": swap, "SPLIT": 1, "BO": 64,
+              "HAS_ROUT": True, "HAS_BIAS": False, "F32_DOT": False, "PDL": False, "PF_N": 4, "PF": 4}
+    sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def registers(ptx: str) -> int | None:
+    """Registers per thread that ptxas allocates for `ptx` (sm_90a), None if it cannot tell."""
+    import triton
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        Path(src).write_text(ptx)
+        res = subprocess.run([str(ptxas), "--gpu-name", "sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=False)
+    m = re.search(r"Used (\d+) registers", res.stderr + res.stdout)
+    return int(m.group(1)) if m else None
+
+
+def report(int8: bool, tile: tuple[int, ...], k: int) -> dict:
+    bn, bmt, bk, warps, stages = tile
+    ck = compile_gemm(int8, bn, bmt, bk, warps, stages, k)
+    ptx = ck.asm["ptx"]
+    shapes = sorted({re.search(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", line).group(1)
+                     for line in ptx.splitlines() if "wgmma.mma_async" in line})
+    waits = sorted({int(line.split()[-1].rstrip(";")) for line in ptx.splitlines() if "wgmma.wait_group" in line})
+    regs = registers(ptx)
+    smem = ck.metadata.shared
+    per_sm = None
+    if regs:
+        per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
+        per_sm = min(REGS_PER_SM // (per_warp * warps), SMEM_PER_SM // max(smem, 1))
+    return {"operand": "int8" if int8 else "bf16", "BN": bn, "BMT": bmt, "BK": bk, "num_warps": warps,
+            "num_stages": stages, "K": k, "wgmma": shapes, "wait_group_in_flight": waits, "registers": regs,
+            "shared_bytes": smem, "programs_per_sm": per_sm}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--k", type=int, default=2048, help="K (in_features)")
+    ap.add_argument("--tiles", default="64/128/128/4/4,64/128/128/4/3,64/128/256/4/2,64/64/128/4/4,128/128/256/8/3",
+                    help="comma-separated BN/BMT/BK/num_warps/num_stages")
+    ap.add_argument("--operand", default="both", choices=("both", "int8", "bf16"))
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    try:
+        tiles = [tuple(int(v) for v in t.split("/")) for t in args.tiles.split(",")]
+        if any(len(t) != 5 for t in tiles):
+            raise ValueError
+    except ValueError:
+        print(f"error: --tiles must be BN/BMT/BK/warps/stages[,...], got {args.tiles!r}", file=sys.stderr)
+        return 2
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("error: Triton is not installed (pip install triton)", file=sys.stderr)
+        return 2
+    kinds = {"both": (True, False), "int8": (True,), "bf16": (False,)}[args.operand]
+    rows = [report(int8, t, args.k) for int8 in kinds for t in tiles]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'operand':7s} {'BN/BMT/BK/warps/stages':22s} {'wgmma':28s} {'in flight':9s} {'regs':>4s} "
+          f"{'smem KB':>7s} {'per SM':>6s}")
+    for r in rows:
+        tile = f"{r['BN']}/{r['BMT']}/{r['BK']}/{r['num_warps']}/{r['num_stages']}"
+        print(f"{r['operand']:7s} {tile:22s} {','.join(r['wgmma']):28s} {str(r['wait_group_in_flight']):9s} "
+              f"{r['registers'] or '?':>4} {r['shared_bytes'] / 1024:7.1f} {r['programs_per_sm'] or '?':>6}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
