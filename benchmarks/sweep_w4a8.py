@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated tower:name:M filters")
     ap.add_argument("--mode", default="both", choices=("both", "dynamic", "static"), help="activation modes to sweep")
     ap.add_argument("--ab", default="", help="only the picked configuration and it with KEY=VALUE[,...] "
-                    "changed (Python literals), e.g. TWO_PASS=False")
+                    "changed (Python literals), e.g. num_stages=4,BMT=64")
     args = ap.parse_args(argv)
     import ast
     args.ab = {kv.split("=")[0]: ast.literal_eval(kv.split("=", 1)[1]) for kv in filter(None, args.ab.split(","))}
