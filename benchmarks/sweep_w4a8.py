@@ -18,6 +18,7 @@ kernels/w4a8.py encodes the winners.
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
                               (128, 256, 128, 8, 3, True, 1), (128, 256, 64, 8, 4, True, 1),
                               (256, 128, 128, 8, 3, True, 1), (128, 128, 256, 8, 3, True, 1),
                               # fewer stages / smaller tiles: more programs per SM (offline ptxas: 127 registers
-                              # and 57 KB at BN64/BMT128/BK128/3 stages -> 4 per SM instead of 2)
+                              # and 56 KB at BN64/BMT128/BK128/3 stages -> 4 per SM instead of 2; compile_w4a8.py)
                               (64, 128, 128, 4, 3, True, 1), (64, 128, 64, 4, 4, True, 1),
                               (64, 64, 128, 4, 4, True, 1), (64, 128, 64, 4, 5, True, 1),
                               (64, 128, 256, 4, 2, True, 1)])
@@ -179,8 +180,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ab", default="", help="only the picked configuration and it with KEY=VALUE[,...] "
                     "changed (Python literals), e.g. num_stages=4,BMT=64")
     args = ap.parse_args(argv)
-    import ast
-    args.ab = {kv.split("=")[0]: ast.literal_eval(kv.split("=", 1)[1]) for kv in filter(None, args.ab.split(","))}
+    try:
+        args.ab = {kv.split("=", 1)[0]: ast.literal_eval(kv.split("=", 1)[1]) for kv in filter(None, args.ab.split(","))}
+    except (IndexError, ValueError, SyntaxError):
+        ap.error(f"--ab: expected KEY=VALUE[,...] with Python literal values, got {args.ab!r}")
     dev = torch.device("cuda")
     import triton
     result = {"benchmark": "sweep_w4a8", "device": torch.cuda.get_device_name(), "torch": torch.__version__,

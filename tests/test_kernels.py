@@ -139,10 +139,16 @@ def test_kernels_need_sm80_and_pdl_needs_sm90():
     assert not pdl_ok((8, 0)) and not pdl_ok((8, 9)) and pdl_ok((9, 0)) and pdl_ok((10, 0))
 
 
-def test_offline_compile_report_refuses_bad_tiles(capsys):
-    """benchmarks/compile_w4a8.py: a malformed --tiles is one error line and exit status 2."""
+def _compile_tool():
+    """benchmarks/compile_w4a8.py as a module."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import compile_w4a8
+    return compile_w4a8
+
+
+def test_offline_compile_report_refuses_bad_tiles(capsys):
+    """benchmarks/compile_w4a8.py: a malformed --tiles is one error line and exit status 2."""
+    compile_w4a8 = _compile_tool()
     assert compile_w4a8.main(["--tiles", "64/128/128"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "BN/BMT/BK/warps/stages" in err
@@ -152,8 +158,7 @@ def test_offline_compile_report_refuses_bad_tiles(capsys):
 def test_offline_compile_report_reads_the_generated_code():
     """benchmarks/compile_w4a8.py compiles the GEMM for sm_90 without a GPU: int8 codes give int8
     wgmma, ptxas reports the registers, and fewer pipeline stages never fit fewer programs."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import compile_w4a8
+    compile_w4a8 = _compile_tool()
     four, three = (compile_w4a8.report(True, (64, 128, 128, 4, s), 2048) for s in (4, 3))
     assert any(".s32.s8.s8" in w for w in four["wgmma"]), four["wgmma"]
     assert four["registers"] and four["shared_bytes"] > three["shared_bytes"] > 0
