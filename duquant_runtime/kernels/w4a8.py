@@ -41,7 +41,6 @@ The CPU interpreter (tests) runs the same kernels with plain-arithmetic rounding
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -215,75 +214,6 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
 
 
 @triton.jit
-def _row_tile_barrier(bar_ptr, n: tl.constexpr):
-    """Block until all n programs sharing this barrier arrived, each after its stores. bar_ptr:
-    int32 arrival counter (back to 0 after every use), bar_ptr + 32 (its own 128-byte line): the
-    generation, bumped by the last program to arrive. The caller guarantees the n programs run at
-    the same time (cooperative launch)."""
-    gen_ptr = bar_ptr + 32
-    tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [n], dtype=tl.int32, is_pure=False,
-                              pack=1)  # this thread's stores are visible GPU-wide before it arrives
-    tl.debug_barrier()
-    gen0 = tl.atomic_add(gen_ptr, 0, sem="acquire")  # read before arriving: the last arrival bumps it
-    arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel")
-    if arrived == n - 1:
-        tl.atomic_xchg(bar_ptr, 0, sem="relaxed")
-        tl.atomic_add(gen_ptr, 1, sem="release")
-    else:
-        gen = gen0
-        while gen == gen0:
-            gen = tl.atomic_add(gen_ptr, 0, sem="acquire")
-    tl.debug_barrier()
-    tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [n], dtype=tl.int32, is_pure=False,
-                              pack=1)  # as cooperative groups' grid sync: fences on both sides
-
-
-@triton.jit
-def _prep_quant_kernel(x_ptr, stride_xm, M, perm_ptr, smooth_ptr, r_ptr, part_ptr, codes_ptr, tok_scale_ptr,
-                       bar_ptr, K: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr, QMIN: tl.constexpr,
-                       QMAX: tl.constexpr, BMP: tl.constexpr, B: tl.constexpr, HAS_PERM: tl.constexpr,
-                       HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, BKD: tl.constexpr, PHASE: tl.constexpr,
-                       PDL: tl.constexpr):
-    """Dynamic activations at small M without the float32 round trip: program (i, j) rotates
-    block i (B columns of x[:, perm]) of row tile j (BMP rows) and writes its per-token absmax
-    to part (M, NB); after a barrier among the NB programs of the row tile, it makes the token
-    scales from the whole rows of part and quantizes the rotated values it still holds, int8
-    codes in the GEMM's column order (`_deint`). PHASE 0: that, in one launch; PHASE 1 (absmax)
-    and 2 (rotate again, scales, codes): the same as two launches, for the CPU interpreter, which
-    runs programs one after another. Same arithmetic as `_prep_kernel` + `_quant_kernel`."""
-    if PDL:
-        gdc_launch_dependents()
-    kb = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    cb = tl.arange(0, B)
-    offs_c = kb * B + cb
-    if HAS_PERM:
-        src = tl.load(perm_ptr + offs_c)
-    else:
-        src = offs_c
-    r = tl.load(r_ptr + kb * B * B + cb[:, None] * B + cb[None, :]).to(tl.float32)
-    offs_m = pid_m * BMP + tl.arange(0, BMP)
-    row_ok = offs_m < M
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    if HAS_SMOOTH:
-        x = tl.math.div_rn(x, tl.load(smooth_ptr + src).to(tl.float32)[None, :])
-    xt = tl.dot(x, r, input_precision=PREC)
-    if PHASE != 2:
-        tl.store(part_ptr + offs_m * NB + kb, tl.max(tl.abs(xt), axis=1), mask=row_ok)
-    if PHASE == 0:
-        _row_tile_barrier(bar_ptr + pid_m * 64, NB)
-    if PHASE != 1:
-        nbs = tl.arange(0, NB_P2)
-        p = tl.load(part_ptr + offs_m[:, None] * NB + nbs[None, :], mask=row_ok[:, None] & (nbs[None, :] < NB),
-                    other=0.0, cache_modifier=".cg")
-        s = tl.math.div_rn(tl.max(p, axis=1), tl.full((BMP,), QMAX, tl.float32))
-        s = tl.where(s > 0, s, 1.0)
-        tl.store(tok_scale_ptr + offs_m, s, mask=row_ok & (kb == 0))
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, s[:, None])), QMIN), QMAX)
-        tl.store(codes_ptr + offs_m[:, None] * K + _deint(offs_c, BKD)[None, :], q.to(tl.int8), mask=row_ok[:, None])
-
-
-@triton.jit
 def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om,
             BN: tl.constexpr, BO: tl.constexpr, HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Epilogue on out^T (BN, BMT) float32: R_out restore, bias, cast, transposed store."""
@@ -412,13 +342,10 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     pi0.5 shapes (benchmarks/stages_w4a8.py, sweep_w4a8.py; docs/benchmarks.md). Keys: prep G
     (64-wide blocks per program), BMP (rows per tile), TILES (row tiles per program), XLOAD (how x
     is read through the permutation), prep_warps, prep_stages; quantize BMQ (rows), QCH (column
-    chunks); FUSED_Q (dynamic prep and quantize in one launch, `_prep_quant_kernel`; "two": its
-    two-launch form), BMP_Q (its rows per program); GEMM BN (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register
+    chunks); GEMM BN (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register
     operand), SPLIT (split-K), num_warps, num_stages; PDL (programmatic dependent launch)."""
     dynamic = mode == MODE_DYNAMIC
     cfg = dict(G=1, BMP=16, prep_warps=4, GROUP=8, SWAP=True, BMQ=4, QCH=4 if k > 4096 else 1, PDL=True)
-    if m <= 64 and dynamic:  # prep and quantize in one launch (`_prep_quant_kernel`)
-        cfg.update(FUSED_Q=True, BMP_Q=16)
     if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
         if dynamic:
             cfg.update(BN=64, BMT=16, BK=256, SPLIT=4, SWAP=False, num_warps=4, num_stages=3)
@@ -501,9 +428,6 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     b = r_in.shape[-1]
     nb = k // b
     dummy = r_in  # placeholder pointer for absent optional tensors (never read)
-    if mode == MODE_DYNAMIC and cfg.get("FUSED_Q"):
-        return _prepare_fused(x, r_in=r_in, perm=perm, smooth=smooth, qmin=qmin, qmax=qmax, cfg=cfg,
-                              rot_precision=rot_precision)
     g = max(1, min(nb, cfg["G"] * 64 // b))  # G counts 64-wide blocks; programs own whole groups
     while nb % g:
         g -= 1
@@ -544,57 +468,18 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     return codes, tok_scale
 
 
-@functools.lru_cache(maxsize=None)
-def _resident_programs(device: torch.device) -> int:
-    """A grid size of `_prep_quant_kernel` that is resident at once on `device`: 8 programs per SM
-    (4 warps, 40 registers and 8-24 KB of shared memory each fit 16; offline ptxas, sm_90)."""
-    return 8 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-
-
-def _prepare_fused(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tensor | None, smooth: torch.Tensor | None,
-                   qmin: int, qmax: int, cfg: dict, rot_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic activation launch of `_prep_quant_kernel` (one program per rotation block and row
-    tile, a barrier per row tile): x (M, K) -> int8 codes (M, K), token scales float32 (M,). One
-    cooperative launch on the GPU (the driver refuses a grid that cannot be resident at once),
-    two launches without the barrier in the CPU interpreter or when cfg says FUSED_Q="two"."""
-    m, k = x.shape
-    b = r_in.shape[-1]
-    nb = k // b
-    bmp = cfg.get("BMP_Q", 16)
-    rows = triton.cdiv(m, bmp)
-    part = torch.empty((m, nb), device=x.device, dtype=torch.float32)
-    codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
-    tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
-    two_launches = _INTERPRET or cfg["FUSED_Q"] == "two" or nb * rows > _resident_programs(x.device)
-    bar = _counters(x.device, rows * 64, _BARRIERS)
-    pdl = _use_pdl(cfg, x.device)
-    args = (x, x.stride(0), m, perm if perm is not None else r_in, smooth if smooth is not None else r_in, r_in,
-            part, codes, tok_scale, bar)
-    kw = dict(K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax, BMP=bmp, B=b,
-              HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-              BKD=gemm_tiling(k, cfg)[0], num_warps=cfg.get("prepq_warps", 4))
-    if two_launches:
-        _prep_quant_kernel[(nb, rows)](*args, PHASE=1, PDL=False, **kw)
-        _prep_quant_kernel[(nb, rows)](*args, PHASE=2, PDL=pdl, **kw)
-    else:
-        _prep_quant_kernel[(nb, rows)](*args, PHASE=0, PDL=pdl, launch_cooperative_grid=True, **kw)
-    return codes, tok_scale
-
-
 _COUNTERS: dict = {}
-_SPLIT_K, _BARRIERS = "split-k", "barrier"
 
 
-def _counters(device: torch.device, tiles: int, kind: str = _SPLIT_K) -> torch.Tensor:
-    """Zeroed int32 counters of one kind (split-K tile counters, row-tile barriers) for `device`
-    and its current stream (their users leave them at 0 again; kernels of one stream run in
-    order, so they can share the buffer, while launches running at the same time on two streams
-    get two buffers)."""
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 split-K tile counters for `device` and its current stream (each tile's last
+    program resets its own; kernels of one stream run in order, so they can share the buffer,
+    while GEMMs running at the same time on two streams get two buffers)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    c = _COUNTERS.get((device, stream, kind))
+    c = _COUNTERS.get((device, stream))
     if c is None or c.numel() < tiles:
         c = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[(device, stream, kind)] = c
+        _COUNTERS[(device, stream)] = c
     return c
 
 
