@@ -29,7 +29,8 @@
    adds the partials in split order (deterministic), finishes the tile and resets the counter.
 Programmatic dependent launch (`PDL`, Hopper+): the quantize launch and the GEMM start while the
 previous launch runs; the GEMM pulls its weight slice into L2, then both wait
-(griddepcontrol.wait) before they read the previous launch's results or write anything.
+(griddepcontrol.wait) before they read the previous launch's results or write anything. The
+first launch (transpose or prep) is launched the same way and waits for x's producer.
 
 Launch configurations: `pick_config` (measured: benchmarks/stages_w4a8.py, sweep_w4a8.py,
 docs/benchmarks.md; the causes of the remaining cost: benchmarks/notes_runtime_gpu.md).
@@ -174,9 +175,12 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
 
 
 @triton.jit
-def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr, PDL: tl.constexpr):
+def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr, PDL: tl.constexpr, PDL_WAIT: tl.constexpr):
     """out (K, M) = x (M, K)^T, BT x BT tiles (K a multiple of BT): the prep's XLOAD 2 operand,
-    whose permuted rows it then reads as contiguous runs of tokens."""
+    whose permuted rows it then reads as contiguous runs of tokens. PDL_WAIT: launched early,
+    wait for the previous launch's results first."""
+    if PDL_WAIT:
+        gdc_wait()
     if PDL:
         gdc_launch_dependents()
     offs_m = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -343,9 +347,13 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     (64-wide blocks per program), BMP (rows per tile), TILES (row tiles per program), XLOAD (how x
     is read through the permutation), prep_warps, prep_stages; quantize BMQ (rows), QCH (column
     chunks); GEMM BN (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register
-    operand), SPLIT (split-K), num_warps, num_stages; PDL (programmatic dependent launch)."""
+    operand), SPLIT (split-K), num_warps, num_stages; PDL (programmatic dependent launch), PREP_PDL
+    (the first activation launch launched with PDL too)."""
     dynamic = mode == MODE_DYNAMIC
-    cfg = dict(G=1, BMP=16, prep_warps=4, GROUP=8, SWAP=True, BMQ=4, QCH=4 if k > 4096 else 1, PDL=True)
+    # PREP_PDL: with PDL, the first activation launch starts early too and waits for x's producer
+    # (sweep_w4a8.py --ab PREP_PDL=False: expert step layers at M = 50 0.3-0.4 us each, M = 1 0.7 us)
+    cfg = dict(G=1, BMP=16, prep_warps=4, GROUP=8, SWAP=True, BMQ=4, QCH=4 if k > 4096 else 1, PDL=True,
+               PREP_PDL=True)
     if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
         if dynamic:
             cfg.update(BN=64, BMT=16, BK=256, SPLIT=4, SWAP=False, num_warps=4, num_stages=3)
@@ -366,6 +374,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
                 cfg.update(BK=256)  # 11.0 vs 11.7 us); the single layers were not re-swept
         elif dynamic and k == 2048 and n <= 1024:  # expert o_proj: 11.6 vs 12.4 us (split-K 4, BK 128)
             cfg.update(SPLIT=1, BK=256)
+        elif dynamic and n <= 1024:  # expert down_proj, split-K 4 over 32-token tiles: 14.2 vs 15.0 us
+            cfg.update(BMT=32)
         if dynamic and cfg["SPLIT"] == 1 and 1024 <= n <= 2560 and k <= 2048:  # 32-token tiles: twice the
             cfg.update(BMT=32)  # programs, no split-K sums (expert o 10.0 vs 11.2 us, linked q/k/v 8.8 vs 9.8 us)
         if not dynamic and (k >= 2048 or n >= 8192):  # measured: PDL slower here (expert o/down static,
@@ -439,19 +449,22 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
     pdl = _use_pdl(cfg, x.device)
     bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
+    early = pdl and cfg.get("PREP_PDL", False)  # the first launch starts early, waits for x's producer
     if xload == 1:
         x = x.index_select(1, perm)
+        early = False
     elif xload == 2:
         xt = torch.empty((k, m), device=x.device, dtype=x.dtype)
-        _transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xt, m, BT=64, PDL=pdl, num_warps=4)
+        _transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xt, m, BT=64, PDL=pdl, PDL_WAIT=early,
+                                                         num_warps=4, **_pdl(early))
         x = xt
+        early = pdl
     _prep_kernel[(nb // g, triton.cdiv(m, bmp * tiles))](
         x, x.stride(0), m, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
         r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
         NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-        XLOAD=xload, PDL=pdl, PDL_WAIT=pdl and xload == 2, num_warps=cfg["prep_warps"],
-        **_pdl(pdl and xload == 2))
+        XLOAD=xload, PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"], **_pdl(early))
     if not dynamic:
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
