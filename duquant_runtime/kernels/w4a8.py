@@ -42,7 +42,6 @@ The CPU interpreter (tests) runs the same kernels with plain-arithmetic rounding
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -123,15 +122,13 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
                  part_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
                  G: tl.constexpr, BMP: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, B: tl.constexpr,
                  HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, XLOAD: tl.constexpr,
-                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr, DPASS: tl.constexpr, BKD: tl.constexpr):
+                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr):
     """Program (i, j): rotation blocks i*G .. i*G+G-1, row tiles j*TILES .. j*TILES+TILES-1 of BMP
     rows. Per block, the permutation slice, the R_in block and the scales are loaded once; the row
     tiles stream through a software-pipelined loop (STAGES). XLOAD 0: x (M, K) read through perm;
     1: x already gathered (x[:, perm]); 2: x transposed (K, M), read through perm along tokens.
     PDL: let the next launch start (it waits for this one's results itself); PDL_WAIT: launched
-    early, wait for the previous launch's results first. Dynamic activations (MODE 2) in one pass
-    (DPASS 0: float32 values and block absmax) or two (1: block absmax only; 2: rotate again and
-    write int8 codes in the GEMM's column order with the token scales at act_scale_ptr)."""
+    early after the transpose launch, wait for its results first."""
     if PDL_WAIT:
         gdc_wait()
     if PDL:
@@ -166,20 +163,8 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
             if HAS_SMOOTH:
                 x = tl.math.div_rn(x, smooth[None, :])
             xt = tl.dot(x, r, input_precision=PREC)
-            if MODE == 2 and DPASS == 2:  # codes from the token scales (`_quant_kernel`'s arithmetic)
-                ts = tl.load(act_scale_ptr + offs_m, mask=row_ok, other=1.0)
-                q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, ts[:, None])), QMIN), QMAX).to(tl.int8)
-                # `_deint` order as two contiguous runs (even, odd columns) per row: vector stores
-                # (per-element byte stores from the dot's layout cost 2-2.6x the whole layer)
-                even, odd = tl.split(tl.reshape(q, (BMP, B // 2, 2)))
-                c0 = kb * B
-                run = c0 - c0 % BKD + (c0 % BKD) // 2 + tl.arange(0, B // 2)
-                rows = out_ptr + offs_m[:, None] * K
-                tl.store(rows + run[None, :], even, mask=row_ok[:, None])
-                tl.store(rows + (run + BKD // 2)[None, :], odd, mask=row_ok[:, None])
-            elif MODE == 2:  # the block's absmax, and (one pass) the rotated values for `_quant_kernel`
-                if DPASS == 0:
-                    tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], xt, mask=row_ok[:, None])
+            if MODE == 2:  # rotated values and the block's absmax; `_quant_kernel` makes the codes
+                tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], xt, mask=row_ok[:, None])
                 tl.store(part_ptr + offs_m * NB + kb, tl.max(tl.abs(xt), axis=1), mask=row_ok)
             elif MODE == 1:  # static per channel (of the rotated basis)
                 q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, sk[None, :])), QMIN), QMAX)
@@ -361,8 +346,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     pi0.5 shapes (benchmarks/stages_w4a8.py, sweep_w4a8.py; docs/benchmarks.md). Keys: prep G
     (64-wide blocks per program), BMP (rows per tile), TILES (row tiles per program), XLOAD (how x
     is read through the permutation), prep_warps, prep_stages; quantize BMQ (rows), QCH (column
-    chunks); TWO_PASS (dynamic: absmax pass, token scales, codes pass; no float32 round trip);
-    GEMM BN (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register
+    chunks); GEMM BN (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register
     operand), SPLIT (split-K), num_warps, num_stages; PDL (programmatic dependent launch), PREP_PDL
     (the first activation launch launched with PDL too)."""
     dynamic = mode == MODE_DYNAMIC
@@ -460,12 +444,11 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     bmp = cfg["BMP"]
     tiles = max(1, min(cfg.get("TILES", 1), triton.cdiv(m, bmp)))
     dynamic = mode == MODE_DYNAMIC
-    bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
-    two_pass = dynamic and cfg.get("TWO_PASS", False) and bkd % b == 0  # a block's codes in one K tile
-    a = dummy if two_pass else torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
+    a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
     pdl = _use_pdl(cfg, x.device)
+    bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
     early = pdl and cfg.get("PREP_PDL", False)  # the first launch starts early, waits for x's producer
     if xload == 1:
         x = x.index_select(1, perm)
@@ -476,14 +459,12 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
                                                          num_warps=4, **_pdl(early))
         x = xt
         early = pdl
-    prep = functools.partial(
-        _prep_kernel[(nb // g, triton.cdiv(m, bmp * tiles))], x, x.stride(0), m, k,
-        perm if perm is not None else dummy, smooth if smooth is not None else dummy, r_in,
+    _prep_kernel[(nb // g, triton.cdiv(m, bmp * tiles))](
+        x, x.stride(0), m, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
+        r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
         NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-        XLOAD=xload, PDL=pdl, BKD=bkd, num_warps=cfg["prep_warps"])
-    prep(act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
-         PDL_WAIT=early, DPASS=1 if two_pass else 0, **_pdl(early))
+        XLOAD=xload, PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"], **_pdl(early))
     if not dynamic:
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
@@ -494,11 +475,9 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     qch = max(1, min(cfg.get("QCH", 1), k // bkq))
     while (k // bkq) % qch:
         qch -= 1
-    _quant_kernel[(triton.cdiv(m, bmq), 1 if two_pass else k // (bkq * qch))](  # two passes: scales only
-        part if two_pass else a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
-        BMQ=bmq, BKQ=bkq, QCH=0 if two_pass else qch, PDL=pdl, BKD=bkd, num_warps=4, **_pdl(pdl))
-    if two_pass:
-        prep(tok_scale, codes, dummy, PDL_WAIT=pdl, DPASS=2, **_pdl(pdl))
+    _quant_kernel[(triton.cdiv(m, bmq), k // (bkq * qch))](
+        a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
+        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, num_warps=4, **_pdl(pdl))
     return codes, tok_scale
 
 
