@@ -120,6 +120,29 @@ def test_launch_variants_match_reference_on_gpu(xload, pdl):
             assert err < 1e-2, (m, n, k, mode, xload, pdl, err)
 
 
+@pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")
+def test_quantize_launch_store_orders_agree_on_gpu():
+    """The quantize launch's vector stores (even and odd columns as two runs) write the codes of
+    its per-element store, bit for bit, on the pi0.5 widths at M = 1, 50 and 800."""
+    import torch
+    from duquant_runtime.kernels import w4a8 as K
+
+    g = torch.Generator().manual_seed(7)
+    for m in (1, 50, 800):
+        for k in (1024, 2048, 4096, 16384):
+            x = torch.randn(m, k, generator=g)
+            x[:, :3] *= 40.0
+            x = x.bfloat16().cuda()
+            perm = torch.randperm(k, generator=g).cuda()
+            r_in = torch.linalg.qr(torch.randn(k // 64, 64, 64, generator=g, dtype=torch.float64))[0]
+            r_in = r_in.half().contiguous().cuda()
+            cfg = K.pick_config(m, 2048, k, K.MODE_DYNAMIC)
+            runs = K.prepare_activation(x, r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC, cfg=cfg)
+            each = K.prepare_activation(x, r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC,
+                                        cfg=dict(cfg, QRUNS=False))
+            assert torch.equal(runs[0], each[0]) and torch.equal(runs[1], each[1]), (m, k)
+
+
 @needs_triton
 def test_supports_refuses_geometries_the_kernels_cannot_run():
     from duquant_runtime.kernels.w4a8 import supports

@@ -193,7 +193,7 @@ def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr, PDL: tl.co
 @triton.jit
 def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, NB: tl.constexpr,
                   NB_P2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BMQ: tl.constexpr,
-                  BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr):
+                  BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr, RUNS: tl.constexpr):
     """Dynamic per-token codes: int8 (M, K) of float32 rotated values with the row scale from the
     per-(token, block) absmax (M, NB), stored in the GEMM's column order (`_deint`). Program
     (i, j): BMQ rows, QCH chunks of BKQ columns; program column 0 also writes the scales (M,).
@@ -213,8 +213,16 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
     for c in tl.range(0, QCH):
         offs_k = (pid_k * QCH + c) * BKQ + tl.arange(0, BKQ)
         v = tl.load(v_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0)
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, s[:, None])), QMIN), QMAX)
-        tl.store(out_ptr + offs_m[:, None] * K + _deint(offs_k, BKD)[None, :], q.to(tl.int8), mask=row_ok[:, None])
+        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, s[:, None])), QMIN), QMAX).to(tl.int8)
+        if RUNS:  # the chunk's even and odd columns as two contiguous runs (BKQ <= BKD): vector stores
+            even, odd = tl.split(tl.reshape(q, (BMQ, BKQ // 2, 2)))
+            c0 = (pid_k * QCH + c) * BKQ
+            run = c0 - c0 % BKD + (c0 % BKD) // 2 + tl.arange(0, BKQ // 2)
+            rows = out_ptr + offs_m[:, None] * K
+            tl.store(rows + run[None, :], even, mask=row_ok[:, None])
+            tl.store(rows + (run + BKD // 2)[None, :], odd, mask=row_ok[:, None])
+        else:
+            tl.store(out_ptr + offs_m[:, None] * K + _deint(offs_k, BKD)[None, :], q, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -469,7 +477,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
     tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
-    bmq, bkq = min(cfg.get("BMQ", 16), triton.next_power_of_2(m)), cfg.get("BKQ", 256)
+    bmq, bkq = min(cfg.get("BMQ", 16), triton.next_power_of_2(m)), min(cfg.get("BKQ", 256), bkd)
     while k % bkq:
         bkq //= 2
     qch = max(1, min(cfg.get("QCH", 1), k // bkq))
@@ -477,7 +485,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         qch -= 1
     _quant_kernel[(triton.cdiv(m, bmq), k // (bkq * qch))](
         a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
-        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, num_warps=4, **_pdl(pdl))
+        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, RUNS=cfg.get("QRUNS", True), num_warps=4, **_pdl(pdl))
     return codes, tok_scale
 
 
