@@ -122,7 +122,7 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
                  part_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
                  G: tl.constexpr, BMP: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, B: tl.constexpr,
                  HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, XLOAD: tl.constexpr,
-                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr, TDOT: tl.constexpr):
+                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr):
     """Program (i, j): rotation blocks i*G .. i*G+G-1, row tiles j*TILES .. j*TILES+TILES-1 of BMP
     rows. Per block, the permutation slice, the R_in block and the scales are loaded once; the row
     tiles stream through a software-pipelined loop (STAGES). XLOAD 0: x (M, K) read through perm;
@@ -144,8 +144,6 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
         else:
             src = offs_c
         r = tl.load(r_ptr + kb * B * B + cb[:, None] * B + cb[None, :]).to(tl.float32)
-        if TDOT:
-            rt = tl.trans(r)
         if HAS_SMOOTH:
             smooth = tl.load(smooth_ptr + src).to(tl.float32)
         if MODE == 1:
@@ -153,10 +151,7 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
         for t in tl.range(0, TILES, num_stages=STAGES):
             offs_m = (pid_m * TILES + t) * BMP + tl.arange(0, BMP)
             row_ok = offs_m < M
-            if XLOAD == 2 and TDOT:  # (B, BMP) tile of x^T rotated as R^T x^T (no transposed operand)
-                x = tl.load(x_ptr + src[:, None] * stride_xm + offs_m[None, :], mask=row_ok[None, :],
-                            other=0.0).to(tl.float32)
-            elif XLOAD == 2:  # (B, BMP) tile of x^T: each permuted row is BMP contiguous tokens
+            if XLOAD == 2:  # (B, BMP) tile of x^T: each permuted row is BMP contiguous tokens
                 x = tl.trans(tl.load(x_ptr + src[:, None] * stride_xm + offs_m[None, :], mask=row_ok[None, :],
                                      other=0.0)).to(tl.float32)
             else:
@@ -165,14 +160,9 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
                 else:
                     xp = x_ptr + offs_m[:, None] * stride_xm + src[None, :]
                 x = tl.load(xp, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            if XLOAD == 2 and TDOT:
-                if HAS_SMOOTH:
-                    x = tl.math.div_rn(x, smooth[:, None])
-                xt = tl.trans(tl.dot(rt, x, input_precision=PREC))
-            else:
-                if HAS_SMOOTH:
-                    x = tl.math.div_rn(x, smooth[None, :])
-                xt = tl.dot(x, r, input_precision=PREC)
+            if HAS_SMOOTH:
+                x = tl.math.div_rn(x, smooth[None, :])
+            xt = tl.dot(x, r, input_precision=PREC)
             if MODE == 2:  # rotated values and the block's absmax; `_quant_kernel` makes the codes
                 tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], xt, mask=row_ok[:, None])
                 tl.store(part_ptr + offs_m * NB + kb, tl.max(tl.abs(xt), axis=1), mask=row_ok)
@@ -482,8 +472,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
         NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-        XLOAD=xload, PDL=pdl, PDL_WAIT=early, TDOT=xload == 2 and cfg.get("TDOT", False),
-        num_warps=cfg["prep_warps"], **_pdl(early))
+        XLOAD=xload, PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"], **_pdl(early))
     if not dynamic:
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
