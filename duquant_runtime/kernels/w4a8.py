@@ -13,7 +13,8 @@
    - no activation quantization: as bf16 rotated values.
 2. `_quant_kernel` (dynamic only): per-token scales from the block maxima, int8 codes, stored
    in the GEMM's column order: within each BK-wide K tile the even columns, then the odd ones
-   (`_deint`).
+   (`_deint`), written as two contiguous runs per chunk (vector stores; per-element addresses
+   would give one byte store per element).
 3. `_gemm_kernel`: out^T tile (BN rows of W, BMT tokens) = W_q @ A^T, the weight unpacked in
    registers by inline PTX (int8 16 * q with two masks; bf16 q by the exact magic-number
    conversion) as the dot's register operand, the activation streaming through shared memory
