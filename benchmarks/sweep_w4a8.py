@@ -57,7 +57,7 @@ def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
 
     picked_prep = {key: v for key, v in out[0].items()
                    if key in ("G", "BMP", "TILES", "XLOAD", "prep_warps", "prep_stages", "BMQ", "QCH", "PDL",
-                            "PREP_PDL", "QRUNS", "ROT_F16")}
+                            "PREP_PDL", "QRUNS")}
     if m > 64:  # the picked activation launches, GEMM tile variants
         if mode == "dynamic":
             add(picked_prep, [(64, 128, 128, 4, 4, True, 1), (128, 128, 128, 8, 4, True, 1),

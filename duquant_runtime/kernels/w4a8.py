@@ -123,7 +123,7 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
                  part_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
                  G: tl.constexpr, BMP: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, B: tl.constexpr,
                  HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, XLOAD: tl.constexpr,
-                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr, F16: tl.constexpr):
+                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr):
     """Program (i, j): rotation blocks i*G .. i*G+G-1, row tiles j*TILES .. j*TILES+TILES-1 of BMP
     rows. Per block, the permutation slice, the R_in block and the scales are loaded once; the row
     tiles stream through a software-pipelined loop (STAGES). XLOAD 0: x (M, K) read through perm;
@@ -144,9 +144,7 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
             src = tl.load(perm_ptr + offs_c)
         else:
             src = offs_c
-        r = tl.load(r_ptr + kb * B * B + cb[:, None] * B + cb[None, :])
-        if not F16:
-            r = r.to(tl.float32)
+        r = tl.load(r_ptr + kb * B * B + cb[:, None] * B + cb[None, :]).to(tl.float32)
         if HAS_SMOOTH:
             smooth = tl.load(smooth_ptr + src).to(tl.float32)
         if MODE == 1:
@@ -165,14 +163,7 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
                 x = tl.load(xp, mask=row_ok[:, None], other=0.0).to(tl.float32)
             if HAS_SMOOTH:
                 x = tl.math.div_rn(x, smooth[None, :])
-            if F16:  # float16 operands (bf16 x is exact in them): rows scaled by 2^-e into range, exactly
-                ex = ((tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23) & 255) - 127
-                ex = tl.maximum(ex - 14, 0)  # |row| < 2^15 after scaling
-                down = ((127 - ex) << 23).to(tl.float32, bitcast=True)
-                up = ((127 + ex) << 23).to(tl.float32, bitcast=True)
-                xt = tl.dot((x * down[:, None]).to(tl.float16), r) * up[:, None]
-            else:
-                xt = tl.dot(x, r, input_precision=PREC)
+            xt = tl.dot(x, r, input_precision=PREC)
             if MODE == 2:  # rotated values and the block's absmax; `_quant_kernel` makes the codes
                 tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], xt, mask=row_ok[:, None])
                 tl.store(part_ptr + offs_m * NB + kb, tl.max(tl.abs(xt), axis=1), mask=row_ok)
@@ -482,8 +473,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
         NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-        XLOAD=xload, PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"],
-        F16=cfg.get("ROT_F16", False) and r_in.dtype == torch.float16 and rot_precision == "tf32", **_pdl(early))
+        XLOAD=xload, PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"], **_pdl(early))
     if not dynamic:
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
