@@ -18,7 +18,6 @@ kernels/w4a8.py encodes the winners.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from pathlib import Path
 
@@ -29,21 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_file import write_results  # noqa: E402
+from w4a8_cases import SHAPES, parse_overrides, shape_keys  # noqa: E402
 from runtime_gpu import graph_time  # noqa: E402
 from duquant_runtime.activation import fake_quantize_per_channel, fake_quantize_per_token  # noqa: E402
 from duquant_runtime.kernels import w4a8 as K  # noqa: E402
 from duquant_runtime.transforms import input_transform, output_restore  # noqa: E402
-
-SHAPES = [("llm", "q/o", 2048, 2048, 800), ("llm", "k/v", 256, 2048, 800), ("llm", "gate/up", 16384, 2048, 800),
-          ("llm", "down", 2048, 16384, 800),
-          ("llm", "q/o", 2048, 2048, 1), ("llm", "k/v", 256, 2048, 1), ("llm", "gate/up", 16384, 2048, 1),
-          ("llm", "down", 2048, 16384, 1),
-          ("expert", "q", 2048, 1024, 50), ("expert", "k/v", 256, 1024, 50), ("expert", "o", 1024, 2048, 50),
-          ("expert", "gate/up", 4096, 1024, 50), ("expert", "down", 1024, 4096, 50),
-          # linked input groups of a --share-inputs pack (q/k/v and gate/up rows concatenated)
-          ("llm", "qkv", 2560, 2048, 800), ("llm", "gate_up", 32768, 2048, 800), ("llm", "qkv", 2560, 2048, 1),
-          ("llm", "gate_up", 32768, 2048, 1), ("expert", "qkv", 2560, 1024, 50), ("expert", "gate_up", 8192, 1024, 50)]
-
 
 def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
     """Whole launch configurations to time for M tokens: `pick_config`'s choice first, then
@@ -182,14 +171,16 @@ def main(argv=None) -> int:
                     "changed (Python literals), e.g. num_stages=4,BMT=64")
     args = ap.parse_args(argv)
     try:
-        args.ab = {kv.split("=", 1)[0]: ast.literal_eval(kv.split("=", 1)[1]) for kv in filter(None, args.ab.split(","))}
-    except (IndexError, ValueError, SyntaxError):
-        ap.error(f"--ab: expected KEY=VALUE[,...] with Python literal values, got {args.ab!r}")
+        args.ab = parse_overrides(args.ab)
+    except ValueError as err:
+        ap.error(f"--ab: {err}")
+    keep = set(filter(None, args.only.split(",")))
+    if keep - shape_keys():
+        ap.error(f"--only: unknown shapes {sorted(keep - shape_keys())}; known: {sorted(shape_keys())}")
     dev = torch.device("cuda")
     import triton
     result = {"benchmark": "sweep_w4a8", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "shapes": []}
-    keep = set(filter(None, args.only.split(",")))
     for tower, name, n, k, m in SHAPES:
         if keep and f"{tower}:{name}:{m}" not in keep:
             continue

@@ -1,0 +1,32 @@
+"""What the W4 kernel tools run (sweep_w4a8.py, stages_w4a8.py, profile_w4a8.py): the pi0.5
+linear shapes and launch-configuration overrides given on the command line. No GPU or Triton
+needed to import."""
+
+from __future__ import annotations
+
+import ast
+
+# (tower, name, N out, K in, M tokens) of one `sample_actions` call
+SHAPES = [("llm", "q/o", 2048, 2048, 800), ("llm", "k/v", 256, 2048, 800), ("llm", "gate/up", 16384, 2048, 800),
+          ("llm", "down", 2048, 16384, 800),
+          ("llm", "q/o", 2048, 2048, 1), ("llm", "k/v", 256, 2048, 1), ("llm", "gate/up", 16384, 2048, 1),
+          ("llm", "down", 2048, 16384, 1),
+          ("expert", "q", 2048, 1024, 50), ("expert", "k/v", 256, 1024, 50), ("expert", "o", 1024, 2048, 50),
+          ("expert", "gate/up", 4096, 1024, 50), ("expert", "down", 1024, 4096, 50),
+          # linked input groups of a --share-inputs pack (q/k/v and gate/up rows concatenated)
+          ("llm", "qkv", 2560, 2048, 800), ("llm", "gate_up", 32768, 2048, 800), ("llm", "qkv", 2560, 2048, 1),
+          ("llm", "gate_up", 32768, 2048, 1), ("expert", "qkv", 2560, 1024, 50), ("expert", "gate_up", 8192, 1024, 50)]
+
+
+def parse_overrides(text: str) -> dict:
+    """{KEY: value} of "KEY=VALUE[,...]" with Python literal values (launch-configuration keys of
+    kernels/w4a8.pick_config); ValueError with the offending text when malformed."""
+    try:
+        return {kv.split("=", 1)[0]: ast.literal_eval(kv.split("=", 1)[1]) for kv in filter(None, text.split(","))}
+    except (IndexError, ValueError, SyntaxError):
+        raise ValueError(f"expected KEY=VALUE[,...] with Python literal values, got {text!r}") from None
+
+
+def shape_keys() -> set[str]:
+    """The "tower:name:M" keys of SHAPES (what --only filters take)."""
+    return {f"{tower}:{name}:{m}" for tower, name, _, _, m in SHAPES}

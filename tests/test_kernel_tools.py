@@ -1,0 +1,65 @@
+"""The kernel development tools in benchmarks/ that run without a GPU: the shapes and
+command-line overrides they share (w4a8_cases.py) and profile_w4a8.py's argument checks and
+launch grouping. (Their GPU runs are what docs/benchmarks.md reports; compile_w4a8.py is
+tested in test_kernels.py.)"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import profile_w4a8  # noqa: E402
+import w4a8_cases  # noqa: E402
+
+
+def test_overrides_parse_python_literals():
+    assert w4a8_cases.parse_overrides("PDL=False,BMT=32,XLOAD='gather'") == {"PDL": False, "BMT": 32,
+                                                                               "XLOAD": "gather"}
+    assert w4a8_cases.parse_overrides("") == {}
+    for bad in ("PDL", "BMT=3 2", "XLOAD=gather"):  # no value, not a literal, a bare name
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            w4a8_cases.parse_overrides(bad)
+
+
+def test_shapes_are_the_pi05_linears():
+    keys = w4a8_cases.shape_keys()
+    assert len(keys) == len(w4a8_cases.SHAPES)  # one entry per (tower, name, M)
+    assert {"llm:down:800", "expert:down:50", "llm:gate_up:1", "expert:qkv:50"} <= keys
+    down = [s for s in w4a8_cases.SHAPES if s[:2] == ("llm", "down")]
+    assert {(n, k) for _, _, n, k, _ in down} == {(2048, 16384)}
+
+
+@pytest.mark.parametrize("argv, message", [(["--config", "PDL"], "--config: expected KEY=VALUE"),
+                                           (["--only", "llm:nope:3"], "--only: unknown shapes ['llm:nope:3']")])
+def test_profile_refuses_bad_arguments_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        profile_w4a8.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_profile_without_cuda_says_so(capsys):
+    assert profile_w4a8.main(["--only", "llm:down:800"]) == 2
+    assert capsys.readouterr().err.strip() == "profile_w4a8: needs a CUDA GPU"
+
+
+def test_launches_group_by_position_across_layers():
+    times = [("_prep_kernel", 3.0), ("_quant_kernel", 2.0), ("_gemm_kernel", 5.0),
+             ("_prep_kernel", 4.0), ("_quant_kernel", 2.5), ("_gemm_kernel", 7.0),
+             ("_prep_kernel", 3.5), ("_quant_kernel", 2.2), ("_gemm_kernel", 6.0)]
+    got = profile_w4a8.per_launch(times, 3)
+    assert [g["kernel"] for g in got] == ["_prep_kernel", "_quant_kernel", "_gemm_kernel"]
+    assert [g["median_us"] for g in got] == [3.5, 2.2, 6.0]
+    assert (got[2]["min_us"], got[2]["max_us"]) == (5.0, 7.0)
+    with pytest.raises(ValueError, match="do not split into 2"):
+        profile_w4a8.per_launch(times, 2)
+    swapped = times[:3] + [times[4], times[3]] + times[5:]  # layers that launch different kernels
+    with pytest.raises(ValueError, match="launch 0 differs"):
+        profile_w4a8.per_launch(swapped, 3)
