@@ -355,12 +355,13 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     pi0.5 shapes (benchmarks/stages_w4a8.py, sweep_w4a8.py; docs/benchmarks.md). Keys: prep G
     (64-wide blocks per program), BMP (rows per tile), TILES (row tiles per program), XLOAD (how x
     is read through the permutation), prep_warps, prep_stages; quantize BMQ (rows), QCH (column
-    chunks); GEMM BN (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register
-    operand), SPLIT (split-K), num_warps, num_stages; PDL (programmatic dependent launch), PREP_PDL
-    (the first activation launch launched with PDL too)."""
+    chunks), QRUNS (codes stored as vector runs; False: per element, the same codes); GEMM BN
+    (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register operand), SPLIT
+    (split-K), num_warps, num_stages; PDL (programmatic dependent launch), PREP_PDL (the first
+    activation launch launched with PDL too)."""
     dynamic = mode == MODE_DYNAMIC
     # PREP_PDL: with PDL, the first activation launch starts early too and waits for x's producer
-    # (sweep_w4a8.py --ab PREP_PDL=False: expert step layers at M = 50 0.3-0.4 us each, M = 1 0.7 us)
+    # (measured against it off, sweep_w4a8.py --ab: expert layers at M = 50 0.3-0.4 us each, M = 1 0.7 us)
     cfg = dict(G=1, BMP=16, prep_warps=4, GROUP=8, SWAP=True, BMQ=4, QCH=4 if k > 4096 else 1, PDL=True,
                PREP_PDL=True)
     if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
