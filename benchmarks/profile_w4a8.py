@@ -31,15 +31,9 @@ from w4a8_cases import SHAPES, parse_overrides, shape_keys  # noqa: E402
 def kernel_times(fns, x) -> list[tuple[str, float]]:
     """(kernel name, device us) of every kernel one CUDA-graph replay of [f(x) for f in fns] runs,
     in start order."""
+    from runtime_gpu import capture
     from torch.profiler import ProfilerActivity, profile
-    with torch.no_grad():
-        for f in fns:  # allocations and compilation happen outside the capture
-            f(x)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for f in fns:
-                f(x)
+    graph = capture(fns, x)
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

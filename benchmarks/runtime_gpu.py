@@ -113,8 +113,9 @@ class OldFakeQuant(nn.Module):
             .reshape(y.shape)
 
 
-def graph_time(fns, x, repeats: int, min_ms: float = 2.0) -> float:
-    """Median seconds of one call, from CUDA-graph replays of [f(x) for f in fns] (time / len(fns))."""
+def capture(fns, x) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of [f(x) for f in fns], after two warm-up rounds on a side stream (compilation
+    and allocations happen outside the capture)."""
     with torch.no_grad():
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -127,6 +128,12 @@ def graph_time(fns, x, repeats: int, min_ms: float = 2.0) -> float:
         with torch.cuda.graph(g):
             for f in fns:
                 f(x)
+    return g
+
+
+def graph_time(fns, x, repeats: int, min_ms: float = 2.0) -> float:
+    """Median seconds of one call, from CUDA-graph replays of [f(x) for f in fns] (time / len(fns))."""
+    g = capture(fns, x)
     g.replay()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
