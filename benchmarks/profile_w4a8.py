@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_file import write_results  # noqa: E402
-from w4a8_cases import SHAPES, parse_overrides, shape_keys  # noqa: E402
+from w4a8_cases import instances, parse_overrides, select  # noqa: E402
 
 
 def kernel_times(fns, x) -> list[tuple[str, float]]:
@@ -62,14 +62,13 @@ def per_launch(times: list[tuple[str, float]], layers: int) -> list[dict]:
 
 def profile_shape(tower, name, n, k, m, mode_name, over, args, dev) -> dict:
     from runtime_gpu import graph_time
-    from sweep_w4a8 import make_layers
+    from sweep_w4a8 import make_input, make_layers
 
     from duquant_runtime.kernels import w4a8 as K
     mode = K.MODE_DYNAMIC if mode_name == "dynamic" else K.MODE_STATIC
-    count = max(1, min(32, -(-args.l2_bytes // (n * k * 2))))
+    count = instances(n, k, args.l2_bytes)
     layers = make_layers(n, k, count, dev)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    x = (torch.randn(m, k, generator=g) * (1 + 30 * (torch.rand(k, generator=g) > 0.995))).to(dev, torch.bfloat16)
+    x = make_input(m, k, dev)
     cfg = {**K.pick_config(m, n, k, mode), **over}
     fns = [lambda a, lay=lay: K.w4_linear(a, qweight=lay["qweight"], w_scale=lay["w_scale"], r_in=lay["r_in"],
                                           perm=lay["perm"], r_out=lay["r_out"], bias=None, smooth=None, mode=mode,
@@ -98,19 +97,17 @@ def main(argv=None) -> int:
         over = parse_overrides(args.config)
     except ValueError as err:
         ap.error(f"--config: {err}")
-    keep = set(filter(None, args.only.split(",")))
-    unknown = keep - shape_keys()
-    if unknown:
-        ap.error(f"--only: unknown shapes {sorted(unknown)}; known: {sorted(shape_keys())}")
+    try:
+        shapes = select(args.only)
+    except ValueError as err:
+        ap.error(f"--only: {err}")
     if not torch.cuda.is_available():
         print("profile_w4a8: needs a CUDA GPU", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
     result = {"benchmark": "profile_w4a8", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "shapes": []}
-    for tower, name, n, k, m in SHAPES:
-        if keep and f"{tower}:{name}:{m}" not in keep:
-            continue
+    for tower, name, n, k, m in shapes:
         for mode_name in ("dynamic", "static"):
             if args.mode in ("both", mode_name):
                 result["shapes"].append(profile_shape(tower, name, n, k, m, mode_name, over, args, dev))

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_file import write_results  # noqa: E402
 from runtime_gpu import graph_time  # noqa: E402
-from sweep_w4a8 import SHAPES, make_layers, reference, safe_time  # noqa: E402
+from sweep_w4a8 import make_input, make_layers, reference, safe_time  # noqa: E402
+from w4a8_cases import instances, select  # noqa: E402
 from duquant_runtime.kernels import w4a8 as K  # noqa: E402
 
 
@@ -51,10 +52,9 @@ def launch_floor(repeats: int) -> float:
 
 def bench(tower, name, n, k, m, args) -> dict:
     dev = torch.device("cuda")
-    count = max(1, min(32, -(-args.l2_bytes // (n * k * 2))))
+    count = instances(n, k, args.l2_bytes)
     layers = make_layers(n, k, count, dev)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    x = (torch.randn(m, k, generator=g) * (1 + 30 * (torch.rand(k, generator=g) > 0.995))).to(dev, torch.bfloat16)
+    x = make_input(m, k, dev)
     lins = [nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16) for _ in range(count)]
     res = {"tower": tower, "name": name, "N": n, "K": k, "M": m, "instances": count,
            "bf16_s": graph_time(lins, x, args.repeats)}
@@ -143,13 +143,14 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated tower:name:M filters")
     ap.add_argument("--quick", action="store_true", help="only the picked configuration (no variants)")
     args = ap.parse_args(argv)
+    try:
+        shapes = select(args.only)
+    except ValueError as err:
+        ap.error(f"--only: {err}")
     result = {"benchmark": "stages_w4a8", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "launch_floor_s": launch_floor(args.repeats), "shapes": []}
     print(f"empty Triton launch in a CUDA graph: {result['launch_floor_s'] * 1e6:.2f} us", flush=True)
-    keep = set(filter(None, args.only.split(",")))
-    for tower, name, n, k, m in SHAPES:
-        if keep and f"{tower}:{name}:{m}" not in keep:
-            continue
+    for tower, name, n, k, m in shapes:
         result["shapes"].append(bench(tower, name, n, k, m, args))
         torch.cuda.empty_cache()
         write_results(args.out, result, indent=1)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_file import write_results  # noqa: E402
-from w4a8_cases import SHAPES, parse_overrides, shape_keys  # noqa: E402
+from w4a8_cases import instances, parse_overrides, select  # noqa: E402
 from runtime_gpu import graph_time  # noqa: E402
 from duquant_runtime.activation import fake_quantize_per_channel, fake_quantize_per_token  # noqa: E402
 from duquant_runtime.kernels import w4a8 as K  # noqa: E402
@@ -99,6 +99,12 @@ def make_layers(n: int, k: int, count: int, dev, seed: int = 0) -> list[dict]:
     return layers
 
 
+def make_input(m: int, k: int, dev) -> torch.Tensor:
+    """bf16 activations (M, K) with outlier channels (~0.5% of them 31x larger), seeded."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    return (torch.randn(m, k, generator=g) * (1 + 30 * (torch.rand(k, generator=g) > 0.995))).to(dev, torch.bfloat16)
+
+
 def reference(x: torch.Tensor, lay: dict, mode: int) -> torch.Tensor:
     """float32 torch reference of the same function (what DuQuantLinear's reference path computes)."""
     from duquant_runtime.quant import unpack_int4
@@ -117,10 +123,9 @@ def safe_time(fns, x, repeats):
 
 
 def bench(tower, name, n, k, m, args, dev) -> dict:
-    count = max(1, min(32, -(-args.l2_bytes // (n * k * 2))))
+    count = instances(n, k, args.l2_bytes)
     layers = make_layers(n, k, count, dev)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    x = (torch.randn(m, k, generator=g) * (1 + 30 * (torch.rand(k, generator=g) > 0.995))).to(dev, torch.bfloat16)
+    x = make_input(m, k, dev)
     lins = [nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16) for _ in range(count)]
     res = {"tower": tower, "name": name, "N": n, "K": k, "M": m, "instances": count}
     res["bf16_s"] = t_bf16 = graph_time(lins, x, args.repeats)
@@ -174,16 +179,15 @@ def main(argv=None) -> int:
         args.ab = parse_overrides(args.ab)
     except ValueError as err:
         ap.error(f"--ab: {err}")
-    keep = set(filter(None, args.only.split(",")))
-    if keep - shape_keys():
-        ap.error(f"--only: unknown shapes {sorted(keep - shape_keys())}; known: {sorted(shape_keys())}")
+    try:
+        shapes = select(args.only)
+    except ValueError as err:
+        ap.error(f"--only: {err}")
     dev = torch.device("cuda")
     import triton
     result = {"benchmark": "sweep_w4a8", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "shapes": []}
-    for tower, name, n, k, m in SHAPES:
-        if keep and f"{tower}:{name}:{m}" not in keep:
-            continue
+    for tower, name, n, k, m in shapes:
         result["shapes"].append(bench(tower, name, n, k, m, args, dev))
         torch.cuda.empty_cache()
         write_results(args.out, result, indent=1)

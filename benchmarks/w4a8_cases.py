@@ -30,3 +30,18 @@ def parse_overrides(text: str) -> dict:
 def shape_keys() -> set[str]:
     """The "tower:name:M" keys of SHAPES (what --only filters take)."""
     return {f"{tower}:{name}:{m}" for tower, name, _, _, m in SHAPES}
+
+
+def select(only: str) -> list[tuple]:
+    """The SHAPES an --only value ("tower:name:M[,...]", empty: all) names; ValueError naming the
+    unknown ones."""
+    keep = set(filter(None, only.split(",")))
+    if keep - shape_keys():
+        raise ValueError(f"unknown shapes {sorted(keep - shape_keys())}; known: {sorted(shape_keys())}")
+    return [s for s in SHAPES if not keep or f"{s[0]}:{s[1]}:{s[4]}" in keep]
+
+
+def instances(n: int, k: int, l2_bytes: int) -> int:
+    """Layer instances of an (N, K) shape whose bf16 weights together exceed l2_bytes (1..32): a
+    timed replay then streams its weights from memory, as a model does."""
+    return max(1, min(32, -(-l2_bytes // (n * k * 2))))

@@ -1,5 +1,5 @@
-"""The kernel development tools in benchmarks/ that run without a GPU: the shapes and
-command-line overrides they share (w4a8_cases.py) and profile_w4a8.py's argument checks and
+"""The kernel development tools in benchmarks/ that run without a GPU: the shapes, instance
+counts and command-line overrides they share (w4a8_cases.py) and profile_w4a8.py's argument checks and
 launch grouping. (Their GPU runs are what docs/benchmarks.md reports; compile_w4a8.py is
 tested in test_kernels.py.)"""
 
@@ -32,6 +32,20 @@ def test_shapes_are_the_pi05_linears():
     assert {"llm:down:800", "expert:down:50", "llm:gate_up:1", "expert:qkv:50"} <= keys
     down = [s for s in w4a8_cases.SHAPES if s[:2] == ("llm", "down")]
     assert {(n, k) for _, _, n, k, _ in down} == {(2048, 16384)}
+
+
+def test_only_selects_shapes_and_names_unknown_ones():
+    assert w4a8_cases.select("") == w4a8_cases.SHAPES
+    assert w4a8_cases.select("llm:down:800,expert:o:50") == [("llm", "down", 2048, 16384, 800),
+                                                              ("expert", "o", 1024, 2048, 50)]
+    with pytest.raises(ValueError, match=r"unknown shapes \['llm:down:7'\]"):
+        w4a8_cases.select("llm:down:800,llm:down:7")
+
+
+def test_instances_exceed_the_l2_budget_within_1_to_32():
+    assert w4a8_cases.instances(2048, 16384, 256 << 20) == 4  # 64 MiB of bf16 each
+    assert w4a8_cases.instances(256, 1024, 256 << 20) == 32  # capped
+    assert w4a8_cases.instances(32768, 16384, 256 << 20) == 1  # one instance is enough
 
 
 @pytest.mark.parametrize("argv, message", [(["--config", "PDL"], "--config: expected KEY=VALUE"),
