@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_file import write_results  # noqa: E402
 from duquant_runtime import DuQuantLinear  # noqa: E402
+from duquant_runtime.mlp_layout import MLP_CONSUMERS  # noqa: E402
 from duquant_runtime.pack import LayerPack  # noqa: E402
 from duquant_runtime.quant import absmax_scales, pack_int4, quantize_rows  # noqa: E402
 from duquant_runtime.transforms import input_transform, n_blocks  # noqa: E402
@@ -195,6 +196,12 @@ def bench_shape(tower: str, name: str, out_f: int, in_f: int, m: int, args, dev)
          "old_fakequant_s": graph_time(olds, x, args.repeats),
          "ours_dynamic_s": graph_time(dyns, x, args.repeats),
          "ours_static_s": graph_time(stats, x, args.repeats)}
+    if name in MLP_CONSUMERS and token_minor_pays(m):  # x as a token-minor MLP hidden (mlp_layout.py)
+        xtm = x.t().contiguous().t()
+        t["ours_dynamic_tm_s"] = graph_time(dyns, xtm, args.repeats)
+        t["ours_static_tm_s"] = graph_time(stats, xtm, args.repeats)
+        print(f"{tower:6s} {name:10s} M={m:4d} token-minor input: dyn {t['ours_dynamic_tm_s'] * 1e6:8.1f} us | "
+              f"static {t['ours_static_tm_s'] * 1e6:8.1f} us", flush=True)
     t["ratio_dynamic"] = t["ours_dynamic_s"] / t["bf16_linear_s"]
     t["ratio_static"] = t["ours_static_s"] / t["bf16_linear_s"]
     t["ratio_old"] = t["old_fakequant_s"] / t["bf16_linear_s"]
@@ -208,6 +215,12 @@ def bench_shape(tower: str, name: str, out_f: int, in_f: int, m: int, args, dev)
 
 # input groups of a --share-inputs pack: (group label, member names); o_proj and down_proj stay alone
 GROUPS = [("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj"))]
+MLP_PRODUCER_GROUPS = ("gate_up",)  # write down_proj's input (mlp_layout.py)
+
+
+def token_minor_pays(m: int) -> bool:
+    from duquant_runtime.kernels.w4a8 import token_minor_pays as pays  # Triton: imported on the GPU machine
+    return pays(m)
 
 
 def add_ratios(t: dict, bf16_key: str, concatenated_key: str) -> None:
@@ -271,6 +284,14 @@ def bench_group(tower: str, label: str, names: tuple, m: int, args, dev) -> dict
     t = {"bf16_members_s": graph_time(bf16, x, args.repeats), "bf16_concatenated_s": graph_time(bf16_cat, x, args.repeats),
          "ours_dynamic_s": graph_time(groups["dynamic"], x, args.repeats),
          "ours_static_s": graph_time(groups["static"], x, args.repeats)}
+    if label in MLP_PRODUCER_GROUPS and token_minor_pays(m):  # gate/up writing a token-minor hidden
+        for mode, fns in groups.items():
+            for f in fns:
+                for q in f.__defaults__[0]:
+                    q.token_minor_output = True
+            t[f"ours_{mode}_tm_s"] = graph_time(fns, x, args.repeats)
+        print(f"{tower:6s} {label:10s} M={m:4d} token-minor output: dyn {t['ours_dynamic_tm_s'] * 1e6:8.1f} us | "
+              f"static {t['ours_static_tm_s'] * 1e6:8.1f} us", flush=True)
     add_ratios(t, "bf16_members_s", "bf16_concatenated_s")
     print(f"{tower:6s} {label:10s} M={m:4d} bf16 {t['bf16_members_s'] * 1e6:8.1f} us (one concatenated "
           f"{t['bf16_concatenated_s'] * 1e6:.1f}) | linked dyn {t['ours_dynamic_s'] * 1e6:8.1f} ({t['ratio_dynamic']:.2f}x) "
@@ -306,25 +327,27 @@ def shared_total(rows: list[dict], args, dev) -> dict:
         for label, names in GROUPS:
             groups.append(bench_group(tower, label, names, m, args, dev))
             torch.cuda.empty_cache()
-    total = {"bf16_linear_s": 0.0, "bf16_concatenated_groups_s": 0.0, "ours_dynamic_s": 0.0, "ours_static_s": 0.0}
+    total = {"bf16_linear_s": 0.0, "bf16_concatenated_groups_s": 0.0, "ours_dynamic_s": 0.0, "ours_static_s": 0.0,
+             "ours_dynamic_tm_s": 0.0, "ours_static_tm_s": 0.0}
     weight = {("llm", 800): 1, ("expert", 50): 10}
+    timed = [r for r in rows if r["name"] in ("o_proj", "down_proj")] + groups
     for r in rows:
+        total["bf16_linear_s"] += weight.get((r["tower"], r["M"]), 0) * r["bf16_linear_s"]
+    for r in timed:  # ours_<mode>_tm_s: with apply_pack's token-minor MLP hidden (mlp_layout.py)
         w = weight.get((r["tower"], r["M"]), 0)
-        total["bf16_linear_s"] += w * r["bf16_linear_s"]
-        if r["name"] in ("o_proj", "down_proj"):
-            total["bf16_concatenated_groups_s"] += w * r["bf16_linear_s"]
-            total["ours_dynamic_s"] += w * r["ours_dynamic_s"]
-            total["ours_static_s"] += w * r["ours_static_s"]
-    for gr in groups:
-        w = weight.get((gr["tower"], gr["M"]), 0)
-        total["bf16_concatenated_groups_s"] += w * gr["bf16_concatenated_s"]
-        total["ours_dynamic_s"] += w * gr["ours_dynamic_s"]
-        total["ours_static_s"] += w * gr["ours_static_s"]
+        total["bf16_concatenated_groups_s"] += w * r.get("bf16_concatenated_s", r.get("bf16_linear_s"))
+        for mode in ("dynamic", "static"):
+            total[f"ours_{mode}_s"] += w * r[f"ours_{mode}_s"]
+            total[f"ours_{mode}_tm_s"] += w * r.get(f"ours_{mode}_tm_s", r[f"ours_{mode}_s"])
     add_ratios(total, "bf16_linear_s", "bf16_concatenated_groups_s")
+    for mode in ("dynamic", "static"):
+        total[f"ratio_{mode}_tm"] = total[f"ours_{mode}_tm_s"] / total["bf16_linear_s"]
     print(f"TOTAL with linked input groups: bf16 {total['bf16_linear_s'] * 1e6:.0f} us (q/k/v and gate/up as one "
           f"bf16 linear each: {total['bf16_concatenated_groups_s'] * 1e6:.0f} us), ours dynamic "
           f"{total['ours_dynamic_s'] * 1e6:.0f} us ({total['ratio_dynamic']:.2f}x), static "
-          f"{total['ours_static_s'] * 1e6:.0f} us ({total['ratio_static']:.2f}x)", flush=True)
+          f"{total['ours_static_s'] * 1e6:.0f} us ({total['ratio_static']:.2f}x); with the token-minor MLP hidden: "
+          f"dynamic {total['ours_dynamic_tm_s'] * 1e6:.0f} us ({total['ratio_dynamic_tm']:.2f}x), static "
+          f"{total['ours_static_tm_s'] * 1e6:.0f} us ({total['ratio_static_tm']:.2f}x)", flush=True)
     return {**total, "groups": groups}
 
 

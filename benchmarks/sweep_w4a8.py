@@ -126,6 +126,8 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
     count = instances(n, k, args.l2_bytes)
     layers = make_layers(n, k, count, dev)
     x = make_input(m, k, dev)
+    if args.token_minor:  # as a gate/up GEMM with token_minor_out leaves it (mlp_layout.py)
+        x = x.t().contiguous().t()
     lins = [nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16) for _ in range(count)]
     res = {"tower": tower, "name": name, "N": n, "K": k, "M": m, "instances": count}
     res["bf16_s"] = t_bf16 = graph_time(lins, x, args.repeats)
@@ -174,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="both", choices=("both", "dynamic", "static"), help="activation modes to sweep")
     ap.add_argument("--ab", default="", help="only the picked configuration and it with KEY=VALUE[,...] "
                     "changed (Python literals), e.g. num_stages=4,BMT=64")
+    ap.add_argument("--token-minor", action="store_true", help="give the layers x token-minor (strides (1, M)), "
+                    "as a gate/up with token_minor_out leaves down_proj's input")
     args = ap.parse_args(argv)
     try:
         args.ab = parse_overrides(args.ab)

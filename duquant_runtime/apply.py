@@ -27,6 +27,7 @@ from .linear import DuQuantLinear
 from .pack import LayerPack, Pack, load_pack
 from .quant import is_quantized
 from .input_group import check_compatible, link_input_group
+from .mlp_layout import mark_token_minor
 
 
 @dataclass
@@ -45,6 +46,7 @@ class ApplyReport:
     compiled: bool = False  # enable_duquant_if_configured compiled the pack in this call
     unchecked: list[str] = field(default_factory=list)  # modules whose weights were not fingerprinted
     input_groups: list[list[str]] = field(default_factory=list)  # linked module names (input_group.py)
+    token_minor: list[str] = field(default_factory=list)  # MLP producers writing token-minor (mlp_layout.py)
 
     def summary(self) -> str:
         if not self.replaced and self.planned:
@@ -91,7 +93,7 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
                device: torch.device | str | None = None, act_mode: str = "static",
                abits: int | None = None, force: bool = False, dry_run: bool = False,
                check_weights: bool = True, rot_dtype: torch.dtype | None = None,
-               share_inputs: bool = True) -> ApplyReport:
+               share_inputs: bool = True, token_minor_mlp: bool = True) -> ApplyReport:
     """Replace the pack's layers of `model` by `DuQuantLinear` modules; returns an `ApplyReport`.
 
     strict: a pack layer without a matching module is an error (else it is skipped and reported).
@@ -111,6 +113,10 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
     share_inputs: link the layers of each of the pack's input groups (build --share-inputs) so that
     on the GPU kernels and the CPU integer path they transform the activation once and run one GEMM
     (duquant_runtime.input_group; listed in `report.input_groups`).
+    token_minor_mlp: on the GPU kernel path, MLP gate/up (w1/w3, fc1) layers whose down_proj (w2,
+    fc2) is replaced too write their output token-minor (same values, strides (1, M)), which
+    down_proj's kernels read without a transpose launch (duquant_runtime.mlp_layout; listed in
+    `report.token_minor`).
     """
     pack = pack_dir if isinstance(pack_dir, Pack) else load_pack(pack_dir)
     cfg = pack.config
@@ -188,6 +194,8 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
     if share_inputs:
         _link_groups(pack, report, {pname: q for (pname, _, _), (_, _, q) in zip(planned, built)},
                      {pname: mname for pname, mname, _ in planned})
+    if token_minor_mlp:
+        report.token_minor = mark_token_minor(model)
     return report
 
 

@@ -80,6 +80,9 @@ class DuQuantLinear(nn.Module):
         self.group_size: int | None = None  # w_scale (out, n_groups) over groups of columns (grouped.py)
         self.use_fast = True  # CUDA bf16/fp16 inputs run the fused kernels when they can (fast_path_reason)
         self.input_group = None  # input_group.InputGroup when linked with layers reading the same input
+        # GPU kernel path: write y token-minor (strides (1, M)) at large M, for a consumer whose kernels
+        # read it without a transpose (mlp_layout.py: gate/up before down_proj); same values
+        self.token_minor_output = False
         self.bias: nn.Parameter | None = None
 
     # --- construction ------------------------------------------------------------------------
@@ -244,7 +247,8 @@ class DuQuantLinear(nn.Module):
         qmin, qmax = qrange(self.abits) if self.abits else (-128, 127)
         return w4a8.w4_linear(x2d, qweight=qweight, w_scale=w_scale, r_in=self.r_in, perm=self.perm, r_out=r_out,
                               bias=bias, smooth=self.smooth, mode=mode, qmin=qmin, qmax=qmax,
-                              act_scale=self.act_scale if mode == w4a8.MODE_STATIC else None)
+                              act_scale=self.act_scale if mode == w4a8.MODE_STATIC else None,
+                              token_minor_out=self.token_minor_output and w4a8.token_minor_pays(x2d.shape[0]))
 
     def uses_integer_gemm(self, x: torch.Tensor) -> bool:
         """True when `forward(x)` on the CPU runs the integer GEMM (`torch._int_mm`, exact int32

@@ -39,7 +39,7 @@ cases = [  # m, n, k, B, Bo, mode, smooth, prep 64-wide blocks per program, swap
     (20, 128, 128, 32, 64, 1, False, 1, False, 2), (3, 128, 256, 64, None, 0, False, 4, True, 1),
     (5, 128, 256, 64, 64, 2, True, 1, True, 4), (40, 128, 256, 32, 64, 2, False, 2, False, 1),
     (20, 128, 256, 32, 64, 1, True, 1, True, 4)]
-out = []
+out, tm = [], []
 for i, (m, n, k, b, bo, mode, smooth, G, swap, split) in enumerate(cases):
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     perm = torch.randperm(k, generator=g)
@@ -61,7 +61,13 @@ for i, (m, n, k, b, bo, mode, smooth, G, swap, split) in enumerate(cases):
                     act_scale=act, config=cfg)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     out.append(float((y.float() - ref).norm() / ref.norm()))
+    if cfg["XLOAD"] == "transpose":  # token-minor x (no transpose launch) and output: the same values
+        y_tm = K.w4_linear(x.t().contiguous().t(), qweight=pack_int4(q), w_scale=ws, r_in=r_in.half(), perm=perm,
+                           r_out=None if r_out is None else r_out.half(), bias=bias, smooth=sm, mode=mode,
+                           act_scale=act, config=cfg, token_minor_out=True)
+        tm.append(y_tm.stride() == (1, m) and torch.equal(y_tm, y))
 print("ERR", *out)
+print("TOKEN_MINOR", *tm)
 try:  # a strided (column-major) packed weight is refused, never read with the wrong strides
     K.w4_linear(x, qweight=pack_int4(q).t().contiguous().t(), w_scale=ws, r_in=r_in.half(), perm=perm, r_out=None,
                 bias=None, smooth=None, mode=0)
@@ -81,8 +87,9 @@ def test_kernels_match_reference_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
     res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    errs = [float(v) for v in res.stdout.split("ERR")[1].split("REFUSED")[0].split()]
+    errs = [float(v) for v in res.stdout.split("ERR")[1].split("TOKEN_MINOR")[0].split()]
     assert len(errs) == 9 and all(e < 1e-2 for e in errs), errs  # bf16 output, fp16 rotations, tf32
+    assert res.stdout.split("TOKEN_MINOR")[1].split("REFUSED")[0].split() == ["True"] * 3, res.stdout
     assert res.stdout.count("REFUSED True") == 2, res.stdout
 
 
@@ -118,6 +125,34 @@ def test_launch_variants_match_reference_on_gpu(xload, pdl):
                             smooth=None, mode=mode, act_scale=act.cuda(), config=cfg)
             err = float((y.float().cpu() - ref).norm() / ref.norm())
             assert err < 1e-2, (m, n, k, mode, xload, pdl, err)
+
+
+@pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")
+def test_token_minor_input_and_output_agree_on_gpu():
+    """A token-minor x (strides (1, M): a gate/up output through the activation) read without the
+    transpose launch, and a token-minor output, give the row-major path's values bit for bit on
+    the pi0.5 down_proj / o_proj widths at M = 50 and 800, in both activation modes."""
+    import torch
+    from duquant_runtime.kernels import w4a8 as K
+
+    g = torch.Generator().manual_seed(11)
+    for m in (50, 800):
+        for n, k in ((2048, 16384), (1024, 4096), (2048, 2048)):
+            x = torch.randn(m, k, generator=g)
+            x[:, :3] *= 40.0
+            x = x.bfloat16().cuda()
+            perm = torch.randperm(k, generator=g).cuda()
+            orth = lambda nb: torch.linalg.qr(torch.randn(nb, 64, 64, generator=g, dtype=torch.float64))[0]  # noqa: E731
+            r_in, r_out = orth(k // 64).half().contiguous().cuda(), orth(n // 64).half().contiguous().cuda()
+            qw = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).cuda()
+            ws = (torch.rand(n, generator=g) * 0.01 + 0.001).cuda()
+            act = (torch.rand(k, generator=g) * 0.05 + 0.01).cuda()
+            for mode in (K.MODE_DYNAMIC, K.MODE_STATIC):
+                kw = dict(qweight=qw, w_scale=ws, r_in=r_in, perm=perm, r_out=r_out, bias=None, smooth=None,
+                          mode=mode, act_scale=act)
+                rows = K.w4_linear(x, config=dict(XLOAD="transpose"), **kw)
+                tm = K.w4_linear(x.t().contiguous().t(), token_minor_out=True, **kw)
+                assert tm.stride() == (1, m) and torch.equal(tm, rows), (m, n, k, mode)
 
 
 @pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")

@@ -209,3 +209,28 @@ def test_linked_group_under_cuda_graphs_and_device_moves():
         again = [q(x) for q in mods]
         assert all(torch.equal(a, b) for a, b in zip(again, fresh))
         assert len({q.qweight.untyped_storage().data_ptr() for q in mods}) == 1
+
+
+@pytest.mark.parametrize("m,hidden,inter", [(800, 2048, 16384), (50, 1024, 4096), (1, 2048, 16384)])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_token_minor_mlp_hidden_gives_the_same_block_output(m, hidden, inter, mode):
+    """A gated MLP (linked gate/up, down) with gate/up writing token-minor (mlp_layout.py): at large
+    M the hidden activation reaches down_proj with strides (1, M) and the block output equals the
+    row-major run bit for bit; at M <= 64 the layout stays row-major."""
+    from duquant_runtime.input_group import link_input_group
+    gate, up = _group([(inter, hidden)] * 2, seed=31, mode=mode)
+    down = _group([(hidden, inter)], seed=37, mode=mode)[0]
+    link_input_group([gate, up])
+    x = _x(m, hidden, seed=9).reshape(1, m, hidden)
+
+    def block():
+        h = nn.functional.gelu(gate(x), approximate="tanh") * up(x)
+        return h, down(h)
+
+    with torch.no_grad():
+        h_rows, y_rows = block()
+        gate.token_minor_output = up.token_minor_output = True
+        h_tm, y_tm = block()
+    assert h_rows.stride(-1) == 1 and torch.equal(h_tm, h_rows)
+    assert h_tm[0].stride() == ((1, m) if m > 64 else h_rows[0].stride())
+    assert torch.equal(y_tm, y_rows)

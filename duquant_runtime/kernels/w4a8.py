@@ -4,6 +4,8 @@
 
 0. `_transpose_kernel` (large M, `XLOAD="transpose"`): x^T (K, M), so that the prep reads each
    permuted channel as a contiguous run of tokens instead of one 32-byte sector per element.
+   Skipped when x comes token-minor (strides (1, M), e.g. a gate/up GEMM's `token_minor` output
+   through the elementwise activation): the prep reads that x^T directly.
 1. `_prep_kernel`: the activation transform. A program owns G rotation blocks (their perm slice,
    R_in block and scales loaded once) and streams TILES row tiles of BMP rows through a
    software-pipelined loop. The tile x[:, perm[block]] (/ smoothing) is rotated by its R_in block
@@ -227,9 +229,10 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
 
 
 @triton.jit
-def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om,
+def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, stride_on,
             BN: tl.constexpr, BO: tl.constexpr, HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Epilogue on out^T (BN, BMT) float32: R_out restore, bias, cast, transposed store."""
+    """Epilogue on out^T (BN, BMT) float32: R_out restore, bias, cast, store to out (M, N) with
+    strides (stride_om, stride_on): (N, 1) row-major, or (1, M) token-minor."""
     if HAS_ROUT:  # BD(R_out) restore on out^T: T[i, i'] = r_out[block][i % BO, i' % BO] in one block
         i = tl.arange(0, BN)
         gi = pid_n * BN + i
@@ -240,12 +243,13 @@ def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr,
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rows_n).to(tl.float32)[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, y.to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
 def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
-                 M, N, K: tl.constexpr, stride_om, ws_ptr, cnt_ptr, INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
+                 M, N, K: tl.constexpr, stride_om, stride_on, ws_ptr, cnt_ptr, INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
                  GROUP: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
                  HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
                  PF_N: tl.constexpr, PF: tl.constexpr):
@@ -315,7 +319,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         y = (y * 0.0625) * tl.load(tok_scale_ptr + rows_m)[None, :]  # exact: the codes were 16 * q
     y = y * tl.load(w_scale_ptr + rows_n)[:, None]
     if SPLIT == 1:
-        _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, BN, BO,
+        _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, stride_on, BN, BO,
                 HAS_ROUT, HAS_BIAS)
     else:  # split-K: partial sums to the workspace; the last program of the tile adds them in order
         wsp = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
@@ -330,9 +334,14 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
             for sk in range(0, SPLIT):  # fixed order: deterministic sums
                 tot += tl.load(wsp + sk * (M * N), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N),
                                other=0.0, cache_modifier=".cg")
-            _finish(tot, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, BN,
-                    BO, HAS_ROUT, HAS_BIAS)
+            _finish(tot, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, stride_on,
+                    BN, BO, HAS_ROUT, HAS_BIAS)
             tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next call
+
+
+def is_token_minor(x: torch.Tensor) -> bool:
+    """x (M, K) is the transpose of a tensor with contiguous rows (strides (1, s), s >= M), M > 1."""
+    return x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 1 and x.stride(1) >= x.shape[0]
 
 
 def supports(in_features: int, out_features: int, block_in: int, block_out: int | None) -> str | None:
@@ -348,6 +357,13 @@ def supports(in_features: int, out_features: int, block_in: int, block_out: int 
     if out_features % 64:
         return f"out_features {out_features} is not a multiple of 64"
     return None
+
+
+def token_minor_pays(m: int) -> bool:
+    """Whether a producer should write its output token-minor for a consumer's kernels at M = m
+    tokens (mlp_layout.py): where the consumer's prep reads x^T (large M), it saves the transpose
+    launch."""
+    return m > 64
 
 
 def pick_config(m: int, n: int, k: int, mode: int) -> dict:
@@ -443,8 +459,12 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
                        rot_precision: str = "tf32") -> tuple[torch.Tensor, torch.Tensor | None]:
     """The activation launches: x (M, K) -> (a, tok_scale), the GEMM's operand (M, K): int8 codes
     with per-token scales float32 (M,) for dynamic activations (prep + quantize launch), else
-    bf16 values (static q*s, or rotated values without activation quantization) and None."""
+    bf16 values (static q*s, or rotated values without activation quantization) and None.
+    x: rows contiguous (stride (s, 1)), or token-minor (strides (1, s), s >= M: the transpose of
+    a (K, s) tensor, e.g. `w4_gemm(token_minor=True)`'s output), which the prep reads as x^T
+    directly (no transpose launch)."""
     m, k = x.shape
+    token_minor = is_token_minor(x)
     b = r_in.shape[-1]
     nb = k // b
     dummy = r_in  # placeholder pointer for absent optional tensors (never read)
@@ -457,6 +477,8 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
+    if token_minor:  # x^T is there already: the prep reads its rows (whole runs of tokens)
+        x, xload = x.t(), 3
     pdl = _use_pdl(cfg, x.device)
     bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
     early = pdl and cfg.get("PREP_PDL", False)  # the first launch starts early, waits for x's producer
@@ -474,7 +496,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
         NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-        XLOAD=xload, PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"], **_pdl(early))
+        XLOAD=min(xload, 2), PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"], **_pdl(early))
     if not dynamic:
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
@@ -520,10 +542,11 @@ def gemm_tiling(k: int, cfg: dict) -> tuple[int, int]:
 
 def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.Tensor, w_scale: torch.Tensor,
             r_out: torch.Tensor | None, bias: torch.Tensor | None, out_dtype: torch.dtype,
-            cfg: dict) -> torch.Tensor:
+            cfg: dict, token_minor: bool = False) -> torch.Tensor:
     """The GEMM launch: out (M, N) = restore((a @ W_q^T) x scales) + bias, from `prepare_activation`'s
     operand (int8 codes with per-token scales, or bf16) and packed int4 qweight uint8 (N, K/2) with
-    row scales w_scale float32 (N,)."""
+    row scales w_scale float32 (N,). token_minor: out is the transpose of a contiguous (N, M)
+    tensor (strides (1, M)), which a following layer's prep reads without a transpose launch."""
     m, k = a.shape
     n = qweight.shape[0]
     bo = r_out.shape[-1] if r_out is not None else 16
@@ -531,7 +554,8 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     bk, split = gemm_tiling(k, cfg)
     if bn % bo or n % bn:
         raise ValueError(f"GEMM config {cfg} does not fit N={n}, output block {bo}")
-    out = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    out = (torch.empty((n, m), device=a.device, dtype=out_dtype).t() if token_minor
+           else torch.empty((m, n), device=a.device, dtype=out_dtype))
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bmt)
     ws = torch.empty((split, m, n), device=a.device, dtype=torch.float32) if split > 1 else w_scale
     cnt = _counters(a.device, tiles) if split > 1 else w_scale
@@ -540,7 +564,7 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     _gemm_kernel[(tiles, split)](
         a, tok_scale if tok_scale is not None else w_scale, qweight, w_scale,
         r_out if r_out is not None else w_scale, bias if bias is not None else w_scale, out, m, n, K=k,
-        stride_om=out.stride(0), ws_ptr=ws, cnt_ptr=cnt, INT8=tok_scale is not None, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
+        stride_om=out.stride(0), stride_on=out.stride(1), ws_ptr=ws, cnt_ptr=cnt, INT8=tok_scale is not None, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
         HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET, PDL=pdl, PF_N=pf_n,
         PF=triton.next_power_of_2(pf_n), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
     return out
@@ -550,14 +574,15 @@ def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, 
               perm: torch.Tensor | None, r_out: torch.Tensor | None, bias: torch.Tensor | None,
               smooth: torch.Tensor | None, mode: int, qmin: int = -128, qmax: int = 127,
               act_scale: torch.Tensor | None = None, config: dict | None = None,
-              rot_precision: str = "tf32") -> torch.Tensor:
-    """y (M, N) in x's dtype for x (M, K) bf16/fp16 (rows contiguous), packed int4 qweight uint8
+              rot_precision: str = "tf32", token_minor_out: bool = False) -> torch.Tensor:
+    """y (M, N) in x's dtype for x (M, K) bf16/fp16 (rows contiguous, or token-minor: strides (1, s)),
+    y token-minor when token_minor_out (`w4_gemm`), else row-major; packed int4 qweight uint8
     (N, K/2), w_scale float32 (N,), r_in (K/B, B, B), r_out (N/Bo, Bo, Bo) or None (16/32-bit),
     perm (K,) int or None, smooth (K,) or None, bias (N,) or None; mode MODE_NONE / MODE_STATIC
     (act_scale float32 (K,)) / MODE_DYNAMIC. qmin/qmax: the activation code range.
     `config` overrides keys of `pick_config`."""
     m, k = x.shape
-    if x.stride(1) != 1:
+    if x.stride(1) != 1 and not is_token_minor(x):
         x = x.contiguous()
     for name, t in (("qweight", qweight), ("w_scale", w_scale), ("r_in", r_in), ("perm", perm), ("r_out", r_out),
                     ("bias", bias), ("smooth", smooth), ("act_scale", act_scale)):
@@ -571,4 +596,4 @@ def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, 
     a, tok_scale = prepare_activation(x, r_in=r_in, perm=perm, smooth=smooth, mode=mode, qmin=qmin, qmax=qmax,
                                       act_scale=act_scale, cfg=cfg, rot_precision=rot_precision)
     return w4_gemm(a, tok_scale, qweight=qweight, w_scale=w_scale, r_out=r_out, bias=bias, out_dtype=x.dtype,
-                   cfg=cfg)
+                   cfg=cfg, token_minor=token_minor_out)
