@@ -4,10 +4,11 @@ In a gated MLP, ``down_proj(act(gate_proj(x)) * up_proj(x))``, the hidden activa
 only ever consumed by down_proj, through elementwise ops. The fused GPU kernels of a large-M
 down_proj read x^T (I, M) (kernels/w4a8.py: the permuted channels as contiguous runs of tokens),
 so with a row-major h they first transpose it: one launch that reads and writes all of h (26 MB
-for the pi0.5 language model's down_proj at M = 800).
+for the pi0.5 language model's down_proj at M = 800). At M = 50 they gather h's permuted
+channels element by element instead; from x^T they read runs of tokens.
 
 A producer layer marked here (``DuQuantLinear.token_minor_output``) writes its output on the GPU
-kernel path as the transpose of a contiguous (out, M) tensor: the same values with strides
+kernel path, from M > 16 tokens (`kernels.w4a8.token_minor_pays`), as the transpose of a contiguous (out, M) tensor: the same values with strides
 (1, M). Elementwise ops keep that layout (torch allocates their results like their inputs), so
 down_proj receives x = h with strides (1, M) and its prep reads that x^T directly. Values are
 unchanged, bit for bit; only strides differ, and every torch op accepts them (``.view`` of the
