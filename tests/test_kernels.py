@@ -156,33 +156,6 @@ def test_token_minor_input_and_output_agree_on_gpu():
 
 
 @pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")
-def test_int16_intermediate_moves_only_rare_codes_by_one_on_gpu():
-    """The prep's int16 fixed-point values (V16) against float32 ones: the same per-token scales
-    bit for bit, and codes that differ by at most 1 in at most 0.5% of places (those within
-    127 / 65534 of a rounding tie), on the pi0.5 widths at M = 1, 50 and 800."""
-    import torch
-    from duquant_runtime.kernels import w4a8 as K
-
-    g = torch.Generator().manual_seed(5)
-    for m in (1, 50, 800):
-        for k in (1024, 2048, 4096, 16384):
-            x = torch.randn(m, k, generator=g)
-            x[:, :3] *= 40.0
-            x = x.bfloat16().cuda()
-            perm = torch.randperm(k, generator=g).cuda()
-            r_in = torch.linalg.qr(torch.randn(k // 64, 64, 64, generator=g, dtype=torch.float64))[0]
-            r_in = r_in.half().contiguous().cuda()
-            cfg = K.pick_config(m, 2048, k, K.MODE_DYNAMIC)
-            c16, s16 = K.prepare_activation(x, r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC,
-                                            cfg=dict(cfg, V16=True))
-            c32, s32 = K.prepare_activation(x, r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC,
-                                            cfg=dict(cfg, V16=False))
-            d = (c16.int() - c32.int()).abs()
-            assert torch.equal(s16, s32) and int(d.max()) <= 1, (m, k)
-            assert float((d > 0).float().mean()) <= 5e-3, (m, k, float((d > 0).float().mean()))
-
-
-@pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")
 def test_quantize_launch_store_orders_agree_on_gpu():
     """The quantize launch's vector stores (even and odd columns as two runs) write the codes of
     its per-element store, bit for bit, on the pi0.5 widths at M = 1, 50 and 800."""

@@ -11,11 +11,7 @@
    software-pipelined loop. The tile x[:, perm[block]] (/ smoothing) is rotated by its R_in block
    (a B x B tf32 dot) and written
    - static scales: as bf16 values q * s_k of the per-channel quantized activation;
-   - dynamic: the per-(token, block) absmax a, and the rotated values v as int16 fixed point
-     round(v * 32767 / a) (`V16`; half the bytes of float32, which stays as an option). The
-     quantize launch's v = v16 * a / 32767 is within a / 65534 of v: an int8 code can only move
-     when v / s lies within 127 / 65534 of a rounding tie, where either code is equally close;
-
+   - dynamic: as float32 rotated values plus the per-(token, block) absmax;
    - no activation quantization: as bf16 rotated values.
 2. `_quant_kernel` (dynamic only): per-token scales from the block maxima, int8 codes, stored
    in the GEMM's column order: within each BK-wide K tile the even columns, then the odd ones
@@ -129,7 +125,7 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
                  part_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
                  G: tl.constexpr, BMP: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, B: tl.constexpr,
                  HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, XLOAD: tl.constexpr,
-                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr, V16: tl.constexpr):
+                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr):
     """Program (i, j): rotation blocks i*G .. i*G+G-1, row tiles j*TILES .. j*TILES+TILES-1 of BMP
     rows. Per block, the permutation slice, the R_in block and the scales are loaded once; the row
     tiles stream through a software-pipelined loop (STAGES). XLOAD 0: x (M, K) read through perm;
@@ -171,14 +167,8 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
                 x = tl.math.div_rn(x, smooth[None, :])
             xt = tl.dot(x, r, input_precision=PREC)
             if MODE == 2:  # rotated values and the block's absmax; `_quant_kernel` makes the codes
-                amax = tl.max(tl.abs(xt), axis=1)
-                tl.store(part_ptr + offs_m * NB + kb, amax, mask=row_ok)
-                if V16:  # int16 fixed point per (token, block): round(v * 32767 / absmax), half the bytes
-                    inv = tl.where(amax > 0, 32767.0 / amax, 0.0)
-                    v16 = tl.minimum(tl.maximum(_rint(xt * inv[:, None]), -32767.0), 32767.0).to(tl.int16)
-                    tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], v16, mask=row_ok[:, None])
-                else:
-                    tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], xt, mask=row_ok[:, None])
+                tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], xt, mask=row_ok[:, None])
+                tl.store(part_ptr + offs_m * NB + kb, tl.max(tl.abs(xt), axis=1), mask=row_ok)
             elif MODE == 1:  # static per channel (of the rotated basis)
                 q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, sk[None, :])), QMIN), QMAX)
                 tl.store(out_ptr + offs_m[:, None] * K + offs_c[None, :], (q * sk[None, :]).to(tl.bfloat16),
@@ -206,8 +196,7 @@ def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr, PDL: tl.co
 @triton.jit
 def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, NB: tl.constexpr,
                   NB_P2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BMQ: tl.constexpr,
-                  BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr, RUNS: tl.constexpr,
-                  V16: tl.constexpr, B: tl.constexpr):
+                  BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr, RUNS: tl.constexpr):
     """Dynamic per-token codes: int8 (M, K) of float32 rotated values with the row scale from the
     per-(token, block) absmax (M, NB), stored in the GEMM's column order (`_deint`). Program
     (i, j): BMQ rows, QCH chunks of BKQ columns; program column 0 also writes the scales (M,).
@@ -226,10 +215,7 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
     tl.store(tok_scale_ptr + offs_m, s, mask=row_ok & (pid_k == 0))
     for c in tl.range(0, QCH):
         offs_k = (pid_k * QCH + c) * BKQ + tl.arange(0, BKQ)
-        v = tl.load(v_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0)
-        if V16:  # back from fixed point: v16 * absmax / 32767 (the block's absmax from `part`)
-            f = tl.load(part_ptr + offs_m[:, None] * NB + (offs_k // B)[None, :], mask=row_ok[:, None], other=0.0)
-            v = v.to(tl.float32) * (f / 32767.0)
+        v = tl.load(v_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0)
         q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, s[:, None])), QMIN), QMAX).to(tl.int8)
         if RUNS:  # the chunk's even and odd columns as two contiguous runs (BKQ <= BKD): vector stores
             even, odd = tl.split(tl.reshape(q, (BMQ, BKQ // 2, 2)))
@@ -489,9 +475,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     bmp = cfg["BMP"]
     tiles = max(1, min(cfg.get("TILES", 1), triton.cdiv(m, bmp)))
     dynamic = mode == MODE_DYNAMIC
-    v16 = dynamic and cfg.get("V16", True)
-    a = torch.empty((m, k), device=x.device,
-                    dtype=(torch.int16 if v16 else torch.float32) if dynamic else torch.bfloat16)
+    a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
     if token_minor:  # x^T is there already: the prep reads its rows (whole runs of tokens)
@@ -513,7 +497,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
         NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-        XLOAD=min(xload, 2), PDL=pdl, PDL_WAIT=early, V16=v16, num_warps=cfg["prep_warps"], **_pdl(early))
+        XLOAD=min(xload, 2), PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"], **_pdl(early))
     if not dynamic:
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
@@ -526,7 +510,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         qch -= 1
     _quant_kernel[(triton.cdiv(m, bmq), k // (bkq * qch))](
         a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
-        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, RUNS=cfg.get("QRUNS", True), V16=v16, B=b, num_warps=4, **_pdl(pdl))
+        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, RUNS=cfg.get("QRUNS", True), num_warps=4, **_pdl(pdl))
     return codes, tok_scale
 
 
