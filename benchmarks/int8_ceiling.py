@@ -7,6 +7,8 @@ K = 16384), CUDA-graph replays over enough weight instances to exceed L2, same r
 - bf16 `torch.mm` (cuBLAS), int8 `torch._int_mm` (cuBLAS int8, int8 weights: 2x the int4 bytes);
 - a plain Triton int8 x int8 GEMM (both operands int8 in memory, shared-memory operands, the
   compiler's software pipeline), per tile configuration;
+- the same in Gluon (Triton's explicit dialect): a TMA ring of STAGES shared-memory buffers and
+  one wgmma kept in flight (`wgmma.wait_group 1`), which Triton 3.6 does not generate itself;
 - the W4A8 GEMM launch alone (`w4_gemm` on int8 codes, packed int4 weights).
 Writes JSON; prints TOPS per variant.
 """
@@ -20,6 +22,10 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,6 +60,74 @@ def _int8_mm(a_ptr, w_ptr, c_ptr, M, N, K: tl.constexpr, BM: tl.constexpr, BN: t
     tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@gluon.jit
+def _gl_int8_mm(a_desc, w_desc, c_ptr, M, N, K, STAGES: gl.constexpr, INSTR_N: gl.constexpr,
+                WARPS_M: gl.constexpr, num_warps: gl.constexpr):
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    pid = gl.program_id(0)
+    num_m = gl.cdiv(M, BM)
+    num_n = gl.cdiv(N, BN)
+    per_group = 8 * num_m
+    first_n = (pid // per_group) * 8
+    group_n = gl.minimum(num_n - first_n, 8)
+    pid_n = first_n + (pid % per_group) % group_n
+    pid_m = (pid % per_group) // group_n
+    off_m = pid_m * BM
+    off_n = pid_n * BN
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
+    w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, num_warps // WARPS_M],
+                                                         instr_shape=[16, INSTR_N, 32])
+    acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)
+    nk = K // BK
+    nbytes: gl.constexpr = a_desc.block_type.nbytes + w_desc.block_type.nbytes
+    for p in gl.static_range(STAGES - 1):
+        mbarrier.expect(bars.index(p), nbytes)
+        tma.async_copy_global_to_shared(a_desc, [off_m, p * BK], bars.index(p), a_bufs.index(p))
+        tma.async_copy_global_to_shared(w_desc, [off_n, p * BK], bars.index(p), w_bufs.index(p))
+    for i in range(nk):
+        st = i % STAGES
+        mbarrier.wait(bars.index(st), (i // STAGES) & 1)
+        acc = warpgroup_mma(a_bufs.index(st), w_bufs.index(st).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        j = i + STAGES - 1
+        if j < nk:  # the stage of iteration i - 1, whose wgmma has finished
+            sj = j % STAGES
+            mbarrier.expect(bars.index(sj), nbytes)
+            tma.async_copy_global_to_shared(a_desc, [off_m, j * BK], bars.index(sj), a_bufs.index(sj))
+            tma.async_copy_global_to_shared(w_desc, [off_n, j * BK], bars.index(sj), w_bufs.index(sj))
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for q in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(q))
+    offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_layout))
+    offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
+    gl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _descs(a, w, bm, bn, bk):
+    la = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
+    lw = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8)
+    return (TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk], la),
+            TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk], lw))
+
+
+
+def gluon_int8_mm(a, w, cfg):
+    m, k = a.shape
+    n = w.shape[0]
+    bm, bn, bk, stages, warps, warps_m, instr_n = cfg
+    ad, wd = _descs(a, w, bm, bn, bk)
+    c = torch.empty((m, n), device=a.device, dtype=torch.int32)
+    _gl_int8_mm[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](ad, wd, c, m, n, k, STAGES=stages, INSTR_N=instr_n,
+                                                            WARPS_M=warps_m, num_warps=warps)
+    return c
+
+
 def int8_mm(a, w, cfg):
     m, k = a.shape
     n = w.shape[0]
@@ -64,6 +138,9 @@ def int8_mm(a, w, cfg):
     return c
 
 
+GLUON_TILES = [(128, 256, 128, 4, 8, 8, 128), (128, 128, 128, 4, 4, 4, 128), (128, 256, 64, 5, 8, 8, 128),
+               (128, 128, 128, 4, 8, 8, 128), (64, 256, 128, 4, 4, 4, 128), (128, 128, 256, 3, 8, 8, 128),
+               (128, 128, 64, 6, 8, 8, 128)]
 TILES = [(128, 128, 128, 4, 4), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3),
          (128, 256, 64, 8, 4), (64, 256, 128, 4, 4), (128, 128, 256, 8, 3)]
 
@@ -102,6 +179,13 @@ def main(argv=None) -> int:
                     [lambda x, w=w, tile=tile: int8_mm(x, w, tile) for w in w8], a, args.repeats)
             except Exception as err:  # a tile that does not fit is skipped
                 print(f"  {tile}: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}")
+        for tile in GLUON_TILES:
+            try:
+                assert torch.equal(gluon_int8_mm(a, w8[0], tile), ref)
+                t[f"gluon_int8_{'x'.join(map(str, tile))}"] = graph_time(
+                    [lambda x, w=w, tile=tile: gluon_int8_mm(x, w, tile) for w in w8], a, args.repeats)
+            except Exception as err:  # a tile that does not fit is skipped
+                print(f"  gluon {tile}: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}")
         row["times_s"] = t
         row["tops"] = {key: ops / v / 1e12 for key, v in t.items()}
         res["shapes"].append(row)
