@@ -155,44 +155,6 @@ def test_token_minor_input_and_output_agree_on_gpu():
                 assert tm.stride() == (1, m) and torch.equal(tm, rows), (m, n, k, mode)
 
 
-def _hopper() -> bool:
-    import torch
-    return triton_available() and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-
-
-@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Triton")
-@pytest.mark.parametrize("cfg", [dict(BN=128, BMT=128, BK=128, STAGES=4, num_warps=8),
-                                 dict(BN=64, BMT=128, BK=256, STAGES=3, num_warps=4)])
-def test_wgmma_gemm_matches_the_triton_gemm_on_gpu(cfg):
-    """The Gluon wgmma GEMM (w4a8_wgmma.py) against the Triton GEMM on the same codes: the same
-    int32 sums, so outputs agree to the restore's float32 summation order (bf16 output); with
-    bias, without R_out, token-minor output, and M not a multiple of the token tile."""
-    import torch
-    from duquant_runtime.kernels import w4a8 as K
-
-    g = torch.Generator().manual_seed(13)
-    for m, n, k, rout, bias in ((800, 2048, 16384, True, False), (800, 256, 2048, True, True),
-                                (200, 4096, 2048, False, True), (800, 8192, 1024, True, False)):
-        x = torch.randn(m, k, generator=g)
-        x[:, :3] *= 40.0
-        x = x.bfloat16().cuda()
-        perm = torch.randperm(k, generator=g).cuda()
-        orth = lambda nb: torch.linalg.qr(torch.randn(nb, 64, 64, generator=g, dtype=torch.float64))[0]  # noqa: E731
-        kw = dict(qweight=torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).cuda(),
-                  w_scale=(torch.rand(n, generator=g) * 0.01 + 0.001).cuda(), r_in=orth(k // 64).half().contiguous().cuda(),
-                  perm=perm, r_out=orth(n // 64).half().contiguous().cuda() if rout else None,
-                  bias=torch.randn(n, generator=g).bfloat16().cuda() if bias else None, smooth=None,
-                  mode=K.MODE_DYNAMIC)
-        base = dict(K.pick_config(m, n, k, K.MODE_DYNAMIC), **{key: cfg[key] for key in ("BN", "BMT", "BK")},
-                    num_warps=cfg["num_warps"], SPLIT=1)
-        ref = K.w4_linear(x, config=dict(base, WGMMA=False), **kw).float()
-        for tm in (False, True):
-            y = K.w4_linear(x, config=dict(base, WGMMA=True, STAGES=cfg["STAGES"]), token_minor_out=tm, **kw)
-            assert y.stride() == ((1, m) if tm else (n, 1))
-            err = float((y.float() - ref).norm() / ref.norm())
-            assert err < 2e-3, (m, n, k, tm, err)  # bf16 output ulps where the restore's sums round apart
-
-
 @pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")
 def test_quantize_launch_store_orders_agree_on_gpu():
     """The quantize launch's vector stores (even and odd columns as two runs) write the codes of

@@ -439,14 +439,6 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
 _PREC = {"tf32": "tf32", "tf32x3": "tf32x3", "ieee": "ieee"}
 
 
-def wgmma_available(device: torch.device) -> bool:
-    """The Gluon wgmma GEMM (w4a8_wgmma.py) runs here: a Hopper GPU (sm_90), not interpreted."""
-    if _INTERPRET or device.type != "cuda":
-        return False
-    from . import device_capability
-    return device_capability(device) == (9, 0)
-
-
 def _use_pdl(cfg: dict, device: torch.device) -> bool:
     """PDL requested by the configuration, on a GPU that supports it (sm_90+), not interpreted."""
     if not cfg.get("PDL") or _INTERPRET:
@@ -565,10 +557,6 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         raise ValueError(f"GEMM config {cfg} does not fit N={n}, output block {bo}")
     out = (torch.empty((n, m), device=a.device, dtype=out_dtype).t() if token_minor
            else torch.empty((m, n), device=a.device, dtype=out_dtype))
-    if cfg.get("WGMMA") and tok_scale is not None and split == 1 and wgmma_available(a.device):
-        from .w4a8_wgmma import wgmma_gemm  # Gluon: imported on first use (Hopper only)
-        return wgmma_gemm(a, tok_scale, qweight=qweight, w_scale=w_scale, r_out=r_out, bias=bias, out=out,
-                          cfg=dict(cfg, BK=bk))
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bmt)
     ws = torch.empty((split, m, n), device=a.device, dtype=torch.float32) if split > 1 else w_scale
     cnt = _counters(a.device, tiles) if split > 1 else w_scale
