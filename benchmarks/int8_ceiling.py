@@ -172,20 +172,14 @@ def main(argv=None) -> int:
                                                            out_dtype=torch.bfloat16, cfg=cfg) for w in wp], a,
                                     args.repeats)
         ref = torch._int_mm(a, w8[0].t())
-        for tile in TILES:
-            try:
-                assert torch.equal(int8_mm(a, w8[0], tile), ref)
-                t[f"triton_int8_{'x'.join(map(str, tile))}"] = graph_time(
-                    [lambda x, w=w, tile=tile: int8_mm(x, w, tile) for w in w8], a, args.repeats)
-            except Exception as err:  # a tile that does not fit is skipped
-                print(f"  {tile}: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}")
-        for tile in GLUON_TILES:
-            try:
-                assert torch.equal(gluon_int8_mm(a, w8[0], tile), ref)
-                t[f"gluon_int8_{'x'.join(map(str, tile))}"] = graph_time(
-                    [lambda x, w=w, tile=tile: gluon_int8_mm(x, w, tile) for w in w8], a, args.repeats)
-            except Exception as err:  # a tile that does not fit is skipped
-                print(f"  gluon {tile}: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}")
+        for kind, mm, tiles in (("triton_int8", int8_mm, TILES), ("gluon_int8", gluon_int8_mm, GLUON_TILES)):
+            for tile in tiles:
+                try:
+                    assert torch.equal(mm(a, w8[0], tile), ref)
+                    t[f"{kind}_{'x'.join(map(str, tile))}"] = graph_time(
+                        [lambda x, w=w, tile=tile, mm=mm: mm(x, w, tile) for w in w8], a, args.repeats)
+                except Exception as err:  # a tile that does not fit is skipped
+                    print(f"  {kind} {tile}: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}")
         row["times_s"] = t
         row["tops"] = {key: ops / v / 1e12 for key, v in t.items()}
         res["shapes"].append(row)
