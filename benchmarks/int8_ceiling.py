@@ -61,21 +61,24 @@ def _int8_mm(a_ptr, w_ptr, c_ptr, M, N, K: tl.constexpr, BM: tl.constexpr, BN: t
 
 
 @gluon.jit
+def grouped_tile(pid, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP: gl.constexpr):
+    """(first row, first column) of program pid's (BM, BN) output tile: GROUP column tiles x all
+    row tiles per group, so a weight tile stays in L2 while every token tile reads it."""
+    num_m = gl.cdiv(M, BM)
+    per_group = GROUP * num_m
+    first_n = (pid // per_group) * GROUP
+    group_n = gl.minimum(gl.cdiv(N, BN) - first_n, GROUP)
+    return ((pid % per_group) // group_n) * BM, (first_n + (pid % per_group) % group_n) * BN
+
+
+@gluon.jit
 def _gl_int8_mm(a_desc, w_desc, c_ptr, M, N, K, STAGES: gl.constexpr, INSTR_N: gl.constexpr,
                 WARPS_M: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]
     pid = gl.program_id(0)
-    num_m = gl.cdiv(M, BM)
-    num_n = gl.cdiv(N, BN)
-    per_group = 8 * num_m
-    first_n = (pid // per_group) * 8
-    group_n = gl.minimum(num_n - first_n, 8)
-    pid_n = first_n + (pid % per_group) % group_n
-    pid_m = (pid % per_group) // group_n
-    off_m = pid_m * BM
-    off_n = pid_n * BN
+    off_m, off_n = grouped_tile(pid, M, N, BM, BN, 8)
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
     w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], w_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

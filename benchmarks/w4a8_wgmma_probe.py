@@ -17,6 +17,9 @@ Findings: right and bit-identical to the Triton GEMM at BK 256, where ptxas seri
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -24,6 +27,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from int8_ceiling import grouped_tile  # noqa: E402
 
 
 @gluon.jit
@@ -43,15 +51,7 @@ def _w4a8_wgmma_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, r
     BKH: gl.constexpr = w_desc.block_type.shape[1]  # BK / 2: packed bytes per row and K step
     BMT: gl.constexpr = alo_desc.block_type.shape[0]
     pid = gl.program_id(0)
-    num_m = gl.cdiv(M, BMT)
-    num_n = gl.cdiv(N, BN)
-    per_group = GROUP * num_m  # GROUP weight tiles x all token tiles: a weight tile stays in L2
-    first_n = (pid // per_group) * GROUP
-    group_n = gl.minimum(num_n - first_n, GROUP)
-    pid_n = first_n + (pid % per_group) % group_n
-    pid_m = (pid % per_group) // group_n
-    off_n = pid_n * BN
-    off_m = pid_m * BMT
+    off_m, off_n = grouped_tile(pid, M, N, BMT, BN, GROUP)
 
     w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BKH], w_desc.layout)
     lo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BMT, BKH], alo_desc.layout)
@@ -145,8 +145,6 @@ def wgmma_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, *, qweight: torch.T
 
 
 if __name__ == "__main__":  # probe: is the BK 128 error the refill race? (run from the repo root)
-    import sys
-    sys.path.insert(0, "benchmarks")
     from runtime_gpu import graph_time
     from duquant_runtime.kernels import w4a8 as K
     g = torch.Generator().manual_seed(0)
