@@ -215,7 +215,7 @@ def bench_shape(tower: str, name: str, out_f: int, in_f: int, m: int, args, dev)
 
 # input groups of a --share-inputs pack: (group label, member names); o_proj and down_proj stay alone
 GROUPS = [("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj"))]
-MLP_PRODUCER_GROUPS = ("gate_up",)  # write down_proj's input (mlp_layout.py)
+MLP_PRODUCERS = {p for producers in MLP_CONSUMERS.values() for p in producers}  # gate_proj, up_proj, ...
 
 
 def token_minor_pays(m: int) -> bool:
@@ -284,7 +284,7 @@ def bench_group(tower: str, label: str, names: tuple, m: int, args, dev) -> dict
     t = {"bf16_members_s": graph_time(bf16, x, args.repeats), "bf16_concatenated_s": graph_time(bf16_cat, x, args.repeats),
          "ours_dynamic_s": graph_time(groups["dynamic"], x, args.repeats),
          "ours_static_s": graph_time(groups["static"], x, args.repeats)}
-    if label in MLP_PRODUCER_GROUPS and token_minor_pays(m):  # gate/up writing a token-minor hidden
+    if set(names) <= MLP_PRODUCERS and token_minor_pays(m):  # gate/up writing a token-minor hidden
         for mode, fns in groups.items():
             for f in fns:
                 for q in f.__defaults__[0]:

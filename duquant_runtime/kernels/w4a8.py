@@ -465,7 +465,6 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     a (K, s) tensor, e.g. `w4_gemm(token_minor=True)`'s output), which the prep reads as x^T
     directly (no transpose launch)."""
     m, k = x.shape
-    token_minor = is_token_minor(x)
     b = r_in.shape[-1]
     nb = k // b
     dummy = r_in  # placeholder pointer for absent optional tensors (never read)
@@ -478,12 +477,12 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
-    if token_minor:  # x^T is there already: the prep reads its rows (whole runs of tokens)
-        x, xload = x.t(), 3
     pdl = _use_pdl(cfg, x.device)
     bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
     early = pdl and cfg.get("PREP_PDL", False)  # the first launch starts early, waits for x's producer
-    if xload == 1:
+    if is_token_minor(x):  # x^T is there already: the prep reads its rows (whole runs of tokens)
+        x, xload = x.t(), 2
+    elif xload == 1:
         x = x.index_select(1, perm)
         early = False
     elif xload == 2:
@@ -497,7 +496,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
         NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-        XLOAD=min(xload, 2), PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"], **_pdl(early))
+        XLOAD=xload, PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"], **_pdl(early))
     if not dynamic:
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
