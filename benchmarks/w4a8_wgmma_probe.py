@@ -26,6 +26,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,32 +46,43 @@ def _unpack_int8x16(wb):
 @gluon.jit
 def _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
               BN: gl.constexpr, BMT: gl.constexpr, BO: gl.constexpr, HAS_ROUT: gl.constexpr, HAS_BIAS: gl.constexpr,
-              mma: gl.constexpr, num_warps: gl.constexpr):
+              mma: gl.constexpr, num_warps: gl.constexpr, scratch_ptr=None, SCRATCH: gl.constexpr = False):
     """out^T tile (BN, BMT) from the int32 sums: scales, R_out restore (tf32 wgmma), bias, strided store."""
     rows = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
     toks = off_m + gl.arange(0, BMT, layout=gl.SliceLayout(0, mma))
     ts = gl.load(tok_scale_ptr + toks, mask=toks < M, other=0.0)
     y = (acc.to(gl.float32) * 0.0625) * ts[None, :]  # exact: the codes were 16 * q
     y = y * gl.load(w_scale_ptr + rows)[:, None]
-    if HAS_ROUT:  # out^T = BD(R_out) @ y: a tf32 wgmma, both operands in shared memory (K-major)
-        tl_: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
-        i = gl.arange(0, BN, layout=gl.SliceLayout(1, tl_))
-        i2 = gl.arange(0, BN, layout=gl.SliceLayout(0, tl_))
+    if HAS_ROUT:  # out^T = BD(R_out) @ y: tf32 mma.sync (a wgmma here made ptxas serialize every wgmma
+        # of the kernel, main loop included: C7515)
+        mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+        ta: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma2, k_width=1)
+        i = gl.arange(0, BN, layout=gl.SliceLayout(1, ta))
+        i2 = gl.arange(0, BN, layout=gl.SliceLayout(0, ta))
         same = (i[:, None] // BO) == (i2[None, :] // BO)
         t = gl.load(rout_ptr + ((off_n + i[:, None]) // BO) * (BO * BO) + (i[:, None] % BO) * BO + (i2[None, :] % BO),
                     mask=same, other=0.0).to(gl.float32)
-        t_smem = gl.allocate_shared_memory(gl.float32, [BN, BN],
-                                           gl.NVMMASharedLayout.get_default_for([BN, BN], gl.float32))
-        t_smem.store(t)
-        yt_smem = gl.allocate_shared_memory(gl.float32, [BMT, BN],
-                                            gl.NVMMASharedLayout.get_default_for([BMT, BN], gl.float32))
-        yt_smem.store(gl.permute(y, (1, 0)))
-        fence_async_shared()
-        mma_f: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, 128 if BMT % 128 == 0 else 64, 8])
-        r = warpgroup_mma(t_smem, yt_smem.permute((1, 0)), gl.zeros((BN, BMT), dtype=gl.float32, layout=mma_f),
-                          is_async=True)
-        y = gl.convert_layout(warpgroup_mma_wait(num_outstanding=0, deps=(r, )), mma)
+        yl: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma2, k_width=1)
+        if SCRATCH:  # through this program's global scratch tile (L2), not shared memory: a shared-memory
+            # round trip of the sums makes ptxas serialize the register-operand wgmma (C7515)
+            base = scratch_ptr + gl.program_id(0) * (BN * BMT)
+            ri = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+            ci = gl.arange(0, BMT, layout=gl.SliceLayout(0, mma))
+            gl.store(base + ri[:, None] * BMT + ci[None, :], y)
+            gl.thread_barrier()
+            rj = gl.arange(0, BN, layout=gl.SliceLayout(1, yl))
+            cj = gl.arange(0, BMT, layout=gl.SliceLayout(0, yl))
+            yb = gl.load(base + rj[:, None] * BMT + cj[None, :])
+        else:
+            yb = gl.convert_layout(y, yl)
+        r = mma_v2(t, yb, gl.zeros((BN, BMT), dtype=gl.float32, layout=mma2), input_precision="tf32")
+        if SCRATCH:
+            y = r
+        else:
+            y = gl.convert_layout(r, mma)
+    if SCRATCH and HAS_ROUT:
+        rows = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, y.type.layout))
+        toks = off_m + gl.arange(0, BMT, layout=gl.SliceLayout(0, y.type.layout))
     if HAS_BIAS:
         y = y + gl.load(bias_ptr + rows).to(gl.float32)[:, None]
     mask = (rows[:, None] < N) & (toks[None, :] < M)
@@ -81,7 +93,7 @@ def _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr,
 def _w4a8_wgmma_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
                        M, N, K, stride_om, stride_on, BO: gl.constexpr, HAS_ROUT: gl.constexpr,
                        HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, BARRIER: gl.constexpr,
-                       num_warps: gl.constexpr):
+                       scratch_ptr, WAIT: gl.constexpr, SCRATCH: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKH: gl.constexpr = w_desc.block_type.shape[1]  # BK / 2: packed bytes per row and K step
     BMT: gl.constexpr = alo_desc.block_type.shape[0]
@@ -106,29 +118,33 @@ def _w4a8_wgmma_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, r
         tma.async_copy_global_to_shared(w_desc, [off_n, p * BKH], bars.index(p), w_bufs.index(p))
         tma.async_copy_global_to_shared(alo_desc, [off_m, 2 * p * BKH], bars.index(p), lo_bufs.index(p))
         tma.async_copy_global_to_shared(ahi_desc, [off_m, 2 * p * BKH + BKH], bars.index(p), hi_bufs.index(p))
-    for i in range(nk):
-        st = i % STAGES
-        mbarrier.wait(bars.index(st), (i // STAGES) & 1)
-        lo, hi = _unpack_int8x16(w_bufs.index(st).load(w_reg))
-        acc = warpgroup_mma(lo, lo_bufs.index(st).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma(hi, hi_bufs.index(st).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc, ))  # step i - 1 is done: its stage is free
-        j = i + STAGES - 1
-        if BARRIER:  # every warpgroup is past step i - 1 before its stage is refilled
-            gl.thread_barrier()
-        if j < nk:
-            sj = j % STAGES
-            mbarrier.expect(bars.index(sj), nbytes)
-            tma.async_copy_global_to_shared(w_desc, [off_n, j * BKH], bars.index(sj), w_bufs.index(sj))
-            tma.async_copy_global_to_shared(alo_desc, [off_m, 2 * j * BKH], bars.index(sj), lo_bufs.index(sj))
-            tma.async_copy_global_to_shared(ahi_desc, [off_m, 2 * j * BKH + BKH], bars.index(sj),
-                                            hi_bufs.index(sj))
+    for i0 in range(0, nk, 2):  # two K steps per iteration: their unpacked registers are distinct, so the
+        # wgmma still reading one pair (in flight) is not overwritten by the next unpack (PTX reuses a loop
+        # body's registers every iteration; wgmma reads its register operand asynchronously)
+        for u in gl.static_range(2):
+            i = i0 + u
+            st = i % STAGES
+            mbarrier.wait(bars.index(st), (i // STAGES) & 1)
+            lo, hi = _unpack_int8x16(w_bufs.index(st).load(w_reg))
+            acc = warpgroup_mma(lo, lo_bufs.index(st).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(hi, hi_bufs.index(st).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=WAIT, deps=(acc, ))  # step i - 1 is done: its stage is free
+            j = i + STAGES - 1
+            if BARRIER:  # every warpgroup is past step i - 1 before its stage is refilled
+                gl.thread_barrier()
+            if j < nk:
+                sj = j % STAGES
+                mbarrier.expect(bars.index(sj), nbytes)
+                tma.async_copy_global_to_shared(w_desc, [off_n, j * BKH], bars.index(sj), w_bufs.index(sj))
+                tma.async_copy_global_to_shared(alo_desc, [off_m, 2 * j * BKH], bars.index(sj), lo_bufs.index(sj))
+                tma.async_copy_global_to_shared(ahi_desc, [off_m, 2 * j * BKH + BKH], bars.index(sj),
+                                                hi_bufs.index(sj))
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     for q in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(q))
 
     _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
-              BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps)
+              BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps, scratch_ptr, SCRATCH)
 
 
 @gluon.jit
@@ -187,6 +203,167 @@ def _w4a8_ss_kernel(w_desc, a_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_p
               BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps)
 
 
+@gluon.jit
+def _ws_load(w_desc, a_desc, w_bufs, a_bufs, ubuf, loaded, ready, empty, off_n, off_m, nk, SKIP: gl.constexpr,
+             PART: gl.constexpr, NPART: gl.constexpr):
+    """Worker (1 warp): TMA of the packed weight tile and the codes' tile into ring stage i % S,
+    once the consumer has freed it."""
+    S: gl.constexpr = w_bufs.type.shape[0]
+    BKH: gl.constexpr = w_desc.block_type.shape[1]
+    for i in range(nk):
+        st = i % S
+        mbarrier.wait(empty.index(st), ((i // S) & 1) ^ 1)
+        mbarrier.expect(loaded.index(st), w_desc.block_type.nbytes + a_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [off_n, i * BKH], loaded.index(st), w_bufs.index(st))
+        tma.async_copy_global_to_shared(a_desc, [off_m, 2 * i * BKH], loaded.index(st), a_bufs.index(st))
+
+
+@gluon.jit
+def _ws_unpack(w_desc, a_desc, w_bufs, a_bufs, ubuf, loaded, ready, empty, off_n, off_m, nk, SKIP: gl.constexpr,
+               PART: gl.constexpr, NPART: gl.constexpr):
+    """Worker: packed int4 tile of stage i % S -> int8 16 * q, [low nibbles | high nibbles] along
+    K (the codes' `_deint` order), into the stage's unpacked buffer, for the steps i = PART mod
+    NPART (NPART such partitions unpack NPART steps at once). SKIP: no unpack (wrong results;
+    times the pipeline without it)."""
+    S: gl.constexpr = w_bufs.type.shape[0]
+    BKH: gl.constexpr = w_desc.block_type.shape[1]
+    blk: gl.constexpr = gl.BlockedLayout([1, 16], [32 // (BKH // 16), BKH // 16], [gl.num_warps(), 1], [1, 0])
+    for i in range(PART, nk, NPART):
+        st = i % S
+        mbarrier.wait(loaded.index(st), (i // S) & 1)
+        if not SKIP:
+            lo, hi = _unpack_int8x16(w_bufs.index(st).load(blk))
+            ubuf.index(st).slice(0, BKH, dim=1).store(lo)
+            ubuf.index(st).slice(BKH, BKH, dim=1).store(hi)
+            fence_async_shared()
+        mbarrier.arrive(ready.index(st), count=1)
+
+
+@gluon.jit
+def _ws_mma(a_bufs, ubuf, ready, empty, nk, acc):
+    """Default partition: one async wgmma per K step on the unpacked weight and the codes, one in
+    flight; frees the previous step's stage."""
+    S: gl.constexpr = a_bufs.type.shape[0]
+    for i in range(nk):
+        st = i % S
+        mbarrier.wait(ready.index(st), (i // S) & 1)
+        acc = warpgroup_mma(ubuf.index(st), a_bufs.index(st).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        mbarrier.arrive(empty.index((i + S - 1) % S), count=1, pred=i > 0)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    return (acc, )
+
+
+@gluon.jit
+def _w4a8_ws_kernel(w_desc, a_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
+                    M, N, K, stride_om, stride_on, BO: gl.constexpr, HAS_ROUT: gl.constexpr, HAS_BIAS: gl.constexpr,
+                    STAGES: gl.constexpr, GROUP: gl.constexpr, UW: gl.constexpr, SKIP: gl.constexpr,
+                    NPART: gl.constexpr, num_warps: gl.constexpr):
+    """Warp-specialized: a TMA warp, four unpack warps and the default partition's wgmma
+    warpgroup(s) pass ring stages through three mbarriers each (loaded, ready, empty)."""
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    BKH: gl.constexpr = w_desc.block_type.shape[1]
+    BMT: gl.constexpr = a_desc.block_type.shape[0]
+    pid = gl.program_id(0)
+    off_m, off_n = grouped_tile(pid, M, N, BMT, BN, GROUP)
+    w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BKH], w_desc.layout)
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BMT, 2 * BKH], a_desc.layout)
+    ubuf = gl.allocate_shared_memory(gl.int8, [STAGES, BN, 2 * BKH],
+                                     gl.NVMMASharedLayout.get_default_for([BN, 2 * BKH], gl.int8))
+    loaded = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for q in gl.static_range(STAGES):
+        mbarrier.init(loaded.index(q), count=1)
+        mbarrier.init(ready.index(q), count=1)
+        mbarrier.init(empty.index(q), count=1)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, 128 if BMT % 128 == 0 else 64, 32])
+    acc = gl.zeros((BN, BMT), dtype=gl.int32, layout=mma)
+    nk = K // (2 * BKH)
+    if NPART == 1:
+        a0 = (w_desc, a_desc, w_bufs, a_bufs, ubuf, loaded, ready, empty, off_n, off_m, nk, SKIP, 0, 1)
+        acc = gl.warp_specialize([(_ws_mma, (a_bufs, ubuf, ready, empty, nk, acc)), (_ws_load, a0), (_ws_unpack, a0)],
+                                 [1, UW], [40, 96 if UW == 4 else 64])[0]
+    else:
+        a0 = (w_desc, a_desc, w_bufs, a_bufs, ubuf, loaded, ready, empty, off_n, off_m, nk, SKIP, 0, 2)
+        a1 = (w_desc, a_desc, w_bufs, a_bufs, ubuf, loaded, ready, empty, off_n, off_m, nk, SKIP, 1, 2)
+        acc = gl.warp_specialize([(_ws_mma, (a_bufs, ubuf, ready, empty, nk, acc)), (_ws_load, a0), (_ws_unpack, a0),
+                                  (_ws_unpack, a1)], [1, UW, UW], [40, 64, 64])[0]
+    for q in gl.static_range(STAGES):
+        mbarrier.invalidate(loaded.index(q))
+        mbarrier.invalidate(ready.index(q))
+        mbarrier.invalidate(empty.index(q))
+    _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
+              BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps)
+
+
+@gluon.jit
+def _wsrs_load(w_desc, alo_desc, ahi_desc, w_bufs, lo_bufs, hi_bufs, loaded, empty, off_n, off_m, nk):
+    """Worker (1 warp): TMA of the packed weight tile and both halves of the codes' tile."""
+    S: gl.constexpr = w_bufs.type.shape[0]
+    BKH: gl.constexpr = w_desc.block_type.shape[1]
+    nbytes: gl.constexpr = w_desc.block_type.nbytes + alo_desc.block_type.nbytes + ahi_desc.block_type.nbytes
+    for i in range(nk):
+        st = i % S
+        mbarrier.wait(empty.index(st), ((i // S) & 1) ^ 1)
+        mbarrier.expect(loaded.index(st), nbytes)
+        tma.async_copy_global_to_shared(w_desc, [off_n, i * BKH], loaded.index(st), w_bufs.index(st))
+        tma.async_copy_global_to_shared(alo_desc, [off_m, 2 * i * BKH], loaded.index(st), lo_bufs.index(st))
+        tma.async_copy_global_to_shared(ahi_desc, [off_m, 2 * i * BKH + BKH], loaded.index(st), hi_bufs.index(st))
+
+
+@gluon.jit
+def _wsrs_mma(w_bufs, lo_bufs, hi_bufs, loaded, empty, nk, acc, WAIT: gl.constexpr):
+    """Default partition: the packed tile unpacked in registers as the wgmma A operand (two async
+    wgmma per K step), WAIT groups left in flight; frees the stage of the step that finished."""
+    S: gl.constexpr = w_bufs.type.shape[0]
+    w_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=4)
+    for i in range(nk):
+        st = i % S
+        mbarrier.wait(loaded.index(st), (i // S) & 1)
+        lo, hi = _unpack_int8x16(w_bufs.index(st).load(w_reg))
+        acc = warpgroup_mma(lo, lo_bufs.index(st).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(hi, hi_bufs.index(st).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=WAIT, deps=(acc, ))
+        mbarrier.arrive(empty.index((i + S - 1) % S), count=1, pred=i > 0)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    return (acc, )
+
+
+@gluon.jit
+def _w4a8_wsrs_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
+                      M, N, K, stride_om, stride_on, BO: gl.constexpr, HAS_ROUT: gl.constexpr, HAS_BIAS: gl.constexpr,
+                      STAGES: gl.constexpr, GROUP: gl.constexpr, WAIT: gl.constexpr, num_warps: gl.constexpr):
+    """Register-operand W4A8 GEMM with a TMA warp: the default partition unpacks and issues wgmma,
+    the epilogue (restore) runs after the warp-specialized region."""
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    BKH: gl.constexpr = w_desc.block_type.shape[1]
+    BMT: gl.constexpr = alo_desc.block_type.shape[0]
+    pid = gl.program_id(0)
+    off_m, off_n = grouped_tile(pid, M, N, BMT, BN, GROUP)
+    w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BKH], w_desc.layout)
+    lo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BMT, BKH], alo_desc.layout)
+    hi_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BMT, BKH], ahi_desc.layout)
+    loaded = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for q in gl.static_range(STAGES):
+        mbarrier.init(loaded.index(q), count=1)
+        mbarrier.init(empty.index(q), count=1)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, 128 if BMT % 128 == 0 else 64, 32])
+    acc = gl.zeros((BN, BMT), dtype=gl.int32, layout=mma)
+    nk = K // (2 * BKH)
+    acc = gl.warp_specialize([(_wsrs_mma, (w_bufs, lo_bufs, hi_bufs, loaded, empty, nk, acc, WAIT)),
+                              (_wsrs_load, (w_desc, alo_desc, ahi_desc, w_bufs, lo_bufs, hi_bufs, loaded, empty,
+                                            off_n, off_m, nk))], [1], [40])[0]
+    for q in gl.static_range(STAGES):
+        mbarrier.invalidate(loaded.index(q))
+        mbarrier.invalidate(empty.index(q))
+    _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
+              BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps)
+
+
 def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.int8)
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
@@ -201,10 +378,19 @@ def wgmma_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, *, qweight: torch.T
     bn, bmt, bk = cfg["BN"], cfg["BMT"], cfg["BK"]
     w8 = qweight.view(torch.int8)
     bo = r_out.shape[-1] if r_out is not None else 16
-    if cfg.get("SS"):
-        kern, descs, extra = _w4a8_ss_kernel, (_desc(w8, [bn, bk // 2]), _desc(codes, [bmt, bk])), {}
+    if cfg.get("SS") or cfg.get("WS"):
+        kern = _w4a8_ws_kernel if cfg.get("WS") else _w4a8_ss_kernel
+        descs = (_desc(w8, [bn, bk // 2]), _desc(codes, [bmt, bk]))
+        extra = ({"UW": cfg.get("UW", 4), "SKIP": cfg.get("SKIP", False), "NPART": cfg.get("NPART", 1)}
+                 if cfg.get("WS") else {})
+    elif cfg.get("WSRS"):
+        kern, extra = _w4a8_wsrs_kernel, {"WAIT": cfg.get("WAIT", 1)}
+        descs = (_desc(w8, [bn, bk // 2]), _desc(codes, [bmt, bk // 2]), _desc(codes, [bmt, bk // 2]))
     else:
-        kern, extra = _w4a8_wgmma_kernel, {"BARRIER": cfg.get("BARRIER", True)}
+        scratch = torch.empty(triton.cdiv(n, bn) * triton.cdiv(m, bmt) * bn * bmt, device=codes.device,
+                              dtype=torch.float32) if cfg.get("SCRATCH") else w_scale
+        kern, extra = _w4a8_wgmma_kernel, {"BARRIER": cfg.get("BARRIER", True), "scratch_ptr": scratch,
+                                           "WAIT": cfg.get("WAIT", 2), "SCRATCH": cfg.get("SCRATCH", False)}
         descs = (_desc(w8, [bn, bk // 2]), _desc(codes, [bmt, bk // 2]), _desc(codes, [bmt, bk // 2]))
     kern[(triton.cdiv(n, bn) * triton.cdiv(m, bmt),)](
         *descs, tok_scale, w_scale,
@@ -216,10 +402,22 @@ def wgmma_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, *, qweight: torch.T
 
 SS_TILES = [(64, 128, 256, 4, 3), (64, 128, 256, 4, 4), (64, 128, 128, 4, 4), (64, 128, 128, 4, 6),
             (128, 128, 256, 8, 3), (128, 128, 128, 8, 4), (64, 256, 128, 8, 3)]
+WS_TILES = [(128, 128, 128, 4, 4, 4, False, 1), (128, 128, 128, 4, 4, 4, True, 1), (128, 128, 128, 4, 4, 4, False, 2),
+            (128, 128, 64, 4, 6, 4, False, 2), (128, 256, 128, 8, 3, 4, False, 2), (128, 256, 128, 8, 3, 4, False, 1),
+            (64, 128, 256, 4, 3, 4, False, 2), (128, 128, 128, 4, 4, 2, False, 2)]
 
 
-def probe_ss() -> None:
-    """The shared-memory-unpack kernel (SS) against the Triton GEMM on the same codes: error, time."""
+WSRS_TILES = [(64, 128, 256, 4, 3, 1), (64, 128, 256, 4, 4, 1), (128, 128, 256, 8, 3, 1), (128, 128, 256, 8, 4, 1),
+              (64, 128, 256, 4, 4, 2), (128, 128, 256, 8, 4, 2), (128, 256, 256, 8, 2, 1)]
+RS_TILES = [(64, 128, 256, 4, 3, 2, False, True, True), (64, 128, 256, 4, 3, 2, False, True, False),
+            (64, 128, 128, 4, 4, 2, False, True, False), (128, 128, 256, 8, 3, 2, True, True, False),
+            (128, 128, 256, 8, 4, 2, True, True, False), (64, 128, 256, 4, 4, 2, False, True, False),
+            (128, 128, 256, 8, 4, 1, True, True, True)]  # ..., WAIT, BARRIER, SCRATCH, R_out
+
+
+def probe_ss(kind: str = "SS") -> None:
+    """The shared-memory-unpack kernels (SS: all warps unpack; WS: warp-specialized) against the
+    Triton GEMM on the same codes: error, time."""
     from runtime_gpu import graph_time
     from duquant_runtime.kernels import w4a8 as K
     g = torch.Generator().manual_seed(0)
@@ -235,27 +433,42 @@ def probe_ss() -> None:
                                                 out_dtype=torch.bfloat16, cfg=base)], codes0, 7)
         print(f"N={n} K={k} M={m}: triton GEMM (picked {base['BN']}/{base['BMT']}/{base['BK']}) {t_tri * 1e6:.1f} us",
               flush=True)
-        for bn, bmt, bk, warps, st in SS_TILES:
-            cfg = dict(base, BN=bn, BMT=bmt, BK=bk, num_warps=warps, STAGES=st, SPLIT=1, SS=True)
+        tiles = {"WS": WS_TILES, "SS": SS_TILES, "RS": RS_TILES,
+                 "WSRS": WSRS_TILES}[kind]
+        for tile in tiles:
+            bn, bmt, bk, warps, st = tile[:5]
+            cfg = dict(base, BN=bn, BMT=bmt, BK=bk, num_warps=warps, STAGES=st, SPLIT=1, BARRIER=False, **{kind: True})
+            rout = r_out
+            if kind == "WSRS":
+                cfg.update(WAIT=tile[5])
+                st = f"{st} wait {tile[5]}"
+            if kind == "RS":
+                cfg.update(WAIT=tile[5], BARRIER=tile[6], SCRATCH=tile[7])
+                rout = r_out if tile[8] else None
+                st = f"{st} wait {tile[5]} barrier {tile[6]} scratch {tile[7]} {'with' if tile[8] else 'WITHOUT'} R_out"
+            if kind == "WS":
+                cfg.update(UW=tile[5], SKIP=tile[6], NPART=tile[7])
+                st = f"{st} unpack {tile[7]} x {tile[5]} warps{' SKIP-UNPACK' if tile[6] else ''}"
             try:
                 codes, ts = K.prepare_activation(x, r_in=r_in, perm=None, smooth=None, mode=K.MODE_DYNAMIC, cfg=cfg)
-                ref = K.w4_gemm(codes, ts, qweight=qw, w_scale=ws, r_out=r_out, bias=None, out_dtype=torch.bfloat16,
+                ref = K.w4_gemm(codes, ts, qweight=qw, w_scale=ws, r_out=rout, bias=None, out_dtype=torch.bfloat16,
                                 cfg=cfg).float()
                 out = torch.empty((m, n), device="cuda", dtype=torch.bfloat16)
-                f = lambda a, c=cfg, o=out, ts=ts: wgmma_gemm(a, ts, qweight=qw, w_scale=ws, r_out=r_out, bias=None,
-                                                             out=o, cfg=c)
+                f = lambda a, c=cfg, o=out, ts=ts, ro=rout: wgmma_gemm(a, ts, qweight=qw, w_scale=ws, r_out=ro,
+                                                                      bias=None, out=o, cfg=c)
                 got = f(codes).float()
                 err = float((got - ref).norm() / ref.norm())
                 same = bool(torch.equal(got, ref))
                 t = graph_time([f], codes, 7)
             except Exception as e:  # noqa: BLE001  (a tile that does not compile is reported)
-                print(f"  SS {bn}/{bmt}/{bk} w{warps} s{st}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                print(f"  {kind} {bn}/{bmt}/{bk} w{warps} s{st}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                 continue
-            print(f"  SS {bn}/{bmt}/{bk} w{warps} s{st}: err {err:.1e} identical={same} {t * 1e6:.1f} us", flush=True)
+            print(f"  {kind} {bn}/{bmt}/{bk} w{warps} s{st}: err {err:.1e} identical={same} {t * 1e6:.1f} us", flush=True)
 
 
-if __name__ == "__main__" and "--ss" in sys.argv:
-    probe_ss()
+KINDS = {"--ss": "SS", "--ws": "WS", "--rs": "RS", "--wsrs": "WSRS"}
+if __name__ == "__main__" and any(a in KINDS for a in sys.argv):
+    probe_ss(next(KINDS[a] for a in sys.argv if a in KINDS))
 elif __name__ == "__main__":  # probe: is the BK 128 error the refill race? (run from the repo root)
     from runtime_gpu import graph_time
     from duquant_runtime.kernels import w4a8 as K

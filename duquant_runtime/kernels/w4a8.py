@@ -45,7 +45,6 @@ The CPU interpreter (tests) runs the same kernels with plain-arithmetic rounding
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -227,83 +226,6 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
             tl.store(rows + (run + BKD // 2)[None, :], odd, mask=row_ok[:, None])
         else:
             tl.store(out_ptr + offs_m[:, None] * K + _deint(offs_k, BKD)[None, :], q, mask=row_ok[:, None])
-
-
-@triton.jit
-def _fence_gpu(v):
-    """fence.acq_rel.gpu in every thread (returns v, so that the fence is not dropped)."""
-    return tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [v], dtype=tl.int32,
-                                     is_pure=False, pack=1)
-
-
-@triton.jit
-def _prepq_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, codes_ptr, tok_scale_ptr, tmax_ptr, sync_ptr,
-                  err_ptr, NB: tl.constexpr, NGROUPS, C: tl.constexpr, BMP: tl.constexpr, B: tl.constexpr,
-                  BKD: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, HAS_PERM: tl.constexpr,
-                  HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, XLOAD: tl.constexpr, PDL: tl.constexpr,
-                  PDL_WAIT: tl.constexpr, SPIN_LIMIT: tl.constexpr):
-    """Dynamic activations in one launch, without the float32 intermediate: program p rotates
-    block p % NB of token groups p // NB, p // NB + C, ... (BMP tokens each) and keeps the rotated
-    tile in registers; the group's token maxima meet in tmax (atomic max of non-negative floats),
-    a per-group arrival counter (sync[2g]) tells every program of the group when all NB blocks
-    are in, then each quantizes its own tile (int8 codes in `_deint` order, scales (M,)).
-    The grid (NB * C programs) must be resident at once (`fused_programs`); the last program of a
-    group to finish (sync[2g + 1]) zeroes the group's maxima and counters for the next call. A wait
-    longer than SPIN_LIMIT polls sets err[0] and goes on (`check_fused_errors`), never hangs."""
-    if PDL_WAIT:
-        gdc_wait()
-    if PDL:
-        gdc_launch_dependents()
-    pid = tl.program_id(0)
-    kb = pid % NB
-    cb = tl.arange(0, B)
-    offs_c = kb * B + cb
-    if HAS_PERM:
-        src = tl.load(perm_ptr + offs_c)
-    else:
-        src = offs_c
-    r = tl.load(r_ptr + kb * B * B + cb[:, None] * B + cb[None, :]).to(tl.float32)
-    if HAS_SMOOTH:
-        smooth = tl.load(smooth_ptr + src).to(tl.float32)
-    c0 = kb * B
-    run = c0 - c0 % BKD + (c0 % BKD) // 2 + tl.arange(0, B // 2)
-    for g in range(pid // NB, NGROUPS, C):
-        offs_m = g * BMP + tl.arange(0, BMP)
-        row_ok = offs_m < M
-        if XLOAD == 2:
-            x = tl.trans(tl.load(x_ptr + src[:, None] * stride_xm + offs_m[None, :], mask=row_ok[None, :],
-                                 other=0.0)).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            x = tl.math.div_rn(x, smooth[None, :])
-        xt = tl.dot(x, r, input_precision=PREC)
-        tl.atomic_max(tmax_ptr + offs_m, tl.max(tl.abs(xt), axis=1), mask=row_ok, sem="relaxed")
-        _fence_gpu(g)
-        tl.debug_barrier()
-        seen = tl.atomic_add(sync_ptr + 2 * g, 1, sem="acq_rel") + 1
-        polls = seen * 0
-        while (seen < NB) & (polls < SPIN_LIMIT):
-            seen = tl.load(sync_ptr + 2 * g, volatile=True)
-            polls += 1
-        if polls >= SPIN_LIMIT:
-            tl.store(err_ptr, 1)
-        _fence_gpu(g)
-        mx = tl.load(tmax_ptr + offs_m, mask=row_ok, other=0.0, volatile=True)
-        s = tl.math.div_rn(mx, tl.full((BMP,), QMAX, tl.float32))
-        s = tl.where(s > 0, s, 1.0)
-        tl.store(tok_scale_ptr + offs_m, s, mask=row_ok & (kb == 0))
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, s[:, None])), QMIN), QMAX).to(tl.int8)
-        even, odd = tl.split(tl.reshape(q, (BMP, B // 2, 2)))
-        rows = codes_ptr + offs_m[:, None] * K
-        tl.store(rows + run[None, :], even, mask=row_ok[:, None])
-        tl.store(rows + (run + BKD // 2)[None, :], odd, mask=row_ok[:, None])
-        tl.debug_barrier()  # every thread has read the maxima before this program counts itself out
-        done = tl.atomic_add(sync_ptr + 2 * g + 1, 1, sem="acq_rel")
-        if done == NB - 1:  # the group's last reader: zero its maxima and counters for the next call
-            tl.store(tmax_ptr + offs_m, tl.zeros((BMP,), tl.float32), mask=row_ok)
-            tl.atomic_xchg(sync_ptr + 2 * g, 0)
-            tl.atomic_xchg(sync_ptr + 2 * g + 1, 0)
 
 
 @triton.jit
@@ -552,6 +474,8 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     bmp = cfg["BMP"]
     tiles = max(1, min(cfg.get("TILES", 1), triton.cdiv(m, bmp)))
     dynamic = mode == MODE_DYNAMIC
+    a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
+    part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
     pdl = _use_pdl(cfg, x.device)
     bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
@@ -567,13 +491,6 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
                                                          num_warps=4, **_pdl(early))
         x = xt
         early = pdl
-    if dynamic and cfg.get("FUSED") and xload != 1 and not _INTERPRET:
-        fused = _prepq_launch(x, xload, early, pdl, r_in=r_in, perm=perm, smooth=smooth, qmin=qmin, qmax=qmax,
-                              cfg=cfg, bkd=bkd, rot_precision=rot_precision)
-        if fused is not None:
-            return fused
-    a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
-    part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     _prep_kernel[(nb // g, triton.cdiv(m, bmp * tiles))](
         x, x.stride(0), m, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
         r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
@@ -593,71 +510,6 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     _quant_kernel[(triton.cdiv(m, bmq), k // (bkq * qch))](
         a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
         BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, RUNS=cfg.get("QRUNS", True), num_warps=4, **_pdl(pdl))
-    return codes, tok_scale
-
-
-_FUSED: dict = {}
-SPIN_LIMIT = 1 << 22  # polls of a group counter before the fused launch gives up (err flag), ~seconds
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def fused_programs(nb: int, groups: int, sms: int) -> int | None:
-    """Token groups C in flight per round of the fused launch (NB * C programs), or None when the
-    NB programs of one group would not all be resident at once: at most two 4-warp programs per SM
-    are counted on (register and shared-memory use of `_prepq_kernel` allow more)."""
-    if nb > 2 * sms:
-        return None
-    return max(1, min(groups, (2 * sms) // nb))
-
-
-def _fused_workspace(device: torch.device, m: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zeroed (token maxima float32 (>= m,), group counters int32 (>= 2 * groups,), error flag int32
-    (1,)) for `device` and its current stream; each fused launch leaves them zeroed again."""
-    stream = torch.cuda.current_stream(device).cuda_stream
-    ws = _FUSED.get((device, stream))
-    if ws is None or ws[0].numel() < m or ws[1].numel() < 2 * groups:
-        ws = (torch.zeros(max(m, 4096), dtype=torch.float32, device=device),
-              torch.zeros(max(2 * groups, 1024), dtype=torch.int32, device=device),
-              torch.zeros(1, dtype=torch.int32, device=device))
-        _FUSED[(device, stream)] = ws
-    return ws
-
-
-def check_fused_errors(device) -> None:
-    """Raise when a fused activation launch on `device` waited past its limit (its grid was not
-    resident at once, e.g. on a GPU partition); synchronizes. Resets the flag."""
-    for (dev, _), (_, _, err) in list(_FUSED.items()):
-        if dev == torch.device(device) and int(err.item()):
-            err.zero_()
-            raise RuntimeError("fused activation launch timed out waiting for its programs; "
-                               "set config FUSED=False for this GPU")
-
-
-def _prepq_launch(x, xload, early, pdl, *, r_in, perm, smooth, qmin, qmax, cfg, bkd, rot_precision):
-    """`_prepq_kernel` for x (already in the layout `xload` says), or None when its grid cannot be
-    resident at once (then the two-launch path runs)."""
-    m = x.shape[1] if xload == 2 else x.shape[0]
-    k = x.shape[0] if xload == 2 else x.shape[1]
-    b = r_in.shape[-1]
-    nb = k // b
-    bmp = cfg.get("FBMP", 64 if m > 32 else (16 if m <= 16 else 32))
-    groups = triton.cdiv(m, bmp)
-    dev_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    c = fused_programs(nb, groups, _sm_count(dev_index))
-    if c is None:
-        return None
-    tmax, sync, err = _fused_workspace(x.device, groups * bmp, groups)
-    codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
-    tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
-    _prepq_kernel[(nb * c,)](
-        x, x.stride(0), m, k, perm if perm is not None else r_in, smooth if smooth is not None else r_in, r_in, codes,
-        tok_scale, tmax, sync, err, NB=nb, NGROUPS=groups, C=c, BMP=bmp, B=b, BKD=bkd, QMIN=qmin, QMAX=qmax,
-        HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision], XLOAD=xload, PDL=pdl,
-        PDL_WAIT=early, SPIN_LIMIT=SPIN_LIMIT, num_warps=4, **_pdl(early))
     return codes, tok_scale
 
 
