@@ -1,18 +1,22 @@
-"""Probe (not used by the runtime): the W4A8 GEMM in Gluon, kept in flight with wgmma (reverted 55d41cd).
+"""Probe (not used by the runtime): W4A8 GEMMs in Gluon that keep wgmma in flight, against the Triton GEMM.
 
-    PYTHONPATH=. python3 benchmarks/w4a8_wgmma_probe.py      # Hopper GPU
+    PYTHONPATH=. python3 benchmarks/w4a8_wgmma_probe.py {rs,ss,ws,restore-cost} [--out FILE]   # Hopper GPU
 
-Reproduces docs/benchmarks.md "kernels v7", dropped items: on the LLM down_proj and linked
-gate/up shapes at M = 800, the GEMM alone on the same int8 codes, against the Triton GEMM with
-the same tiles, at BK 128 and 256, with and without a CTA-wide barrier before each stage refill
-(BARRIER): relative error and CUDA-graph time. Design of the kernel:
-- a TMA ring of STAGES buffers for the packed int4 weight tile (BN, BK/2) and both halves of the
-  codes' tile (even k, odd k: the `_deint` order the quantize launch writes), one mbarrier each;
-- the weight bytes loaded to registers in the wgmma operand layout, unpacked (int8 16 * q) and fed
-  to two async wgmma per K step, `wgmma.wait_group 2` freeing the previous step's buffers;
-- epilogue: scales, the R_out restore as a tf32 wgmma from shared memory, bias, strided store.
-Findings: right and bit-identical to the Triton GEMM at BK 256, where ptxas serializes the wgmma
-(C7515) and it is slower; wrong at BK 128 with or without the barrier (cause not found).
+Each kernel multiplies the same int8 codes (dynamic activations, `_deint` K order) by the packed
+int4 weights of the pi0.5 LLM shapes at M = 800 (down_proj, linked gate/up, o, linked q/k/v) and
+is compared with the picked Triton GEMM (`w4_gemm`): relative error, bit identity, CUDA-graph time.
+- `rs`: the weight tile unpacked in registers as the wgmma A operand (TMA ring for the packed
+  weight and both halves of the codes' tile). Two K steps per loop iteration: PTX reuses a loop
+  body's registers every iteration and wgmma reads its register operand asynchronously, so with
+  one step per iteration and a wgmma in flight the next unpack overwrote it (the wrong results
+  of the v7 probe at BK 128). Restore: tf32 mma.sync, its operand via shared memory (RESTORE 1)
+  or via global scratch (2); ptxas serializes every wgmma of the kernel (C7515) as soon as the
+  sums make a shared-memory round trip in the epilogue. Tiles with and without R_out.
+- `ss`: both operands in shared memory, all warps unpack each step into a buffer.
+- `ws`: warp-specialized: a TMA warp, NPART unpack partitions, a wgmma warpgroup; SKIP-UNPACK
+  times the pipeline without the unpack (wrong results).
+- `restore-cost`: the Triton GEMM with and without the R_out restore, pi0.5 shapes at M = 800/50.
+Measured results: docs/benchmarks.md, "kernels v8 probes".
 """
 
 from __future__ import annotations
@@ -46,15 +50,37 @@ def _unpack_int8x16(wb):
 @gluon.jit
 def _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
               BN: gl.constexpr, BMT: gl.constexpr, BO: gl.constexpr, HAS_ROUT: gl.constexpr, HAS_BIAS: gl.constexpr,
-              mma: gl.constexpr, num_warps: gl.constexpr, scratch_ptr=None, SCRATCH: gl.constexpr = False):
-    """out^T tile (BN, BMT) from the int32 sums: scales, R_out restore (tf32 wgmma), bias, strided store."""
+              mma: gl.constexpr, num_warps: gl.constexpr, scratch_ptr, RESTORE: gl.constexpr):
+    """out^T tile (BN, BMT) from the int32 sums: scales, R_out restore, bias, strided store.
+    RESTORE 0: tf32 wgmma, both operands through shared memory; 1: tf32 mma.sync on the sums moved
+    into its operand layout (through shared memory); 2: the same through this program's tile of a
+    global scratch buffer (L2). Any shared-memory round trip of the sums here makes ptxas serialize
+    the register-operand wgmma of the main loop (C7515); 2 does not."""
     rows = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
     toks = off_m + gl.arange(0, BMT, layout=gl.SliceLayout(0, mma))
     ts = gl.load(tok_scale_ptr + toks, mask=toks < M, other=0.0)
     y = (acc.to(gl.float32) * 0.0625) * ts[None, :]  # exact: the codes were 16 * q
     y = y * gl.load(w_scale_ptr + rows)[:, None]
-    if HAS_ROUT:  # out^T = BD(R_out) @ y: tf32 mma.sync (a wgmma here made ptxas serialize every wgmma
-        # of the kernel, main loop included: C7515)
+    if HAS_ROUT and RESTORE == 0:  # out^T = BD(R_out) @ y: a tf32 wgmma, both operands in shared memory
+        tl_: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
+        i = gl.arange(0, BN, layout=gl.SliceLayout(1, tl_))
+        i2 = gl.arange(0, BN, layout=gl.SliceLayout(0, tl_))
+        same = (i[:, None] // BO) == (i2[None, :] // BO)
+        t = gl.load(rout_ptr + ((off_n + i[:, None]) // BO) * (BO * BO) + (i[:, None] % BO) * BO + (i2[None, :] % BO),
+                    mask=same, other=0.0).to(gl.float32)
+        t_smem = gl.allocate_shared_memory(gl.float32, [BN, BN],
+                                           gl.NVMMASharedLayout.get_default_for([BN, BN], gl.float32))
+        t_smem.store(t)
+        yt_smem = gl.allocate_shared_memory(gl.float32, [BMT, BN],
+                                            gl.NVMMASharedLayout.get_default_for([BMT, BN], gl.float32))
+        yt_smem.store(gl.permute(y, (1, 0)))
+        fence_async_shared()
+        mma_f: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, 128 if BMT % 128 == 0 else 64, 8])
+        r = warpgroup_mma(t_smem, yt_smem.permute((1, 0)), gl.zeros((BN, BMT), dtype=gl.float32, layout=mma_f),
+                          is_async=True)
+        y = gl.convert_layout(warpgroup_mma_wait(num_outstanding=0, deps=(r, )), mma)
+    if HAS_ROUT and RESTORE != 0:  # tf32 mma.sync
         mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
         ta: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma2, k_width=1)
         i = gl.arange(0, BN, layout=gl.SliceLayout(1, ta))
@@ -63,8 +89,7 @@ def _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr,
         t = gl.load(rout_ptr + ((off_n + i[:, None]) // BO) * (BO * BO) + (i[:, None] % BO) * BO + (i2[None, :] % BO),
                     mask=same, other=0.0).to(gl.float32)
         yl: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma2, k_width=1)
-        if SCRATCH:  # through this program's global scratch tile (L2), not shared memory: a shared-memory
-            # round trip of the sums makes ptxas serialize the register-operand wgmma (C7515)
+        if RESTORE == 2:
             base = scratch_ptr + gl.program_id(0) * (BN * BMT)
             ri = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
             ci = gl.arange(0, BMT, layout=gl.SliceLayout(0, mma))
@@ -72,17 +97,13 @@ def _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr,
             gl.thread_barrier()
             rj = gl.arange(0, BN, layout=gl.SliceLayout(1, yl))
             cj = gl.arange(0, BMT, layout=gl.SliceLayout(0, yl))
-            yb = gl.load(base + rj[:, None] * BMT + cj[None, :])
+            y = mma_v2(t, gl.load(base + rj[:, None] * BMT + cj[None, :]),
+                       gl.zeros((BN, BMT), dtype=gl.float32, layout=mma2), input_precision="tf32")
+            rows = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma2))
+            toks = off_m + gl.arange(0, BMT, layout=gl.SliceLayout(0, mma2))
         else:
-            yb = gl.convert_layout(y, yl)
-        r = mma_v2(t, yb, gl.zeros((BN, BMT), dtype=gl.float32, layout=mma2), input_precision="tf32")
-        if SCRATCH:
-            y = r
-        else:
-            y = gl.convert_layout(r, mma)
-    if SCRATCH and HAS_ROUT:
-        rows = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, y.type.layout))
-        toks = off_m + gl.arange(0, BMT, layout=gl.SliceLayout(0, y.type.layout))
+            y = gl.convert_layout(mma_v2(t, gl.convert_layout(y, yl), gl.zeros((BN, BMT), dtype=gl.float32, layout=mma2),
+                                         input_precision="tf32"), mma)
     if HAS_BIAS:
         y = y + gl.load(bias_ptr + rows).to(gl.float32)[:, None]
     mask = (rows[:, None] < N) & (toks[None, :] < M)
@@ -93,7 +114,9 @@ def _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr,
 def _w4a8_wgmma_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
                        M, N, K, stride_om, stride_on, BO: gl.constexpr, HAS_ROUT: gl.constexpr,
                        HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, BARRIER: gl.constexpr,
-                       scratch_ptr, WAIT: gl.constexpr, SCRATCH: gl.constexpr, num_warps: gl.constexpr):
+                       scratch_ptr, WAIT: gl.constexpr, RESTORE: gl.constexpr, num_warps: gl.constexpr):
+    """Register-operand W4A8 GEMM, wgmma kept in flight (WAIT groups): the packed weight tile is
+    unpacked in registers as the wgmma A operand, two K steps per loop iteration (see below)."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKH: gl.constexpr = w_desc.block_type.shape[1]  # BK / 2: packed bytes per row and K step
     BMT: gl.constexpr = alo_desc.block_type.shape[0]
@@ -144,7 +167,7 @@ def _w4a8_wgmma_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, r
         mbarrier.invalidate(bars.index(q))
 
     _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
-              BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps, scratch_ptr, SCRATCH)
+              BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps, scratch_ptr, RESTORE)
 
 
 @gluon.jit
@@ -200,7 +223,7 @@ def _w4a8_ss_kernel(w_desc, a_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_p
     for q in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(q))
     _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
-              BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps)
+              BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps, w_scale_ptr, 0)
 
 
 @gluon.jit
@@ -295,73 +318,7 @@ def _w4a8_ws_kernel(w_desc, a_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_p
         mbarrier.invalidate(ready.index(q))
         mbarrier.invalidate(empty.index(q))
     _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
-              BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps)
-
-
-@gluon.jit
-def _wsrs_load(w_desc, alo_desc, ahi_desc, w_bufs, lo_bufs, hi_bufs, loaded, empty, off_n, off_m, nk):
-    """Worker (1 warp): TMA of the packed weight tile and both halves of the codes' tile."""
-    S: gl.constexpr = w_bufs.type.shape[0]
-    BKH: gl.constexpr = w_desc.block_type.shape[1]
-    nbytes: gl.constexpr = w_desc.block_type.nbytes + alo_desc.block_type.nbytes + ahi_desc.block_type.nbytes
-    for i in range(nk):
-        st = i % S
-        mbarrier.wait(empty.index(st), ((i // S) & 1) ^ 1)
-        mbarrier.expect(loaded.index(st), nbytes)
-        tma.async_copy_global_to_shared(w_desc, [off_n, i * BKH], loaded.index(st), w_bufs.index(st))
-        tma.async_copy_global_to_shared(alo_desc, [off_m, 2 * i * BKH], loaded.index(st), lo_bufs.index(st))
-        tma.async_copy_global_to_shared(ahi_desc, [off_m, 2 * i * BKH + BKH], loaded.index(st), hi_bufs.index(st))
-
-
-@gluon.jit
-def _wsrs_mma(w_bufs, lo_bufs, hi_bufs, loaded, empty, nk, acc, WAIT: gl.constexpr):
-    """Default partition: the packed tile unpacked in registers as the wgmma A operand (two async
-    wgmma per K step), WAIT groups left in flight; frees the stage of the step that finished."""
-    S: gl.constexpr = w_bufs.type.shape[0]
-    w_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=4)
-    for i in range(nk):
-        st = i % S
-        mbarrier.wait(loaded.index(st), (i // S) & 1)
-        lo, hi = _unpack_int8x16(w_bufs.index(st).load(w_reg))
-        acc = warpgroup_mma(lo, lo_bufs.index(st).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma(hi, hi_bufs.index(st).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=WAIT, deps=(acc, ))
-        mbarrier.arrive(empty.index((i + S - 1) % S), count=1, pred=i > 0)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    return (acc, )
-
-
-@gluon.jit
-def _w4a8_wsrs_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
-                      M, N, K, stride_om, stride_on, BO: gl.constexpr, HAS_ROUT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                      STAGES: gl.constexpr, GROUP: gl.constexpr, WAIT: gl.constexpr, num_warps: gl.constexpr):
-    """Register-operand W4A8 GEMM with a TMA warp: the default partition unpacks and issues wgmma,
-    the epilogue (restore) runs after the warp-specialized region."""
-    BN: gl.constexpr = w_desc.block_type.shape[0]
-    BKH: gl.constexpr = w_desc.block_type.shape[1]
-    BMT: gl.constexpr = alo_desc.block_type.shape[0]
-    pid = gl.program_id(0)
-    off_m, off_n = grouped_tile(pid, M, N, BMT, BN, GROUP)
-    w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BKH], w_desc.layout)
-    lo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BMT, BKH], alo_desc.layout)
-    hi_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BMT, BKH], ahi_desc.layout)
-    loaded = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for q in gl.static_range(STAGES):
-        mbarrier.init(loaded.index(q), count=1)
-        mbarrier.init(empty.index(q), count=1)
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, 128 if BMT % 128 == 0 else 64, 32])
-    acc = gl.zeros((BN, BMT), dtype=gl.int32, layout=mma)
-    nk = K // (2 * BKH)
-    acc = gl.warp_specialize([(_wsrs_mma, (w_bufs, lo_bufs, hi_bufs, loaded, empty, nk, acc, WAIT)),
-                              (_wsrs_load, (w_desc, alo_desc, ahi_desc, w_bufs, lo_bufs, hi_bufs, loaded, empty,
-                                            off_n, off_m, nk))], [1], [40])[0]
-    for q in gl.static_range(STAGES):
-        mbarrier.invalidate(loaded.index(q))
-        mbarrier.invalidate(empty.index(q))
-    _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
-              BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps)
+              BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps, w_scale_ptr, 0)
 
 
 def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
@@ -383,14 +340,11 @@ def wgmma_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, *, qweight: torch.T
         descs = (_desc(w8, [bn, bk // 2]), _desc(codes, [bmt, bk]))
         extra = ({"UW": cfg.get("UW", 4), "SKIP": cfg.get("SKIP", False), "NPART": cfg.get("NPART", 1)}
                  if cfg.get("WS") else {})
-    elif cfg.get("WSRS"):
-        kern, extra = _w4a8_wsrs_kernel, {"WAIT": cfg.get("WAIT", 1)}
-        descs = (_desc(w8, [bn, bk // 2]), _desc(codes, [bmt, bk // 2]), _desc(codes, [bmt, bk // 2]))
     else:
         scratch = torch.empty(triton.cdiv(n, bn) * triton.cdiv(m, bmt) * bn * bmt, device=codes.device,
                               dtype=torch.float32) if cfg.get("SCRATCH") else w_scale
         kern, extra = _w4a8_wgmma_kernel, {"BARRIER": cfg.get("BARRIER", True), "scratch_ptr": scratch,
-                                           "WAIT": cfg.get("WAIT", 2), "SCRATCH": cfg.get("SCRATCH", False)}
+                                           "WAIT": cfg.get("WAIT", 2), "RESTORE": 2 if cfg.get("SCRATCH") else 1}
         descs = (_desc(w8, [bn, bk // 2]), _desc(codes, [bmt, bk // 2]), _desc(codes, [bmt, bk // 2]))
     kern[(triton.cdiv(n, bn) * triton.cdiv(m, bmt),)](
         *descs, tok_scale, w_scale,
@@ -407,7 +361,7 @@ WS_TILES = [(128, 128, 128, 4, 4, 4, False, 1), (128, 128, 128, 4, 4, 4, True, 1
             (64, 128, 256, 4, 3, 4, False, 2), (128, 128, 128, 4, 4, 2, False, 2)]
 
 
-WSRS_TILES = [(64, 128, 256, 4, 3, 1), (64, 128, 256, 4, 4, 1), (128, 128, 256, 8, 3, 1), (128, 128, 256, 8, 4, 1),
+RS_TILES = [(64, 128, 256, 4, 3, 1), (64, 128, 256, 4, 4, 1), (128, 128, 256, 8, 3, 1), (128, 128, 256, 8, 4, 1),
               (64, 128, 256, 4, 4, 2), (128, 128, 256, 8, 4, 2), (128, 256, 256, 8, 2, 1)]
 RS_TILES = [(64, 128, 256, 4, 3, 2, False, True, True), (64, 128, 256, 4, 3, 2, False, True, False),
             (64, 128, 128, 4, 4, 2, False, True, False), (128, 128, 256, 8, 3, 2, True, True, False),
@@ -415,7 +369,7 @@ RS_TILES = [(64, 128, 256, 4, 3, 2, False, True, True), (64, 128, 256, 4, 3, 2, 
             (128, 128, 256, 8, 4, 1, True, True, True)]  # ..., WAIT, BARRIER, SCRATCH, R_out
 
 
-def probe_ss(kind: str = "SS") -> None:
+def probe_ss(kind: str, results: list) -> None:
     """The shared-memory-unpack kernels (SS: all warps unpack; WS: warp-specialized) against the
     Triton GEMM on the same codes: error, time."""
     from runtime_gpu import graph_time
@@ -433,15 +387,11 @@ def probe_ss(kind: str = "SS") -> None:
                                                 out_dtype=torch.bfloat16, cfg=base)], codes0, 7)
         print(f"N={n} K={k} M={m}: triton GEMM (picked {base['BN']}/{base['BMT']}/{base['BK']}) {t_tri * 1e6:.1f} us",
               flush=True)
-        tiles = {"WS": WS_TILES, "SS": SS_TILES, "RS": RS_TILES,
-                 "WSRS": WSRS_TILES}[kind]
+        tiles = {"WS": WS_TILES, "SS": SS_TILES, "RS": RS_TILES}[kind]
         for tile in tiles:
             bn, bmt, bk, warps, st = tile[:5]
             cfg = dict(base, BN=bn, BMT=bmt, BK=bk, num_warps=warps, STAGES=st, SPLIT=1, BARRIER=False, **{kind: True})
             rout = r_out
-            if kind == "WSRS":
-                cfg.update(WAIT=tile[5])
-                st = f"{st} wait {tile[5]}"
             if kind == "RS":
                 cfg.update(WAIT=tile[5], BARRIER=tile[6], SCRATCH=tile[7])
                 rout = r_out if tile[8] else None
@@ -463,33 +413,52 @@ def probe_ss(kind: str = "SS") -> None:
             except Exception as e:  # noqa: BLE001  (a tile that does not compile is reported)
                 print(f"  {kind} {bn}/{bmt}/{bk} w{warps} s{st}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                 continue
+            results.append({"N": n, "K": k, "M": m, "kind": kind, "tile": list(tile), "triton_s": t_tri, "s": t,
+                            "rel_err": err, "bit_identical": same})
             print(f"  {kind} {bn}/{bmt}/{bk} w{warps} s{st}: err {err:.1e} identical={same} {t * 1e6:.1f} us", flush=True)
 
 
-KINDS = {"--ss": "SS", "--ws": "WS", "--rs": "RS", "--wsrs": "WSRS"}
-if __name__ == "__main__" and any(a in KINDS for a in sys.argv):
-    probe_ss(next(KINDS[a] for a in sys.argv if a in KINDS))
-elif __name__ == "__main__":  # probe: is the BK 128 error the refill race? (run from the repo root)
+def restore_cost(results: list) -> None:
+    """The picked Triton GEMM with and without the R_out restore (what the restore costs)."""
     from runtime_gpu import graph_time
     from duquant_runtime.kernels import w4a8 as K
     g = torch.Generator().manual_seed(0)
-    for m, n, k in ((800, 2048, 16384), (800, 32768, 2048)):
+    for m, n, k in ((800, 2048, 16384), (800, 32768, 2048), (800, 2048, 2048), (800, 2560, 2048), (50, 1024, 4096),
+                    (50, 8192, 1024), (50, 1024, 2048)):
         x = torch.randn(m, k, generator=g).bfloat16().cuda()
         r_in = torch.linalg.qr(torch.randn(k // 64, 64, 64, generator=g, dtype=torch.float64))[0].half().contiguous().cuda()
         r_out = torch.linalg.qr(torch.randn(n // 64, 64, 64, generator=g, dtype=torch.float64))[0].half().contiguous().cuda()
-        qw = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).cuda()
+        count = max(1, min(16, (200 << 20) // (n * k // 2)))  # weights beyond L2
+        qws = [torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).cuda() for _ in range(count)]
         ws = (torch.rand(n, generator=g) * 0.01 + 0.001).cuda()
-        for bn, bk, warps, st in ((128, 128, 8, 4), (64, 128, 4, 4), (128, 256, 8, 3)):
-            cfg = dict(K.pick_config(m, n, k, K.MODE_DYNAMIC), BN=bn, BMT=128, BK=bk, num_warps=warps, STAGES=st, SPLIT=1)
-            codes, ts = K.prepare_activation(x, r_in=r_in, perm=None, smooth=None, mode=K.MODE_DYNAMIC, cfg=cfg)
-            ref = K.w4_gemm(codes, ts, qweight=qw, w_scale=ws, r_out=r_out, bias=None, out_dtype=torch.bfloat16, cfg=cfg).float()
-            t_tri = graph_time([lambda a: K.w4_gemm(a, ts, qweight=qw, w_scale=ws, r_out=r_out, bias=None,
-                                                    out_dtype=torch.bfloat16, cfg=cfg)], codes, 5)
-            for barrier in (False, True):
-                c = dict(cfg, BARRIER=barrier)
-                f = lambda a, c=c: wgmma_gemm(a, ts, qweight=qw, w_scale=ws, r_out=r_out, bias=None,
-                                              out=torch.empty((m, n), device="cuda", dtype=torch.bfloat16), cfg=c)
-                errs = [float((f(codes).float() - ref).norm() / ref.norm()) for _ in range(3)]
-                t = graph_time([f], codes, 5)
-                print(f"N={n} K={k} BN={bn} BK={bk} w{warps} s{st} barrier={barrier}: err {max(errs):.1e} "
-                      f"gluon {t * 1e6:.1f} us triton {t_tri * 1e6:.1f} us", flush=True)
+        cfg = K.pick_config(m, n, k, K.MODE_DYNAMIC)
+        codes, ts = K.prepare_activation(x, r_in=r_in, perm=None, smooth=None, mode=K.MODE_DYNAMIC, cfg=cfg)
+        row = {"M": m, "N": n, "K": k}
+        for key, ro in (("with_rout_s", r_out), ("without_rout_s", None)):
+            fns = [lambda a, q=q, ro=ro: K.w4_gemm(a, ts, qweight=q, w_scale=ws, r_out=ro, bias=None,
+                                                   out_dtype=torch.bfloat16, cfg=cfg) for q in qws]
+            row[key] = graph_time(fns, codes, 7)
+        results.append(row)
+        print(f"M={m} N={n} K={k}: Triton GEMM with R_out {row['with_rout_s'] * 1e6:.1f} us, "
+              f"without {row['without_rout_s'] * 1e6:.1f} us", flush=True)
+
+
+def main(argv=None) -> int:
+    import argparse
+    from results_file import write_results
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("probe", choices=("rs", "ss", "ws", "restore-cost"))
+    ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/wgmma_probe_<probe>.json)")
+    args = ap.parse_args(argv)
+    results: list = []
+    if args.probe == "restore-cost":
+        restore_cost(results)
+    else:
+        probe_ss(args.probe.upper(), results)
+    out = Path(args.out or f"benchmarks/results/wgmma_probe_{args.probe.replace('-', '_')}.json")
+    write_results(out, {"probe": args.probe, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
