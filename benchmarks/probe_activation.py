@@ -42,6 +42,8 @@ from w4a8_cases import instances  # noqa: E402
 from duquant_runtime.kernels import w4a8 as W  # noqa: E402
 
 _rint = W._rint
+_rotation_block = W._rotation_block
+_token_scales = W._token_scales
 
 # (name, N, K, M, x token-minor as the runtime gives it)
 SHAPES = (("llm down", 2048, 16384, 800, True), ("llm o", 2048, 2048, 800, False),
@@ -79,15 +81,7 @@ def _prepq_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, codes_ptr
         gdc_launch_dependents()
     pid = tl.program_id(0)
     kb = pid % NB
-    cb = tl.arange(0, B)
-    offs_c = kb * B + cb
-    if HAS_PERM:
-        src = tl.load(perm_ptr + offs_c)
-    else:
-        src = offs_c
-    r = tl.load(r_ptr + kb * B * B + cb[:, None] * B + cb[None, :]).to(tl.float32)
-    if HAS_SMOOTH:
-        smooth = tl.load(smooth_ptr + src).to(tl.float32)
+    offs_c, src, r, smooth = _rotation_block(kb, perm_ptr, r_ptr, smooth_ptr, B, HAS_PERM, HAS_SMOOTH)
     c0 = kb * B
     run = c0 - c0 % BKD + (c0 % BKD) // 2 + tl.arange(0, B // 2)
     for g in range(pid // NB, NGROUPS, C):
@@ -296,10 +290,7 @@ def _rotquant_kernel(x_ptr, stride_x, M, perm_ptr, r_ptr, part_ptr, out_ptr, tok
     pid_m = tl.program_id(1)
     offs_m = pid_m * BMP + tl.arange(0, BMP)
     row_ok = offs_m < M
-    nbs = tl.arange(0, NB_P2)
-    p = tl.load(part_ptr + offs_m[:, None] * NB + nbs[None, :], mask=row_ok[:, None] & (nbs[None, :] < NB), other=0.0)
-    s = tl.math.div_rn(tl.max(p, axis=1), tl.full((BMP,), 127.0, tl.float32))
-    s = tl.where(s > 0, s, 1.0)
+    s = _token_scales(part_ptr, offs_m, row_ok, NB, NB_P2, 127)
     tl.store(tok_scale_ptr + offs_m, s, mask=row_ok & (pid_g == 0))
     cb = tl.arange(0, B)
     for g in tl.range(0, G, num_stages=STAGES):

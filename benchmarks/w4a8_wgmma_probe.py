@@ -171,6 +171,21 @@ def _w4a8_wgmma_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, r
 
 
 @gluon.jit
+def _unpack_ring(w_desc, a_desc, M, N, STAGES: gl.constexpr, UBUFS: gl.constexpr, GROUP: gl.constexpr):
+    """Program's tile (off_m, off_n) and the shared memory of the unpack-to-shared kernels: a ring of
+    STAGES packed weight tiles (BN, BK/2) and codes' tiles (BMT, BK), UBUFS unpacked (BN, BK) tiles."""
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    BKH: gl.constexpr = w_desc.block_type.shape[1]
+    BMT: gl.constexpr = a_desc.block_type.shape[0]
+    off_m, off_n = grouped_tile(gl.program_id(0), M, N, BMT, BN, GROUP)
+    w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BKH], w_desc.layout)
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BMT, 2 * BKH], a_desc.layout)
+    ubuf = gl.allocate_shared_memory(gl.int8, [UBUFS, BN, 2 * BKH],
+                                     gl.NVMMASharedLayout.get_default_for([BN, 2 * BKH], gl.int8))
+    return off_m, off_n, w_bufs, a_bufs, ubuf
+
+
+@gluon.jit
 def _w4a8_ss_kernel(w_desc, a_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
                     M, N, K, stride_om, stride_on, BO: gl.constexpr, HAS_ROUT: gl.constexpr, HAS_BIAS: gl.constexpr,
                     STAGES: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr):
@@ -180,13 +195,7 @@ def _w4a8_ss_kernel(w_desc, a_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_p
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKH: gl.constexpr = w_desc.block_type.shape[1]
     BMT: gl.constexpr = a_desc.block_type.shape[0]
-    pid = gl.program_id(0)
-    off_m, off_n = grouped_tile(pid, M, N, BMT, BN, GROUP)
-
-    w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BKH], w_desc.layout)
-    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BMT, 2 * BKH], a_desc.layout)
-    u_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, 2 * BKH], gl.int8)
-    ubuf = gl.allocate_shared_memory(gl.int8, [2, BN, 2 * BKH], u_layout)
+    off_m, off_n, w_bufs, a_bufs, ubuf = _unpack_ring(w_desc, a_desc, M, N, STAGES, 2, GROUP)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for q in gl.static_range(STAGES):
         mbarrier.init(bars.index(q), count=1)
@@ -287,12 +296,7 @@ def _w4a8_ws_kernel(w_desc, a_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_p
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKH: gl.constexpr = w_desc.block_type.shape[1]
     BMT: gl.constexpr = a_desc.block_type.shape[0]
-    pid = gl.program_id(0)
-    off_m, off_n = grouped_tile(pid, M, N, BMT, BN, GROUP)
-    w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BKH], w_desc.layout)
-    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BMT, 2 * BKH], a_desc.layout)
-    ubuf = gl.allocate_shared_memory(gl.int8, [STAGES, BN, 2 * BKH],
-                                     gl.NVMMASharedLayout.get_default_for([BN, 2 * BKH], gl.int8))
+    off_m, off_n, w_bufs, a_bufs, ubuf = _unpack_ring(w_desc, a_desc, M, N, STAGES, STAGES, GROUP)
     loaded = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

@@ -121,6 +121,26 @@ def _deint(c, BKD: tl.constexpr):
 
 
 @triton.jit
+def _rotation_block(kb, perm_ptr, r_ptr, smooth_ptr, B: tl.constexpr, HAS_PERM: tl.constexpr,
+                    HAS_SMOOTH: tl.constexpr):
+    """Operands of rotation block kb: its columns offs_c (B,), their source channels src (through
+    the permutation), the R_in block float32 (B, B) and the smoothing divisors of src (B,) (unused
+    placeholder without smoothing)."""
+    cb = tl.arange(0, B)
+    offs_c = kb * B + cb
+    if HAS_PERM:
+        src = tl.load(perm_ptr + offs_c)
+    else:
+        src = offs_c
+    r = tl.load(r_ptr + kb * B * B + cb[:, None] * B + cb[None, :]).to(tl.float32)
+    if HAS_SMOOTH:
+        smooth = tl.load(smooth_ptr + src).to(tl.float32)
+    else:
+        smooth = offs_c.to(tl.float32)
+    return offs_c, src, r, smooth
+
+
+@triton.jit
 def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_ptr, out_ptr,
                  part_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
                  G: tl.constexpr, BMP: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, B: tl.constexpr,
@@ -138,17 +158,9 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
         gdc_launch_dependents()
     pid_g = tl.program_id(0)
     pid_m = tl.program_id(1)
-    cb = tl.arange(0, B)
     for g in range(0, G):
         kb = pid_g * G + g
-        offs_c = kb * B + cb
-        if HAS_PERM:
-            src = tl.load(perm_ptr + offs_c)
-        else:
-            src = offs_c
-        r = tl.load(r_ptr + kb * B * B + cb[:, None] * B + cb[None, :]).to(tl.float32)
-        if HAS_SMOOTH:
-            smooth = tl.load(smooth_ptr + src).to(tl.float32)
+        offs_c, src, r, smooth = _rotation_block(kb, perm_ptr, r_ptr, smooth_ptr, B, HAS_PERM, HAS_SMOOTH)
         if MODE == 1:
             sk = tl.load(act_scale_ptr + offs_c)
         for t in tl.range(0, TILES, num_stages=STAGES):
@@ -194,6 +206,16 @@ def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr, PDL: tl.co
 
 
 @triton.jit
+def _token_scales(part_ptr, offs_m, row_ok, NB: tl.constexpr, NB_P2: tl.constexpr, QMAX: tl.constexpr):
+    """Per-token scales float32 (len(offs_m),) from the per-(token, block) absmax (M, NB): the row
+    maximum / QMAX (correctly rounded), 1 for an all-zero row."""
+    nbs = tl.arange(0, NB_P2)
+    p = tl.load(part_ptr + offs_m[:, None] * NB + nbs[None, :], mask=row_ok[:, None] & (nbs[None, :] < NB), other=0.0)
+    s = tl.math.div_rn(tl.max(p, axis=1), tl.full(offs_m.shape, QMAX, tl.float32))
+    return tl.where(s > 0, s, 1.0)
+
+
+@triton.jit
 def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, NB: tl.constexpr,
                   NB_P2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BMQ: tl.constexpr,
                   BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr, RUNS: tl.constexpr):
@@ -208,10 +230,7 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
     pid_k = tl.program_id(1)
     offs_m = pid_m * BMQ + tl.arange(0, BMQ)
     row_ok = offs_m < M
-    nbs = tl.arange(0, NB_P2)
-    p = tl.load(part_ptr + offs_m[:, None] * NB + nbs[None, :], mask=row_ok[:, None] & (nbs[None, :] < NB), other=0.0)
-    s = tl.math.div_rn(tl.max(p, axis=1), tl.full((BMQ,), QMAX, tl.float32))
-    s = tl.where(s > 0, s, 1.0)
+    s = _token_scales(part_ptr, offs_m, row_ok, NB, NB_P2, QMAX)
     tl.store(tok_scale_ptr + offs_m, s, mask=row_ok & (pid_k == 0))
     for c in tl.range(0, QCH):
         offs_k = (pid_k * QCH + c) * BKQ + tl.arange(0, BKQ)
