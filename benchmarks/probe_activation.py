@@ -41,9 +41,11 @@ from sweep_w4a8 import make_input, make_layers  # noqa: E402
 from w4a8_cases import instances  # noqa: E402
 from duquant_runtime.kernels import w4a8 as W  # noqa: E402
 
-_rint = W._rint
 _rotation_block = W._rotation_block
 _token_scales = W._token_scales
+_scale_of_max = W._scale_of_max
+_codes = W._codes
+_store_code_runs = W._store_code_runs
 
 # (name, N, K, M, x token-minor as the runtime gives it)
 SHAPES = (("llm down", 2048, 16384, 800, True), ("llm o", 2048, 2048, 800, False),
@@ -62,11 +64,10 @@ def _fence_gpu(v):
 
 
 @triton.jit
-def _prepq_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, codes_ptr, tok_scale_ptr, tmax_ptr, sync_ptr,
-                  err_ptr, NB: tl.constexpr, NGROUPS, C: tl.constexpr, BMP: tl.constexpr, B: tl.constexpr,
-                  BKD: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, HAS_PERM: tl.constexpr,
-                  HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, XLOAD: tl.constexpr, PDL: tl.constexpr,
-                  PDL_WAIT: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+def _prepq_kernel(x_ptr, stride_xm, M, K, perm_ptr, r_ptr, codes_ptr, tok_scale_ptr, tmax_ptr, sync_ptr, err_ptr,
+                  NB: tl.constexpr, NGROUPS, C: tl.constexpr, BMP: tl.constexpr, B: tl.constexpr, BKD: tl.constexpr,
+                  QMIN: tl.constexpr, QMAX: tl.constexpr, XT: tl.constexpr, PDL: tl.constexpr, PDL_WAIT: tl.constexpr,
+                  SPIN_LIMIT: tl.constexpr):
     """Dynamic activations in one launch, without the float32 intermediate: program p rotates
     block p % NB of token groups p // NB, p // NB + C, ... (BMP tokens each) and keeps the rotated
     tile in registers; the group's token maxima meet in tmax (atomic max of non-negative floats),
@@ -81,20 +82,11 @@ def _prepq_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, codes_ptr
         gdc_launch_dependents()
     pid = tl.program_id(0)
     kb = pid % NB
-    offs_c, src, r, smooth = _rotation_block(kb, perm_ptr, r_ptr, smooth_ptr, B, HAS_PERM, HAS_SMOOTH)
-    c0 = kb * B
-    run = c0 - c0 % BKD + (c0 % BKD) // 2 + tl.arange(0, B // 2)
+    _, src, r, _ = _rotation_block(kb, perm_ptr, r_ptr, r_ptr, B, True, False)
     for g in range(pid // NB, NGROUPS, C):
         offs_m = g * BMP + tl.arange(0, BMP)
         row_ok = offs_m < M
-        if XLOAD == 2:
-            x = tl.trans(tl.load(x_ptr + src[:, None] * stride_xm + offs_m[None, :], mask=row_ok[None, :],
-                                 other=0.0)).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            x = tl.math.div_rn(x, smooth[None, :])
-        xt = tl.dot(x, r, input_precision=PREC)
+        xt = _load_rot(x_ptr, stride_xm, src, offs_m, row_ok, r, XT)
         tl.atomic_max(tmax_ptr + offs_m, tl.max(tl.abs(xt), axis=1), mask=row_ok, sem="relaxed")
         _fence_gpu(g)
         tl.debug_barrier()
@@ -107,14 +99,9 @@ def _prepq_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, codes_ptr
             tl.store(err_ptr, 1)
         _fence_gpu(g)
         mx = tl.load(tmax_ptr + offs_m, mask=row_ok, other=0.0, volatile=True)
-        s = tl.math.div_rn(mx, tl.full((BMP,), QMAX, tl.float32))
-        s = tl.where(s > 0, s, 1.0)
+        s = _scale_of_max(mx, QMAX)
         tl.store(tok_scale_ptr + offs_m, s, mask=row_ok & (kb == 0))
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, s[:, None])), QMIN), QMAX).to(tl.int8)
-        even, odd = tl.split(tl.reshape(q, (BMP, B // 2, 2)))
-        rows = codes_ptr + offs_m[:, None] * K
-        tl.store(rows + run[None, :], even, mask=row_ok[:, None])
-        tl.store(rows + (run + BKD // 2)[None, :], odd, mask=row_ok[:, None])
+        _store_code_runs(codes_ptr, offs_m, row_ok, _codes(xt, s, QMIN, QMAX), kb * B, K, BKD)
         tl.debug_barrier()  # every thread has read the maxima before this program counts itself out
         done = tl.atomic_add(sync_ptr + 2 * g + 1, 1, sem="acq_rel")
         if done == NB - 1:  # the group's last reader: zero its maxima and counters for the next call
@@ -160,54 +147,40 @@ def check_fused_errors(device) -> None:
     for (dev, _), (_, _, err) in list(_FUSED.items()):
         if dev == torch.device(device) and int(err.item()):
             err.zero_()
-            raise RuntimeError("fused activation launch timed out waiting for its programs; "
-                               "set config FUSED=False for this GPU")
-
-
-def _prepq_launch(x, xload, early, pdl, *, r_in, perm, smooth, qmin, qmax, cfg, bkd, rot_precision):
-    """`_prepq_kernel` for x (already in the layout `xload` says), or None when its grid cannot be
-    resident at once (then the two-launch path runs)."""
-    m = x.shape[1] if xload == 2 else x.shape[0]
-    k = x.shape[0] if xload == 2 else x.shape[1]
-    b = r_in.shape[-1]
-    nb = k // b
-    bmp = cfg.get("FBMP", 64 if m > 32 else (16 if m <= 16 else 32))
-    groups = triton.cdiv(m, bmp)
-    dev_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    c = fused_programs(nb, groups, _sm_count(dev_index))
-    if c is None:
-        return None
-    tmax, sync, err = _fused_workspace(x.device, groups * bmp, groups)
-    codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
-    tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
-    _prepq_kernel[(nb * c,)](
-        x, x.stride(0), m, k, perm if perm is not None else r_in, smooth if smooth is not None else r_in, r_in, codes,
-        tok_scale, tmax, sync, err, NB=nb, NGROUPS=groups, C=c, BMP=bmp, B=b, BKD=bkd, QMIN=qmin, QMAX=qmax,
-        HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=W._PREC[rot_precision], XLOAD=xload, PDL=pdl,
-        PDL_WAIT=early, SPIN_LIMIT=SPIN_LIMIT, num_warps=4, **W._pdl(early))
-    return codes, tok_scale
+            raise RuntimeError("fused activation launch timed out waiting for its programs "
+                               "(its grid was not resident at once)")
 
 
 def fused_activation(x, lay, cfg, fbmp):
-    """(codes, tok_scale) by `_prepq_kernel`, x read as the shipped path reads it (token-minor x^T,
-    x^T from the transpose launch at large M, or x gathered)."""
+    """(codes, tok_scale) by `_prepq_kernel` for x (M, K) read as the shipped path reads it
+    (token-minor x^T, x^T from the transpose launch at large M, or x gathered), FBMP tokens per
+    group."""
     m, k = x.shape
     pdl = W._use_pdl(cfg, x.device)
     early = pdl and cfg.get("PREP_PDL", False)
     if W.is_token_minor(x):
-        xs, xload = x.t(), 2
+        xs, xt = x.t(), True
     elif cfg.get("XLOAD") == "transpose":
         xs = torch.empty((k, m), device=x.device, dtype=x.dtype)
         W._transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xs, m, BT=64, PDL=pdl, PDL_WAIT=early,
                                                            num_warps=4, **W._pdl(early))
-        xload, early = 2, pdl
+        xt, early = True, pdl
     else:
-        xs, xload = x, 0
-    out = _prepq_launch(xs, xload, early, pdl, r_in=lay["r_in"], perm=lay["perm"], smooth=None, qmin=-128, qmax=127,
-                        cfg=dict(cfg, FBMP=fbmp), bkd=W.gemm_tiling(k, cfg)[0], rot_precision="tf32")
-    if out is None:
+        xs, xt = x, False
+    nb = k // lay["r_in"].shape[-1]
+    groups = triton.cdiv(m, fbmp)
+    dev_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    c = fused_programs(nb, groups, _sm_count(dev_index))
+    if c is None:
         raise ValueError("grid of the fused launch cannot be resident")
-    return out
+    tmax, sync, err = _fused_workspace(x.device, groups * fbmp, groups)
+    codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
+    _prepq_kernel[(nb * c,)](
+        xs, xs.stride(0), m, k, lay["perm"], lay["r_in"], codes, tok_scale, tmax, sync, err, NB=nb, NGROUPS=groups, C=c,
+        BMP=fbmp, B=lay["r_in"].shape[-1], BKD=W.gemm_tiling(k, cfg)[0], QMIN=-128, QMAX=127, XT=xt, PDL=pdl,
+        PDL_WAIT=early, SPIN_LIMIT=SPIN_LIMIT, num_warps=4, **W._pdl(early))
+    return codes, tok_scale
 
 
 def run_fused(args) -> list:
@@ -270,11 +243,9 @@ def _absmax_kernel(x_ptr, stride_x, M, perm_ptr, r_ptr, part_ptr, NB: tl.constex
                    BMP: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, B: tl.constexpr, XT: tl.constexpr):
     pid_g = tl.program_id(0)
     pid_m = tl.program_id(1)
-    cb = tl.arange(0, B)
     for g in range(0, G):
         kb = pid_g * G + g
-        src = tl.load(perm_ptr + kb * B + cb)
-        r = tl.load(r_ptr + kb * B * B + cb[:, None] * B + cb[None, :]).to(tl.float32)
+        _, src, r, _ = _rotation_block(kb, perm_ptr, r_ptr, r_ptr, B, True, False)
         for t in tl.range(0, TILES, num_stages=STAGES):
             offs_m = (pid_m * TILES + t) * BMP + tl.arange(0, BMP)
             row_ok = offs_m < M
@@ -292,19 +263,11 @@ def _rotquant_kernel(x_ptr, stride_x, M, perm_ptr, r_ptr, part_ptr, out_ptr, tok
     row_ok = offs_m < M
     s = _token_scales(part_ptr, offs_m, row_ok, NB, NB_P2, 127)
     tl.store(tok_scale_ptr + offs_m, s, mask=row_ok & (pid_g == 0))
-    cb = tl.arange(0, B)
     for g in tl.range(0, G, num_stages=STAGES):
         kb = pid_g * G + g
-        src = tl.load(perm_ptr + kb * B + cb)
-        r = tl.load(r_ptr + kb * B * B + cb[:, None] * B + cb[None, :]).to(tl.float32)
+        _, src, r, _ = _rotation_block(kb, perm_ptr, r_ptr, r_ptr, B, True, False)
         xt = _load_rot(x_ptr, stride_x, src, offs_m, row_ok, r, XT)
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xt, s[:, None])), -128), 127).to(tl.int8)
-        even, odd = tl.split(tl.reshape(q, (BMP, B // 2, 2)))
-        c0 = kb * B
-        run = c0 - c0 % BKD + (c0 % BKD) // 2 + tl.arange(0, B // 2)
-        rows = out_ptr + offs_m[:, None] * K
-        tl.store(rows + run[None, :], even, mask=row_ok[:, None])
-        tl.store(rows + (run + BKD // 2)[None, :], odd, mask=row_ok[:, None])
+        _store_code_runs(out_ptr, offs_m, row_ok, _codes(xt, s, -128, 127), kb * B, K, BKD)
 
 
 def recompute(x, lay, bkd, g1, bmp1, tiles1, st1, w1, g2, bmp2, st2, w2):

@@ -48,6 +48,27 @@ def _unpack_int8x16(wb):
 
 
 @gluon.jit
+def _fill_split(w_desc, alo_desc, ahi_desc, bar, w_buf, lo_buf, hi_buf, off_n, off_m, j):
+    """TMA of K step j into one ring stage, completing on bar: the packed weight tile (BN, BK/2)
+    and both halves of the codes' tile (even k, odd k: `_deint` order)."""
+    BKH: gl.constexpr = w_desc.block_type.shape[1]
+    mbarrier.expect(bar, w_desc.block_type.nbytes + alo_desc.block_type.nbytes + ahi_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(w_desc, [off_n, j * BKH], bar, w_buf)
+    tma.async_copy_global_to_shared(alo_desc, [off_m, 2 * j * BKH], bar, lo_buf)
+    tma.async_copy_global_to_shared(ahi_desc, [off_m, 2 * j * BKH + BKH], bar, hi_buf)
+
+
+@gluon.jit
+def _fill(w_desc, a_desc, bar, w_buf, a_buf, off_n, off_m, j):
+    """TMA of K step j into one ring stage, completing on bar: the packed weight tile (BN, BK/2)
+    and the whole codes' tile (BMT, BK)."""
+    BKH: gl.constexpr = w_desc.block_type.shape[1]
+    mbarrier.expect(bar, w_desc.block_type.nbytes + a_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(w_desc, [off_n, j * BKH], bar, w_buf)
+    tma.async_copy_global_to_shared(a_desc, [off_m, 2 * j * BKH], bar, a_buf)
+
+
+@gluon.jit
 def _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
               BN: gl.constexpr, BMT: gl.constexpr, BO: gl.constexpr, HAS_ROUT: gl.constexpr, HAS_BIAS: gl.constexpr,
               mma: gl.constexpr, num_warps: gl.constexpr, scratch_ptr, RESTORE: gl.constexpr):
@@ -134,13 +155,10 @@ def _w4a8_wgmma_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, r
                                                   instr_shape=[16, 128 if BMT % 128 == 0 else 64, 32])
     w_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
     acc = gl.zeros((BN, BMT), dtype=gl.int32, layout=mma)
-    nbytes: gl.constexpr = w_desc.block_type.nbytes + alo_desc.block_type.nbytes + ahi_desc.block_type.nbytes
     nk = K // (2 * BKH)
     for p in gl.static_range(STAGES - 1):
-        mbarrier.expect(bars.index(p), nbytes)
-        tma.async_copy_global_to_shared(w_desc, [off_n, p * BKH], bars.index(p), w_bufs.index(p))
-        tma.async_copy_global_to_shared(alo_desc, [off_m, 2 * p * BKH], bars.index(p), lo_bufs.index(p))
-        tma.async_copy_global_to_shared(ahi_desc, [off_m, 2 * p * BKH + BKH], bars.index(p), hi_bufs.index(p))
+        _fill_split(w_desc, alo_desc, ahi_desc, bars.index(p), w_bufs.index(p), lo_bufs.index(p), hi_bufs.index(p),
+                    off_n, off_m, p)
     for i0 in range(0, nk, 2):  # two K steps per iteration: their unpacked registers are distinct, so the
         # wgmma still reading one pair (in flight) is not overwritten by the next unpack (PTX reuses a loop
         # body's registers every iteration; wgmma reads its register operand asynchronously)
@@ -157,11 +175,8 @@ def _w4a8_wgmma_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, r
                 gl.thread_barrier()
             if j < nk:
                 sj = j % STAGES
-                mbarrier.expect(bars.index(sj), nbytes)
-                tma.async_copy_global_to_shared(w_desc, [off_n, j * BKH], bars.index(sj), w_bufs.index(sj))
-                tma.async_copy_global_to_shared(alo_desc, [off_m, 2 * j * BKH], bars.index(sj), lo_bufs.index(sj))
-                tma.async_copy_global_to_shared(ahi_desc, [off_m, 2 * j * BKH + BKH], bars.index(sj),
-                                                hi_bufs.index(sj))
+                _fill_split(w_desc, alo_desc, ahi_desc, bars.index(sj), w_bufs.index(sj), lo_bufs.index(sj),
+                            hi_bufs.index(sj), off_n, off_m, j)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     for q in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(q))
@@ -204,12 +219,9 @@ def _w4a8_ss_kernel(w_desc, a_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_p
                                                   instr_shape=[16, 128 if BMT % 128 == 0 else 64, 32])
     blk: gl.constexpr = gl.BlockedLayout([1, 16], [32 // (BKH // 16), BKH // 16], [num_warps, 1], [1, 0])
     acc = gl.zeros((BN, BMT), dtype=gl.int32, layout=mma)
-    nbytes: gl.constexpr = w_desc.block_type.nbytes + a_desc.block_type.nbytes
     nk = K // (2 * BKH)
     for p in gl.static_range(STAGES - 1):
-        mbarrier.expect(bars.index(p), nbytes)
-        tma.async_copy_global_to_shared(w_desc, [off_n, p * BKH], bars.index(p), w_bufs.index(p))
-        tma.async_copy_global_to_shared(a_desc, [off_m, 2 * p * BKH], bars.index(p), a_bufs.index(p))
+        _fill(w_desc, a_desc, bars.index(p), w_bufs.index(p), a_bufs.index(p), off_n, off_m, p)
     for i in range(nk):
         st = i % STAGES
         ub = i % 2
@@ -225,9 +237,7 @@ def _w4a8_ss_kernel(w_desc, a_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_p
         j = i + STAGES - 1
         if j < nk:
             sj = j % STAGES
-            mbarrier.expect(bars.index(sj), nbytes)
-            tma.async_copy_global_to_shared(w_desc, [off_n, j * BKH], bars.index(sj), w_bufs.index(sj))
-            tma.async_copy_global_to_shared(a_desc, [off_m, 2 * j * BKH], bars.index(sj), a_bufs.index(sj))
+            _fill(w_desc, a_desc, bars.index(sj), w_bufs.index(sj), a_bufs.index(sj), off_n, off_m, j)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     for q in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(q))
@@ -241,13 +251,10 @@ def _ws_load(w_desc, a_desc, w_bufs, a_bufs, ubuf, loaded, ready, empty, off_n, 
     """Worker (1 warp): TMA of the packed weight tile and the codes' tile into ring stage i % S,
     once the consumer has freed it."""
     S: gl.constexpr = w_bufs.type.shape[0]
-    BKH: gl.constexpr = w_desc.block_type.shape[1]
     for i in range(nk):
         st = i % S
         mbarrier.wait(empty.index(st), ((i // S) & 1) ^ 1)
-        mbarrier.expect(loaded.index(st), w_desc.block_type.nbytes + a_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w_desc, [off_n, i * BKH], loaded.index(st), w_bufs.index(st))
-        tma.async_copy_global_to_shared(a_desc, [off_m, 2 * i * BKH], loaded.index(st), a_bufs.index(st))
+        _fill(w_desc, a_desc, loaded.index(st), w_bufs.index(st), a_bufs.index(st), off_n, off_m, i)
 
 
 @gluon.jit

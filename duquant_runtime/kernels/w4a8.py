@@ -211,8 +211,33 @@ def _token_scales(part_ptr, offs_m, row_ok, NB: tl.constexpr, NB_P2: tl.constexp
     maximum / QMAX (correctly rounded), 1 for an all-zero row."""
     nbs = tl.arange(0, NB_P2)
     p = tl.load(part_ptr + offs_m[:, None] * NB + nbs[None, :], mask=row_ok[:, None] & (nbs[None, :] < NB), other=0.0)
-    s = tl.math.div_rn(tl.max(p, axis=1), tl.full(offs_m.shape, QMAX, tl.float32))
+    return _scale_of_max(tl.max(p, axis=1), QMAX)
+
+
+@triton.jit
+def _scale_of_max(mx, QMAX: tl.constexpr):
+    """Per-token scales float32 from the rows' absmax mx: mx / QMAX (correctly rounded), 1 where 0."""
+    s = tl.math.div_rn(mx, tl.full(mx.shape, QMAX, tl.float32))
     return tl.where(s > 0, s, 1.0)
+
+
+@triton.jit
+def _codes(v, s, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """int8 codes of float32 values v (R, W) with per-row scales s (R,): clamp(rint(v / s))."""
+    return tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, s[:, None])), QMIN), QMAX).to(tl.int8)
+
+
+@triton.jit
+def _store_code_runs(out_ptr, offs_m, row_ok, q, c0, K: tl.constexpr, BKD: tl.constexpr):
+    """Store codes q (R, W) of columns c0 .. c0 + W - 1 (W <= BKD, c0 even, inside one BKD tile) of
+    the (M, K) operand in the GEMM's column order (`_deint`): the even columns, then the odd ones,
+    as two contiguous runs (vector stores; per-element addresses would give byte stores)."""
+    W: tl.constexpr = q.shape[1]
+    even, odd = tl.split(tl.reshape(q, (q.shape[0], W // 2, 2)))
+    run = c0 - c0 % BKD + (c0 % BKD) // 2 + tl.arange(0, W // 2)
+    rows = out_ptr + offs_m[:, None] * K
+    tl.store(rows + run[None, :], even, mask=row_ok[:, None])
+    tl.store(rows + (run + BKD // 2)[None, :], odd, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -235,14 +260,9 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
     for c in tl.range(0, QCH):
         offs_k = (pid_k * QCH + c) * BKQ + tl.arange(0, BKQ)
         v = tl.load(v_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, s[:, None])), QMIN), QMAX).to(tl.int8)
-        if RUNS:  # the chunk's even and odd columns as two contiguous runs (BKQ <= BKD): vector stores
-            even, odd = tl.split(tl.reshape(q, (BMQ, BKQ // 2, 2)))
-            c0 = (pid_k * QCH + c) * BKQ
-            run = c0 - c0 % BKD + (c0 % BKD) // 2 + tl.arange(0, BKQ // 2)
-            rows = out_ptr + offs_m[:, None] * K
-            tl.store(rows + run[None, :], even, mask=row_ok[:, None])
-            tl.store(rows + (run + BKD // 2)[None, :], odd, mask=row_ok[:, None])
+        q = _codes(v, s, QMIN, QMAX)
+        if RUNS:  # the chunk's even and odd columns as two contiguous runs (BKQ <= BKD)
+            _store_code_runs(out_ptr, offs_m, row_ok, q, (pid_k * QCH + c) * BKQ, K, BKD)
         else:
             tl.store(out_ptr + offs_m[:, None] * K + _deint(offs_k, BKD)[None, :], q, mask=row_ok[:, None])
 
