@@ -30,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 REGS_PER_SM, SMEM_PER_SM = 65536, 232448  # sm_90
 
 
-def compile_gemm(int8: bool, bn: int, bmt: int, bk: int, warps: int, stages: int, k: int, swap: bool = True):
-    """The compiled `_gemm_kernel` (triton CompiledKernel) for one tile, sm_90."""
+def compile_gemm(int8: bool, bn: int, bmt: int, bk: int, warps: int, stages: int, k: int, swap: bool = True,
+                 restore: int = 0):
+    """The compiled `_gemm_kernel` (triton CompiledKernel) for one tile, sm_90; restore: the
+    R_out restore variant (`_finish` RESTORE)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -44,7 +46,7 @@ def compile_gemm(int8: bool, bn: int, bmt: int, bk: int, warps: int, stages: int
              "stride_om": "i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     consts = {"K": k, "INT8": int8, "BN": bn, "BMT": bmt, "BK": bk, "GROUP": 8, "SWAP": swap, "SPLIT": 1, "BO": 64,
               "HAS_ROUT": True, "HAS_BIAS": False, "F32_DOT": False, "PDL": False, "PF_N": 4, "PF": 4,
-              "stride_on": 1}  # row-major output: the runtime specializes a stride of 1 as a constant
+              "RESTORE": restore, "stride_on": 1}  # row-major output: the runtime specializes a stride of 1 as a constant
     sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),

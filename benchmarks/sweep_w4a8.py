@@ -1,7 +1,7 @@
 """Launch-configuration sweep of the fused W4 GPU kernels (kernels/w4a8.py) on the pi0.5 shapes.
 
     PYTHONPATH=. python3 benchmarks/sweep_w4a8.py [--out FILE] [--only llm:gate:800,...] [--repeats N]
-                                                  [--mode dynamic|static|both] [--ab KEY=VALUE,...]
+                                                  [--mode dynamic|static|both] [--ab KEY=VALUE,...[;...]]
 
 For every pi0.5 linear shape (N out, K in) and token count M of one `sample_actions` call
 (language model at M = 800 and M = 1, action expert at M = 50), timed as CUDA-graph replays over
@@ -141,7 +141,7 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
         rows = []
         cands = configs(m, n, k, mode_name)
         if args.ab:  # A/B: the picked configuration against the same with the given keys changed
-            cands = [cands[0], {**cands[0], **args.ab}]
+            cands = [cands[0]] + [{**cands[0], **alt} for alt in args.ab]
         for cfg in cands:
             fns = [lambda a, lay=lay, cfg=cfg: K.w4_linear(a, qweight=lay["qweight"], w_scale=lay["w_scale"],
                                                            r_in=lay["r_in"], perm=lay["perm"], r_out=lay["r_out"],
@@ -158,7 +158,7 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
             print(f"    {mode_name:7s} {t * 1e6:7.1f} us ({t / t_bf16:.2f}x) err {err:.1e} "
                   f"G{cfg['G']}/BMP{cfg['BMP']} "
                   f"BN{cfg['BN']} BMT{cfg['BMT']} BK{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']} "
-                  f"{'swap' if cfg['SWAP'] else 'noswap'} split{cfg['SPLIT']} pdl{int(bool(cfg.get('PDL')))}{flag}", flush=True)
+                  f"{'swap' if cfg['SWAP'] else 'noswap'} split{cfg['SPLIT']} pdl{int(bool(cfg.get('PDL')))} restore{cfg.get('RESTORE', 0)}{flag}", flush=True)
         ok = [r for r in rows if r["rel_err"] < 2e-2]
         best = min(ok, key=lambda r: r["s"]) if ok else None
         res[mode_name] = {"configs": rows, "best": best, "picked": rows[0] if rows else None}
@@ -175,12 +175,13 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated tower:name:M filters")
     ap.add_argument("--mode", default="both", choices=("both", "dynamic", "static"), help="activation modes to sweep")
     ap.add_argument("--ab", default="", help="only the picked configuration and it with KEY=VALUE[,...] "
-                    "changed (Python literals), e.g. num_stages=4,BMT=64")
+                    "changed (Python literals), e.g. num_stages=4,BMT=64; several alternatives separated "
+                    "by ';', e.g. 'RESTORE=1;RESTORE=3'")
     ap.add_argument("--token-minor", action="store_true", help="give the layers x token-minor (strides (1, M)), "
                     "as a gate/up with token_minor_out leaves down_proj's input")
     args = ap.parse_args(argv)
     try:
-        args.ab = parse_overrides(args.ab)
+        args.ab = [parse_overrides(alt) for alt in filter(None, args.ab.split(";"))]
     except ValueError as err:
         ap.error(f"--ab: {err}")
     try:

@@ -52,10 +52,11 @@ for i, (m, n, k, b, bo, mode, smooth, G, swap, split) in enumerate(cases):
     act = xt.abs().amax(0) / 127 * 0.8
     xq = fake_quantize_per_token(xt, 8) if mode == 2 else fake_quantize_per_channel(xt, act, 8) if mode == 1 else xt
     ref = output_restore((xq @ q.float().t()) * ws, r_out) + bias.float()
-    cfg = dict(BN=64, BMT=16, BK=(64, 128, 256)[i % 3], G=G, BMP=16, num_warps=4, num_stages=2, SWAP=swap, SPLIT=split,
+    cfg = dict(BN=128 if n % 128 == 0 and i % 4 >= 2 else 64, BMT=16, BK=(64, 128, 256)[i % 3], G=G, BMP=16, num_warps=4, num_stages=2, SWAP=swap, SPLIT=split,
                XLOAD=("gather", "index_select", "transpose")[i % 3],  # ways of reading x through perm
                TILES=1 + i % 2,  # row tiles per prep program
-               BKQ=64, QCH=1 + i % 3)  # column chunks per quantize program
+               BKQ=64, QCH=1 + i % 3,  # column chunks per quantize program
+               RESTORE=i % 2)  # R_out restore: tf32 / bf16 operands
     y = K.w4_linear(x, qweight=pack_int4(q), w_scale=ws, r_in=r_in.half(), perm=perm,
                     r_out=None if r_out is None else r_out.half(), bias=bias, smooth=sm, mode=mode,
                     act_scale=act, config=cfg)

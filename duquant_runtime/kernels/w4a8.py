@@ -26,8 +26,8 @@
    the unpacked weight never goes through shared memory to be interleaved. bf16 dots with
    float32 sums otherwise (one dot on the interleaved tile: the two-dot form measured slower
    there). Epilogue
-   (`_finish`): x token scale x row scale, the output restore as one tf32 dot with the tile's
-   block-diagonal slice of R_out, the bias, the cast, the transposed store. Split-K (small M):
+   (`_finish`): x token scale x row scale, the output restore as one dot with the tile's
+   block-diagonal slice of R_out (tf32, or bf16 operands where `pick_config` measured it faster), the bias, the cast, the transposed store. Split-K (small M):
    partial tiles go to a float32 workspace, a per-tile counter finds the last program, which
    adds the partials in split order (deterministic), finishes the tile and resets the counter.
 Programmatic dependent launch (`PDL`, Hopper+): the quantize launch and the GEMM start while the
@@ -39,7 +39,8 @@ Launch configurations: `pick_config` (measured: benchmarks/stages_w4a8.py, sweep
 docs/benchmarks.md; the causes of the remaining cost: benchmarks/notes_runtime_gpu.md).
 Rounding: torch.round's half-to-even (rint) and correctly rounded divisions (div_rn), as the
 reference path. Differences to the float32 reference: x P BD(R_in) in tf32, rotations stored in
-16 bits, static activations q*s rounded to bf16, R_out restore in tf32, output in x's dtype.
+16 bits, static activations q*s rounded to bf16, R_out restore in tf32 (bf16 on the dynamic
+path without split-K), output in x's dtype.
 The CPU interpreter (tests) runs the same kernels with plain-arithmetic rounding and unpacking.
 """
 
@@ -269,16 +270,27 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
 
 @triton.jit
 def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, stride_on,
-            BN: tl.constexpr, BO: tl.constexpr, HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr):
+            BN: tl.constexpr, BO: tl.constexpr, HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+            RESTORE: tl.constexpr, F32_DOT: tl.constexpr):
     """Epilogue on out^T (BN, BMT) float32: R_out restore, bias, cast, store to out (M, N) with
-    strides (stride_om, stride_on): (N, 1) row-major, or (1, M) token-minor."""
-    if HAS_ROUT:  # BD(R_out) restore on out^T: T[i, i'] = r_out[block][i % BO, i' % BO] in one block
+    strides (stride_om, stride_on): (N, 1) row-major, or (1, M) token-minor. The restore is one dot
+    with the tile's block-diagonal slice of R_out (BN x BN, zeros off the blocks): RESTORE 0 tf32,
+    1 bf16 operands (y rounded to bf16 first: a norm-wise error <= 2^-9 of y, R_out being
+    orthogonal). One batched dot per BO-row block instead (no zero blocks) measured no faster: on
+    BN 128 it compiles to mma.sync at 255 registers (down_proj 136.4 vs 134.5 us)."""
+    if HAS_ROUT:  # T[i, i'] = r_out[block][i % BO, i' % BO] within one block, 0 across blocks
         i = tl.arange(0, BN)
         gi = pid_n * BN + i
         same = (i[:, None] // BO) == (i[None, :] // BO)
         t = tl.load(rout_ptr + (gi[:, None] // BO) * (BO * BO) + (i[:, None] % BO) * BO + (i[None, :] % BO),
-                    mask=same & (gi[:, None] < N), other=0.0).to(tl.float32)
-        y = tl.dot(t, y, input_precision="tf32")
+                    mask=same & (gi[:, None] < N), other=0.0)
+        if RESTORE == 1:  # bf16 operands, float32 sums (exact products)
+            if F32_DOT:  # the interpreter: the same bf16 roundings, float32 products and sums
+                y = tl.dot(t.to(tl.bfloat16).to(tl.float32), y.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+            else:
+                y = tl.dot(t.to(tl.bfloat16), y.to(tl.bfloat16), out_dtype=tl.float32)
+        else:
+            y = tl.dot(t.to(tl.float32), y, input_precision="tf32")
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rows_n).to(tl.float32)[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
@@ -291,7 +303,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
                  M, N, K: tl.constexpr, stride_om, stride_on, ws_ptr, cnt_ptr, INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
                  GROUP: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
                  HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
-                 PF_N: tl.constexpr, PF: tl.constexpr):
+                 PF_N: tl.constexpr, PF: tl.constexpr, RESTORE: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BN)
@@ -359,7 +371,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
     y = y * tl.load(w_scale_ptr + rows_n)[:, None]
     if SPLIT == 1:
         _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, stride_on, BN, BO,
-                HAS_ROUT, HAS_BIAS)
+                HAS_ROUT, HAS_BIAS, RESTORE, F32_DOT)
     else:  # split-K: partial sums to the workspace; the last program of the tile adds them in order
         wsp = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
         tl.store(wsp + pid_k * (M * N), y, mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
@@ -374,7 +386,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
                 tot += tl.load(wsp + sk * (M * N), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N),
                                other=0.0, cache_modifier=".cg")
             _finish(tot, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, stride_on,
-                    BN, BO, HAS_ROUT, HAS_BIAS)
+                    BN, BO, HAS_ROUT, HAS_BIAS, RESTORE, F32_DOT)
             tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next call
 
 
@@ -413,8 +425,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     is read through the permutation), prep_warps, prep_stages; quantize BMQ (rows), QCH (column
     chunks), QRUNS (codes stored as vector runs; False: per element, the same codes); GEMM BN
     (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register operand), SPLIT
-    (split-K), num_warps, num_stages; PDL (programmatic dependent launch), PREP_PDL (the first
-    activation launch launched with PDL too)."""
+    (split-K), num_warps, num_stages, RESTORE (the R_out restore dot, `_finish`); PDL
+    (programmatic dependent launch), PREP_PDL (the first activation launch launched with PDL too)."""
     dynamic = mode == MODE_DYNAMIC
     # PREP_PDL: with PDL, the first activation launch starts early too and waits for x's producer
     # (measured against it off, sweep_w4a8.py --ab: expert layers at M = 50 0.3-0.4 us each, M = 1 0.7 us)
@@ -446,7 +458,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
             cfg.update(BMT=32)  # programs, no split-K sums (expert o 10.0 vs 11.2 us, linked q/k/v 8.8 vs 9.8 us)
         if not dynamic and (k >= 2048 or n >= 8192):  # measured: PDL slower here (expert o/down static,
             cfg.update(PDL=False)  # 13.0 -> 16.2 us; linked gate/up static 12.1 us without vs 13.3 us with)
-        return cfg
+        return _restore_variant(cfg, dynamic)
     # x^T first: the prep then reads whole runs of tokens per permuted channel (no 16x sector gather)
     cfg.update(XLOAD="transpose", BMP=128 if k <= 4096 else 64, prep_warps=8 if k <= 4096 else 4,
                TILES=4 if dynamic and k > 4096 else 1, prep_stages=3)
@@ -472,6 +484,17 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg.update(BN=64, BMT=128, BK=64, SPLIT=1, num_warps=4, num_stages=3)
     else:  # q/o_proj static 30.8 vs 34.5 us, down_proj static 174.6 vs 193.0 us (BN128/8 warps)
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=3)
+    return _restore_variant(cfg, dynamic)
+
+
+def _restore_variant(cfg: dict, dynamic: bool) -> dict:
+    """RESTORE 1 (bf16 operands for the R_out restore dot) on the int8 GEMM without split-K: the
+    linked gate/up group at M = 800 150.0 vs 155.6 us, gate/up 85.7 vs 88.6 us, no such shape
+    slower by more than 0.1 us (sweep_w4a8.py --ab 'RESTORE=1;RESTORE=3', H200). Not with split-K:
+    expert down_proj 20.2 vs 13.5 us there. It adds about one bf16 rounding of the sums (relative
+    error against the float32 reference 2.9e-3 instead of 1.7e-3 in that sweep)."""
+    if dynamic and cfg["SPLIT"] == 1:
+        cfg["RESTORE"] = 1
     return cfg
 
 
@@ -605,7 +628,7 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         r_out if r_out is not None else w_scale, bias if bias is not None else w_scale, out, m, n, K=k,
         stride_om=out.stride(0), stride_on=out.stride(1), ws_ptr=ws, cnt_ptr=cnt, INT8=tok_scale is not None, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
         HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET, PDL=pdl, PF_N=pf_n,
-        PF=triton.next_power_of_2(pf_n), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
+        PF=triton.next_power_of_2(pf_n), RESTORE=cfg.get("RESTORE", 0), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
     return out
 
 
