@@ -46,7 +46,7 @@ def compile_gemm(int8: bool, bn: int, bmt: int, bk: int, warps: int, stages: int
              "stride_om": "i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     consts = {"K": k, "INT8": int8, "BN": bn, "BMT": bmt, "BK": bk, "GROUP": 8, "SWAP": swap, "SPLIT": 1, "BO": 64,
               "HAS_ROUT": True, "HAS_BIAS": False, "F32_DOT": False, "PDL": False, "PF_N": 4, "PF": 4,
-              "RESTORE": restore, "stride_on": 1}  # row-major output: the runtime specializes a stride of 1 as a constant
+              "RESTORE": restore, "PART_RESTORE": False, "stride_on": 1}  # row-major output: the runtime specializes a stride of 1 as a constant
     sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),

@@ -56,7 +56,8 @@ for i, (m, n, k, b, bo, mode, smooth, G, swap, split) in enumerate(cases):
                XLOAD=("gather", "index_select", "transpose")[i % 3],  # ways of reading x through perm
                TILES=1 + i % 2,  # row tiles per prep program
                BKQ=64, QCH=1 + i % 3,  # column chunks per quantize program
-               RESTORE=i % 2)  # R_out restore: tf32 / bf16 operands
+               RESTORE=i % 2,  # R_out restore: tf32 / bf16 operands
+               PART_RESTORE=i % 3 == 1)  # split-K: each program restores its partial sums
     y = K.w4_linear(x, qweight=pack_int4(q), w_scale=ws, r_in=r_in.half(), perm=perm,
                     r_out=None if r_out is None else r_out.half(), bias=bias, smooth=sm, mode=mode,
                     act_scale=act, config=cfg)

@@ -269,28 +269,33 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
 
 
 @triton.jit
+def _restore(y, pid_n, N, rout_ptr, BN: tl.constexpr, BO: tl.constexpr, RESTORE: tl.constexpr,
+             F32_DOT: tl.constexpr):
+    """BD(R_out) restore of a tile of out^T (BN, BMT) float32: one dot with the tile's block-diagonal
+    slice of R_out (BN x BN, zeros off the blocks): RESTORE 0 tf32, 1 bf16 operands (y rounded to
+    bf16 first: a norm-wise error <= 2^-9 of y, R_out being orthogonal). One batched dot per
+    BO-row block instead (no zero blocks) measured no faster: on BN 128 it compiles to mma.sync at
+    255 registers (down_proj 136.4 vs 134.5 us)."""
+    i = tl.arange(0, BN)  # T[i, i'] = r_out[block][i % BO, i' % BO] within one block, 0 across blocks
+    gi = pid_n * BN + i
+    same = (i[:, None] // BO) == (i[None, :] // BO)
+    t = tl.load(rout_ptr + (gi[:, None] // BO) * (BO * BO) + (i[:, None] % BO) * BO + (i[None, :] % BO),
+                mask=same & (gi[:, None] < N), other=0.0)
+    if RESTORE == 1:  # bf16 operands, float32 sums (exact products)
+        if F32_DOT:  # the interpreter: the same bf16 roundings, float32 products and sums
+            return tl.dot(t.to(tl.bfloat16).to(tl.float32), y.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+        return tl.dot(t.to(tl.bfloat16), y.to(tl.bfloat16), out_dtype=tl.float32)
+    return tl.dot(t.to(tl.float32), y, input_precision="tf32")
+
+
+@triton.jit
 def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, stride_on,
             BN: tl.constexpr, BO: tl.constexpr, HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr,
             RESTORE: tl.constexpr, F32_DOT: tl.constexpr):
-    """Epilogue on out^T (BN, BMT) float32: R_out restore, bias, cast, store to out (M, N) with
-    strides (stride_om, stride_on): (N, 1) row-major, or (1, M) token-minor. The restore is one dot
-    with the tile's block-diagonal slice of R_out (BN x BN, zeros off the blocks): RESTORE 0 tf32,
-    1 bf16 operands (y rounded to bf16 first: a norm-wise error <= 2^-9 of y, R_out being
-    orthogonal). One batched dot per BO-row block instead (no zero blocks) measured no faster: on
-    BN 128 it compiles to mma.sync at 255 registers (down_proj 136.4 vs 134.5 us)."""
-    if HAS_ROUT:  # T[i, i'] = r_out[block][i % BO, i' % BO] within one block, 0 across blocks
-        i = tl.arange(0, BN)
-        gi = pid_n * BN + i
-        same = (i[:, None] // BO) == (i[None, :] // BO)
-        t = tl.load(rout_ptr + (gi[:, None] // BO) * (BO * BO) + (i[:, None] % BO) * BO + (i[None, :] % BO),
-                    mask=same & (gi[:, None] < N), other=0.0)
-        if RESTORE == 1:  # bf16 operands, float32 sums (exact products)
-            if F32_DOT:  # the interpreter: the same bf16 roundings, float32 products and sums
-                y = tl.dot(t.to(tl.bfloat16).to(tl.float32), y.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
-            else:
-                y = tl.dot(t.to(tl.bfloat16), y.to(tl.bfloat16), out_dtype=tl.float32)
-        else:
-            y = tl.dot(t.to(tl.float32), y, input_precision="tf32")
+    """Epilogue on out^T (BN, BMT) float32: R_out restore (`_restore`), bias, cast, store to out
+    (M, N) with strides (stride_om, stride_on): (N, 1) row-major, or (1, M) token-minor."""
+    if HAS_ROUT:
+        y = _restore(y, pid_n, N, rout_ptr, BN, BO, RESTORE, F32_DOT)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rows_n).to(tl.float32)[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
@@ -303,7 +308,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
                  M, N, K: tl.constexpr, stride_om, stride_on, ws_ptr, cnt_ptr, INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
                  GROUP: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
                  HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
-                 PF_N: tl.constexpr, PF: tl.constexpr, RESTORE: tl.constexpr):
+                 PF_N: tl.constexpr, PF: tl.constexpr, RESTORE: tl.constexpr, PART_RESTORE: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BN)
@@ -373,6 +378,8 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, stride_on, BN, BO,
                 HAS_ROUT, HAS_BIAS, RESTORE, F32_DOT)
     else:  # split-K: partial sums to the workspace; the last program of the tile adds them in order
+        if HAS_ROUT and PART_RESTORE:  # the restore is linear: each program restores its own partial
+            y = _restore(y, pid_n, N, rout_ptr, BN, BO, RESTORE, F32_DOT)
         wsp = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
         tl.store(wsp + pid_k * (M * N), y, mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
         if not F32_DOT:  # make this thread's stores visible GPU-wide before the counter moves
@@ -385,8 +392,12 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
             for sk in range(0, SPLIT):  # fixed order: deterministic sums
                 tot += tl.load(wsp + sk * (M * N), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N),
                                other=0.0, cache_modifier=".cg")
-            _finish(tot, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, stride_on,
-                    BN, BO, HAS_ROUT, HAS_BIAS, RESTORE, F32_DOT)
+            if PART_RESTORE:
+                _finish(tot, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om,
+                        stride_on, BN, BO, False, HAS_BIAS, RESTORE, F32_DOT)
+            else:
+                _finish(tot, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om,
+                        stride_on, BN, BO, HAS_ROUT, HAS_BIAS, RESTORE, F32_DOT)
             tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next call
 
 
@@ -628,7 +639,8 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         r_out if r_out is not None else w_scale, bias if bias is not None else w_scale, out, m, n, K=k,
         stride_om=out.stride(0), stride_on=out.stride(1), ws_ptr=ws, cnt_ptr=cnt, INT8=tok_scale is not None, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
         HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET, PDL=pdl, PF_N=pf_n,
-        PF=triton.next_power_of_2(pf_n), RESTORE=cfg.get("RESTORE", 0), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
+        PF=triton.next_power_of_2(pf_n), RESTORE=cfg.get("RESTORE", 0) if split == 1 or cfg.get("PART_RESTORE") else 0,
+        PART_RESTORE=bool(cfg.get("PART_RESTORE", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
     return out
 
 
