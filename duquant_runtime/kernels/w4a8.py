@@ -27,9 +27,11 @@
    float32 sums otherwise (one dot on the interleaved tile: the two-dot form measured slower
    there). Epilogue
    (`_finish`): x token scale x row scale, the output restore as one dot with the tile's
-   block-diagonal slice of R_out (tf32, or bf16 operands where `pick_config` measured it faster), the bias, the cast, the transposed store. Split-K (small M):
-   partial tiles go to a float32 workspace, a per-tile counter finds the last program, which
-   adds the partials in split order (deterministic), finishes the tile and resets the counter.
+   block-diagonal slice of R_out (tf32, or bf16 operands where `pick_config` measured it
+   faster), the bias, the cast, the transposed store. Split-K (small M): partial tiles go to a
+   float32 workspace (restored by each program first where measured faster: the restore is
+   linear), a per-tile counter finds the last program, which adds the partials in split order
+   (deterministic), finishes the tile and resets the counter.
 Programmatic dependent launch (`PDL`, Hopper+): the quantize launch and the GEMM start while the
 previous launch runs; the GEMM pulls its weight slice into L2, then both wait
 (griddepcontrol.wait) before they read the previous launch's results or write anything. The
@@ -436,7 +438,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     is read through the permutation), prep_warps, prep_stages; quantize BMQ (rows), QCH (column
     chunks), QRUNS (codes stored as vector runs; False: per element, the same codes); GEMM BN
     (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register operand), SPLIT
-    (split-K), num_warps, num_stages, RESTORE (the R_out restore dot, `_finish`); PDL
+    (split-K), num_warps, num_stages, RESTORE (the R_out restore dot, `_restore`), PART_RESTORE
+    (split-K programs restore their partial sums); PDL
     (programmatic dependent launch), PREP_PDL (the first activation launch launched with PDL too)."""
     dynamic = mode == MODE_DYNAMIC
     # PREP_PDL: with PDL, the first activation launch starts early too and waits for x's producer
@@ -454,7 +457,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
                 cfg.update(BN=128, SPLIT=2, num_warps=8)
             elif k > 4096:
                 cfg.update(BN=128, SPLIT=8)
-        return cfg
+        return _epilogue(cfg, dynamic)
     if m <= 64:
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3)
         if k <= 1024 and (dynamic or n >= 2048):
@@ -469,7 +472,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
             cfg.update(BMT=32)  # programs, no split-K sums (expert o 10.0 vs 11.2 us, linked q/k/v 8.8 vs 9.8 us)
         if not dynamic and (k >= 2048 or n >= 8192):  # measured: PDL slower here (expert o/down static,
             cfg.update(PDL=False)  # 13.0 -> 16.2 us; linked gate/up static 12.1 us without vs 13.3 us with)
-        return _restore_variant(cfg, dynamic)
+        return _epilogue(cfg, dynamic)
     # x^T first: the prep then reads whole runs of tokens per permuted channel (no 16x sector gather)
     cfg.update(XLOAD="transpose", BMP=128 if k <= 4096 else 64, prep_warps=8 if k <= 4096 else 4,
                TILES=4 if dynamic and k > 4096 else 1, prep_stages=3)
@@ -495,17 +498,24 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg.update(BN=64, BMT=128, BK=64, SPLIT=1, num_warps=4, num_stages=3)
     else:  # q/o_proj static 30.8 vs 34.5 us, down_proj static 174.6 vs 193.0 us (BN128/8 warps)
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=3)
-    return _restore_variant(cfg, dynamic)
+    return _epilogue(cfg, dynamic)
 
 
-def _restore_variant(cfg: dict, dynamic: bool) -> dict:
-    """RESTORE 1 (bf16 operands for the R_out restore dot) on the int8 GEMM without split-K: the
-    linked gate/up group at M = 800 150.0 vs 155.6 us, gate/up 85.7 vs 88.6 us, no such shape
-    slower by more than 0.1 us (sweep_w4a8.py --ab 'RESTORE=1;RESTORE=3', H200). Not with split-K:
-    expert down_proj 20.2 vs 13.5 us there. It adds about one bf16 rounding of the sums (relative
-    error against the float32 reference 2.9e-3 instead of 1.7e-3 in that sweep)."""
+def _epilogue(cfg: dict, dynamic: bool) -> dict:
+    """How the GEMM restores R_out on the int8 (dynamic) path, measured on an H200
+    (sweep_w4a8.py --ab, docs/benchmarks.md "kernels v9"):
+    - RESTORE 1 (bf16 operands for the restore dot) without split-K: the linked gate/up group at
+      M = 800 150.0 vs 155.6 us, gate/up 85.7 vs 88.6 us, no such shape slower by more than 0.1 us.
+      It adds about one bf16 rounding of the sums (relative error against the float32 reference
+      2.9e-3 instead of 1.7e-3 in that sweep). Not with split-K (expert down_proj 21.2 vs 13.2 us).
+    - PART_RESTORE (each split-K program restores its partial sums; the last one only adds) with
+      4-way split-K: q/o at M = 1 8.3 vs 8.7 us, q/k/v group 8.9 vs 9.3, down 19.0 vs 19.5, expert
+      down_proj (token-minor input) 11.8 vs 12.2 us. Not with 2-way split-K (gate/up group at
+      M = 1 28.4 vs 27.9 us)."""
     if dynamic and cfg["SPLIT"] == 1:
         cfg["RESTORE"] = 1
+    if dynamic and cfg["SPLIT"] >= 4:
+        cfg["PART_RESTORE"] = True
     return cfg
 
 
