@@ -34,6 +34,7 @@ from results_file import write_results  # noqa: E402
 from runtime_gpu import graph_time  # noqa: E402
 from w4a8_cases import instances  # noqa: E402
 from duquant_runtime.kernels import w4a8 as K  # noqa: E402
+from duquant_runtime.kernels.w4a8_rs import grouped_tile  # noqa: E402
 
 
 @triton.jit
@@ -58,17 +59,6 @@ def _int8_mm(a_ptr, w_ptr, c_ptr, M, N, K: tl.constexpr, BM: tl.constexpr, BN: t
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-@gluon.jit
-def grouped_tile(pid, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP: gl.constexpr):
-    """(first row, first column) of program pid's (BM, BN) output tile: GROUP column tiles x all
-    row tiles per group, so a weight tile stays in L2 while every token tile reads it."""
-    num_m = gl.cdiv(M, BM)
-    per_group = GROUP * num_m
-    first_n = (pid // per_group) * GROUP
-    group_n = gl.minimum(gl.cdiv(N, BN) - first_n, GROUP)
-    return ((pid % per_group) // group_n) * BM, (first_n + (pid % per_group) % group_n) * BN
 
 
 @gluon.jit

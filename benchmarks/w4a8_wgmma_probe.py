@@ -31,31 +31,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from int8_ceiling import grouped_tile  # noqa: E402
-
-
-@gluon.jit
-def _unpack_int8x16(wb):
-    """(16 * low nibble, 16 * high nibble) as int8 of int8 bytes wb, four bytes per register."""
-    return gl.inline_asm_elementwise(
-        "{ .reg .b32 t; shl.b32 t, $2, 4; and.b32 $0, t, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0; }",
-        "=r,=r,r", [wb], dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
-
-
-@gluon.jit
-def _fill_split(w_desc, alo_desc, ahi_desc, bar, w_buf, lo_buf, hi_buf, off_n, off_m, j):
-    """TMA of K step j into one ring stage, completing on bar: the packed weight tile (BN, BK/2)
-    and both halves of the codes' tile (even k, odd k: `_deint` order)."""
-    BKH: gl.constexpr = w_desc.block_type.shape[1]
-    mbarrier.expect(bar, w_desc.block_type.nbytes + alo_desc.block_type.nbytes + ahi_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(w_desc, [off_n, j * BKH], bar, w_buf)
-    tma.async_copy_global_to_shared(alo_desc, [off_m, 2 * j * BKH], bar, lo_buf)
-    tma.async_copy_global_to_shared(ahi_desc, [off_m, 2 * j * BKH + BKH], bar, hi_buf)
+from duquant_runtime.kernels.w4a8_rs import descriptor, grouped_tile, rs_mainloop, unpack_int8x16  # noqa: E402
 
 
 @gluon.jit
@@ -139,48 +119,11 @@ def _w4a8_wgmma_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, r
     """Register-operand W4A8 GEMM, wgmma kept in flight (WAIT groups): the packed weight tile is
     unpacked in registers as the wgmma A operand, two K steps per loop iteration (see below)."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
-    BKH: gl.constexpr = w_desc.block_type.shape[1]  # BK / 2: packed bytes per row and K step
     BMT: gl.constexpr = alo_desc.block_type.shape[0]
-    pid = gl.program_id(0)
-    off_m, off_n = grouped_tile(pid, M, N, BMT, BN, GROUP)
-
-    w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BKH], w_desc.layout)
-    lo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BMT, BKH], alo_desc.layout)
-    hi_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BMT, BKH], ahi_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for q in gl.static_range(STAGES):
-        mbarrier.init(bars.index(q), count=1)
-
+    off_m, off_n = grouped_tile(gl.program_id(0), M, N, BMT, BN, GROUP)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, 128 if BMT % 128 == 0 else 64, 32])
-    w_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-    acc = gl.zeros((BN, BMT), dtype=gl.int32, layout=mma)
-    nk = K // (2 * BKH)
-    for p in gl.static_range(STAGES - 1):
-        _fill_split(w_desc, alo_desc, ahi_desc, bars.index(p), w_bufs.index(p), lo_bufs.index(p), hi_bufs.index(p),
-                    off_n, off_m, p)
-    for i0 in range(0, nk, 2):  # two K steps per iteration: their unpacked registers are distinct, so the
-        # wgmma still reading one pair (in flight) is not overwritten by the next unpack (PTX reuses a loop
-        # body's registers every iteration; wgmma reads its register operand asynchronously)
-        for u in gl.static_range(2):
-            i = i0 + u
-            st = i % STAGES
-            mbarrier.wait(bars.index(st), (i // STAGES) & 1)
-            lo, hi = _unpack_int8x16(w_bufs.index(st).load(w_reg))
-            acc = warpgroup_mma(lo, lo_bufs.index(st).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(hi, hi_bufs.index(st).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=WAIT, deps=(acc, ))  # step i - 1 is done: its stage is free
-            j = i + STAGES - 1
-            if BARRIER:  # every warpgroup is past step i - 1 before its stage is refilled
-                gl.thread_barrier()
-            if j < nk:
-                sj = j % STAGES
-                _fill_split(w_desc, alo_desc, ahi_desc, bars.index(sj), w_bufs.index(sj), lo_bufs.index(sj),
-                            hi_bufs.index(sj), off_n, off_m, j)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    for q in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(q))
-
+    acc = rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma, STAGES, WAIT, BARRIER)  # the runtime's loop
     _epilogue(acc, off_n, off_m, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
               BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps, scratch_ptr, RESTORE)
 
@@ -226,7 +169,7 @@ def _w4a8_ss_kernel(w_desc, a_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_p
         st = i % STAGES
         ub = i % 2
         mbarrier.wait(bars.index(st), (i // STAGES) & 1)
-        lo, hi = _unpack_int8x16(w_bufs.index(st).load(blk))
+        lo, hi = unpack_int8x16(w_bufs.index(st).load(blk))
         ubuf.index(ub).slice(0, BKH, dim=1).store(lo)  # free: step i - 2 (its last reader) finished
         ubuf.index(ub).slice(BKH, BKH, dim=1).store(hi)  # before the barrier below; [lo | hi] = the codes' order
         fence_async_shared()
@@ -271,7 +214,7 @@ def _ws_unpack(w_desc, a_desc, w_bufs, a_bufs, ubuf, loaded, ready, empty, off_n
         st = i % S
         mbarrier.wait(loaded.index(st), (i // S) & 1)
         if not SKIP:
-            lo, hi = _unpack_int8x16(w_bufs.index(st).load(blk))
+            lo, hi = unpack_int8x16(w_bufs.index(st).load(blk))
             ubuf.index(st).slice(0, BKH, dim=1).store(lo)
             ubuf.index(st).slice(BKH, BKH, dim=1).store(hi)
             fence_async_shared()
@@ -332,11 +275,6 @@ def _w4a8_ws_kernel(w_desc, a_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_p
               BN, BMT, BO, HAS_ROUT, HAS_BIAS, mma, num_warps, w_scale_ptr, 0)
 
 
-def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.int8)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
-
-
 def wgmma_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor,
                r_out: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict) -> torch.Tensor:
     """out (M, N) (any strides) = restore((codes @ W_q^T) x scales) + bias for int8 codes (M, K) in the
@@ -348,7 +286,7 @@ def wgmma_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, *, qweight: torch.T
     bo = r_out.shape[-1] if r_out is not None else 16
     if cfg.get("SS") or cfg.get("WS"):
         kern = _w4a8_ws_kernel if cfg.get("WS") else _w4a8_ss_kernel
-        descs = (_desc(w8, [bn, bk // 2]), _desc(codes, [bmt, bk]))
+        descs = (descriptor(w8, [bn, bk // 2]), descriptor(codes, [bmt, bk]))
         extra = ({"UW": cfg.get("UW", 4), "SKIP": cfg.get("SKIP", False), "NPART": cfg.get("NPART", 1)}
                  if cfg.get("WS") else {})
     else:
@@ -356,7 +294,7 @@ def wgmma_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, *, qweight: torch.T
                               dtype=torch.float32) if cfg.get("SCRATCH") else w_scale
         kern, extra = _w4a8_wgmma_kernel, {"BARRIER": cfg.get("BARRIER", True), "scratch_ptr": scratch,
                                            "WAIT": cfg.get("WAIT", 2), "RESTORE": 2 if cfg.get("SCRATCH") else 1}
-        descs = (_desc(w8, [bn, bk // 2]), _desc(codes, [bmt, bk // 2]), _desc(codes, [bmt, bk // 2]))
+        descs = (descriptor(w8, [bn, bk // 2]), descriptor(codes, [bmt, bk // 2]), descriptor(codes, [bmt, bk // 2]))
     kern[(triton.cdiv(n, bn) * triton.cdiv(m, bmt),)](
         *descs, tok_scale, w_scale,
         r_out if r_out is not None else w_scale, bias if bias is not None else w_scale, out, m, n, k,

@@ -70,6 +70,16 @@ for i, (m, n, k, b, bo, mode, smooth, G, swap, split) in enumerate(cases):
         tm.append(y_tm.stride() == (1, m) and torch.equal(y_tm, y))
 print("ERR", *out)
 print("TOKEN_MINOR", *tm)
+rest = []  # the restore launch of the register-operand GEMM: y'^T (N, M) bf16 -> y' BD(R_out)^T + b
+for m, bo, with_bias in ((40, 64, True), (130, 32, False)):
+    yt = torch.randn(128, m, generator=g).to(torch.bfloat16)
+    ro = orth(128 // bo, bo).half()
+    b_ = torch.randn(128, generator=g).to(torch.bfloat16) if with_bias else None
+    ref = output_restore(yt.float().t(), ro.bfloat16().float()) + (b_.float() if with_bias else 0.0)
+    for out_t in (torch.empty(m, 128, dtype=torch.bfloat16), torch.empty(128, m, dtype=torch.bfloat16).t()):
+        K.restore(yt, ro, b_, out_t)
+        rest.append(float((out_t.float() - ref).norm() / ref.norm()))
+print("RESTORE", *rest)
 try:  # a strided (column-major) packed weight is refused, never read with the wrong strides
     K.w4_linear(x, qweight=pack_int4(q).t().contiguous().t(), w_scale=ws, r_in=r_in.half(), perm=perm, r_out=None,
                 bias=None, smooth=None, mode=0)
@@ -91,7 +101,9 @@ def test_kernels_match_reference_in_interpreter():
     assert res.returncode == 0, res.stderr[-3000:]
     errs = [float(v) for v in res.stdout.split("ERR")[1].split("TOKEN_MINOR")[0].split()]
     assert len(errs) == 9 and all(e < 1e-2 for e in errs), errs  # bf16 output, fp16 rotations, tf32
-    assert res.stdout.split("TOKEN_MINOR")[1].split("REFUSED")[0].split() == ["True"] * 3, res.stdout
+    assert res.stdout.split("TOKEN_MINOR")[1].split("RESTORE")[0].split() == ["True"] * 3, res.stdout
+    rest = [float(v) for v in res.stdout.split("RESTORE")[1].split("REFUSED")[0].split()]
+    assert len(rest) == 4 and all(e < 1e-2 for e in rest), rest  # R_out transposed by mistake: ~1.4
     assert res.stdout.count("REFUSED True") == 2, res.stdout
 
 

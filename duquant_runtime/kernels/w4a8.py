@@ -48,6 +48,7 @@ The CPU interpreter (tests) runs the same kernels with plain-arithmetic rounding
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -306,6 +307,34 @@ def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr,
 
 
 @triton.jit
+def _restore_kernel(yt_ptr, rout_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on, BO: tl.constexpr,
+                    BM: tl.constexpr, HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr,
+                    PDL: tl.constexpr):
+    """out (M, N) = y' BD(R_out)^T + b from y'^T (N, M) bf16 (token-minor, the register-operand
+    GEMM's output, `w4a8_rs`): program (j, t) restores output block j (BO channels) of BM tokens,
+    as `_restore` with RESTORE 1 (bf16 operands, float32 sums)."""
+    j = tl.program_id(0)
+    i = tl.arange(0, BO)
+    toks = tl.program_id(1) * BM + tl.arange(0, BM)
+    ch = j * BO + i
+    if PDL:  # launched while the GEMM still runs: wait for its y' before reading it
+        gdc_wait()
+    yt = tl.load(yt_ptr + ch[:, None] * M + toks[None, :], mask=toks[None, :] < M, other=0.0)
+    if HAS_ROUT:  # out^T block = r_out[j] @ y'^T block
+        t = tl.load(rout_ptr + j * (BO * BO) + i[:, None] * BO + i[None, :])
+        if F32_DOT:  # the interpreter: the same bf16 roundings, float32 products and sums
+            y = tl.dot(t.to(tl.bfloat16).to(tl.float32), yt.to(tl.float32), input_precision="ieee")
+        else:
+            y = tl.dot(t.to(tl.bfloat16), yt, out_dtype=tl.float32)
+    else:
+        y = yt.to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + ch).to(tl.float32)[:, None]
+    tl.store(out_ptr + toks[None, :] * stride_om + ch[:, None] * stride_on, y.to(out_ptr.dtype.element_ty),
+             mask=toks[None, :] < M)
+
+
+@triton.jit
 def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
                  M, N, K: tl.constexpr, stride_om, stride_on, ws_ptr, cnt_ptr, INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
                  GROUP: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
@@ -484,6 +513,9 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     # 56 KB, 4 programs per SM instead of 2 at 4 stages; benchmarks/compile_w4a8.py)
     if dynamic and k > 4096:  # int8 tensor cores; LLM down_proj: 136.9 vs 140.1 us (BN 64, BMT 128, BK 128)
         cfg.update(BN=128, BMT=128, BK=256, SPLIT=1, num_warps=8, num_stages=3)
+        # sm_90: the register-operand Gluon GEMM + restore launch (`w4a8_rs`); the GEMM alone without
+        # the restore took 49.9 us against 61.6 us for the Triton GEMM without it (kernels v8 probes)
+        cfg.update(GEMM="rs", RS_STAGES=4)
     elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
     elif dynamic and n < 1024:  # k/v_proj: 20.4 vs 23.5 us
@@ -639,6 +671,10 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         raise ValueError(f"GEMM config {cfg} does not fit N={n}, output block {bo}")
     out = (torch.empty((n, m), device=a.device, dtype=out_dtype).t() if token_minor
            else torch.empty((m, n), device=a.device, dtype=out_dtype))
+    rs = _rs_module(a.device) if cfg.get("GEMM") == "rs" and tok_scale is not None and split == 1 else None
+    if rs is not None and k % (2 * bk) == 0:  # the register-operand Gluon GEMM, then the restore launch
+        yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk})
+        return restore(yt, r_out, bias, out, pdl=_use_pdl({"PDL": True}, a.device))
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bmt)
     ws = torch.empty((split, m, n), device=a.device, dtype=torch.float32) if split > 1 else w_scale
     cnt = _counters(a.device, tiles) if split > 1 else w_scale
@@ -651,6 +687,44 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET, PDL=pdl, PF_N=pf_n,
         PF=triton.next_power_of_2(pf_n), RESTORE=cfg.get("RESTORE", 0) if split == 1 or cfg.get("PART_RESTORE") else 0,
         PART_RESTORE=bool(cfg.get("PART_RESTORE", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
+    return out
+
+
+def _rs_module(device: torch.device):
+    """The register-operand Gluon GEMM module (`w4a8_rs`) where it runs: an sm_90 GPU (wgmma), not
+    interpreted, a Triton with Gluon's Hopper API; else None (the Triton GEMM runs)."""
+    if _INTERPRET or device.type != "cuda":
+        return None
+    from . import device_capability
+    if tuple(device_capability(device)) != (9, 0):
+        return None
+    return _import_rs()
+
+
+@functools.lru_cache(maxsize=None)
+def _import_rs():
+    try:
+        from . import w4a8_rs
+    except Exception:  # ImportError / AttributeError: a Triton without this Gluon API
+        return None
+    return w4a8_rs
+
+
+def restore(yt: torch.Tensor, r_out: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
+            pdl: bool = False) -> torch.Tensor:
+    """out (M, N) (any strides) = y' BD(R_out)^T + bias from y'^T (N, M) bfloat16 contiguous;
+    r_out (N/Bo, Bo, Bo) 16/32-bit or None, bias (N,) or None. One launch (`_restore_kernel`)."""
+    n, m = yt.shape
+    bo = r_out.shape[-1] if r_out is not None else 64
+    if n % bo:
+        raise ValueError(f"restore: N={n} is not a multiple of the output block {bo}")
+    if not yt.is_contiguous() or (r_out is not None and not r_out.is_contiguous()):
+        raise ValueError("restore: y'^T and r_out must be contiguous")
+    bm = 128 if m > 64 else max(16, triton.next_power_of_2(m))
+    _restore_kernel[(n // bo, triton.cdiv(m, bm))](
+        yt, r_out if r_out is not None else yt, bias if bias is not None else yt, out, m, n, out.stride(0),
+        out.stride(1), BO=bo, BM=bm, HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET,
+        PDL=pdl, num_warps=4, **_pdl(pdl))
     return out
 
 

@@ -1,0 +1,58 @@
+"""The register-operand Gluon GEMM + restore launch (kernels/w4a8_rs.py) on an sm_90 GPU: the same
+values as the Triton GEMM with its bf16 restore, and the float32 reference within bf16 rounding
+(skipped without an sm_90 GPU and Gluon; the restore launch alone runs in the interpreter test
+of tests/test_kernels.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duquant_runtime.kernels import device_capability, fast_path_available
+
+
+def _rs_ready() -> bool:
+    if not (torch.cuda.is_available() and fast_path_available("cuda")):
+        return False
+    from duquant_runtime.kernels import w4a8 as K
+    return tuple(device_capability("cuda")) == (9, 0) and K._rs_module(torch.device("cuda")) is not None
+
+
+pytestmark = pytest.mark.skipif(not _rs_ready(), reason="needs an sm_90 GPU, Triton and Gluon")
+
+
+@pytest.mark.parametrize(("m", "n", "k", "bias", "token_minor"),
+                         [(800, 2048, 16384, False, False), (300, 512, 8192, True, False),
+                          (130, 256, 8192, True, True)])
+def test_register_operand_gemm_matches_triton_gemm_and_reference(m, n, k, bias, token_minor):
+    from duquant_runtime.activation import fake_quantize_per_token
+    from duquant_runtime.kernels import w4a8 as K
+    from duquant_runtime.quant import pack_int4
+    from duquant_runtime.transforms import input_transform, output_restore
+
+    g = torch.Generator().manual_seed(m + n)
+    orth = lambda nb: torch.linalg.qr(torch.randn(nb, 64, 64, generator=g, dtype=torch.float64))[0].float().contiguous()  # noqa: E731
+    r_in, r_out = orth(k // 64), orth(n // 64)
+    perm = torch.randperm(k, generator=g)
+    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n, generator=g) * 0.01 + 0.001
+    b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+    x = torch.randn(m, k, generator=g)
+    x[:, :3] *= 40.0
+    ref = output_restore((fake_quantize_per_token(input_transform(x, perm, r_in), 8) @ q.float().t()) * ws, r_out)
+    if bias:
+        ref = ref + b.float()
+    cfg = K.pick_config(m, n, k, K.MODE_DYNAMIC)
+    assert cfg.get("GEMM") == "rs"
+    kw = dict(qweight=pack_int4(q).cuda(), w_scale=ws.cuda(), r_in=r_in.half().cuda(), perm=perm.cuda(),  # noqa: C408
+              r_out=r_out.half().cuda(), bias=b.cuda() if bias else None, smooth=None, mode=K.MODE_DYNAMIC,
+              token_minor_out=token_minor)
+    xc = x.cuda().bfloat16()
+    rs = K.w4_linear(xc, config=cfg, **kw)
+    tri = K.w4_linear(xc, config={**cfg, "GEMM": None}, **kw)
+    assert rs.shape == (m, n) and rs.dtype == torch.bfloat16
+    assert rs.stride() == ((1, m) if token_minor else (n, 1))
+    err_tri = float((rs.float() - tri.float()).norm() / tri.float().norm())
+    err_ref = float((rs.float().cpu() - ref).norm() / ref.norm())
+    assert err_tri < 2e-3, err_tri  # the same roundings; only the order of float32 sums differs
+    assert err_ref < 1e-2, err_ref
