@@ -39,6 +39,7 @@ def test_register_operand_gemm_matches_triton_gemm_and_reference(m, n, k, bias, 
     b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
     x = torch.randn(m, k, generator=g)
     x[:, :3] *= 40.0
+    x = x.bfloat16().float()  # the kernels' input
     ref = output_restore((fake_quantize_per_token(input_transform(x, perm, r_in), 8) @ q.float().t()) * ws, r_out)
     if bias:
         ref = ref + b.float()
@@ -54,5 +55,7 @@ def test_register_operand_gemm_matches_triton_gemm_and_reference(m, n, k, bias, 
     assert rs.stride() == ((1, m) if token_minor else (n, 1))
     err_tri = float((rs.float() - tri.float()).norm() / tri.float().norm())
     err_ref = float((rs.float().cpu() - ref).norm() / ref.norm())
-    assert err_tri < 2e-3, err_tri  # the same roundings; only the order of float32 sums differs
-    assert err_ref < 1e-2, err_ref
+    print(f"M={m} N={n} K={k}: vs Triton GEMM {err_tri:.2e}, vs float32 reference {err_ref:.2e}")
+    assert err_tri < 2e-3, (err_tri, err_ref)  # the same roundings; only the order of float32 sums differs
+    assert err_ref < 2e-2, (err_tri, err_ref)  # tf32 rotation and bf16 restore move quantization ties
+    # (the same bound as tests/test_linear_gpu.py; at K = 16384 with outliers the Triton GEMM is at 1.4e-2)
