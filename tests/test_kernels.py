@@ -57,8 +57,7 @@ for i, (m, n, k, b, bo, mode, smooth, G, swap, split) in enumerate(cases):
                TILES=1 + i % 2,  # row tiles per prep program
                BKQ=64, QCH=1 + i % 3,  # column chunks per quantize program
                RESTORE=i % 2,  # R_out restore: tf32 / bf16 operands
-               PART_RESTORE=i % 3 == 1,  # split-K: each program restores its partial sums
-               ACT_CHUNK=8 if i == 2 else 0)  # prep + quantize in chunks of 8 tokens (20 = 8 + 8 + 4)
+               PART_RESTORE=i % 3 == 1)  # split-K: each program restores its partial sums
     y = K.w4_linear(x, qweight=pack_int4(q), w_scale=ws, r_in=r_in.half(), perm=perm,
                     r_out=None if r_out is None else r_out.half(), bias=bias, smooth=sm, mode=mode,
                     act_scale=act, config=cfg)
@@ -134,7 +133,7 @@ def test_launch_variants_match_reference_on_gpu(xload, pdl):
         for mode in (K.MODE_DYNAMIC, K.MODE_STATIC):
             xq = fake_quantize_per_token(xt, 8) if mode == K.MODE_DYNAMIC else fake_quantize_per_channel(xt, act, 8)
             ref = output_restore((xq @ q.float().t()) * ws, r_out)
-            cfg = dict(XLOAD=xload, PDL=pdl, SPLIT=split, TILES=2, ACT_CHUNK=320)  # chunks: x^T without PDL
+            cfg = dict(XLOAD=xload, PDL=pdl, SPLIT=split, TILES=2)
             y = K.w4_linear(x.cuda().bfloat16(), qweight=pack_int4(q).cuda(), w_scale=ws.cuda(),
                             r_in=r_in.half().cuda(), perm=perm.cuda(), r_out=r_out.half().cuda(), bias=None,
                             smooth=None, mode=mode, act_scale=act.cuda(), config=cfg)

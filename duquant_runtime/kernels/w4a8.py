@@ -587,7 +587,10 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     while nb % g:
         g -= 1
     bmp = cfg["BMP"]
+    tiles = max(1, min(cfg.get("TILES", 1), triton.cdiv(m, bmp)))
     dynamic = mode == MODE_DYNAMIC
+    a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
+    part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
     pdl = _use_pdl(cfg, x.device)
     bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
@@ -603,37 +606,25 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
                                                          num_warps=4, **_pdl(early))
         x = xt
         early = pdl
-    # ACT_CHUNK (dynamic, x^T, no PDL): prep + quantize per chunk of tokens through one chunk-sized
-    # float32 buffer, which then stays in L2 between the two launches instead of going to memory
-    chunk = cfg.get("ACT_CHUNK", 0) if dynamic and xload == 2 and not pdl else 0
-    chunk = chunk if 0 < chunk < m else m
-    a = torch.empty((chunk, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
-    part = torch.empty((chunk, nb), device=x.device, dtype=torch.float32) if dynamic else None
-    codes = torch.empty((m, k), device=x.device, dtype=torch.int8) if dynamic else None
-    tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32) if dynamic else None
-    for t0 in range(0, m, chunk):
-        mc = min(chunk, m - t0)
-        xc = x[:, t0:t0 + mc] if xload == 2 else x[t0:t0 + mc]
-        tiles = max(1, min(cfg.get("TILES", 1), triton.cdiv(mc, bmp)))
-        _prep_kernel[(nb // g, triton.cdiv(mc, bmp * tiles))](
-            xc, xc.stride(0), mc, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
-            r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
-            NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2),
-            B=b, HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-            XLOAD=xload, PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"], **_pdl(early))
-        if not dynamic:
-            return a, None
-        bmq, bkq = min(cfg.get("BMQ", 16), triton.next_power_of_2(mc)), min(cfg.get("BKQ", 256), bkd)
-        while k % bkq:
-            bkq //= 2
-        qch = max(1, min(cfg.get("QCH", 1), k // bkq))
-        while (k // bkq) % qch:
-            qch -= 1
-        _quant_kernel[(triton.cdiv(mc, bmq), k // (bkq * qch))](
-            a, part, codes[t0:t0 + mc], tok_scale[t0:t0 + mc], mc, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb),
-            QMIN=qmin, QMAX=qmax, BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, RUNS=cfg.get("QRUNS", True),
-            num_warps=4, **_pdl(pdl))
-        early = False
+    _prep_kernel[(nb // g, triton.cdiv(m, bmp * tiles))](
+        x, x.stride(0), m, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
+        r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
+        NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
+        HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
+        XLOAD=xload, PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"], **_pdl(early))
+    if not dynamic:
+        return a, None
+    codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
+    bmq, bkq = min(cfg.get("BMQ", 16), triton.next_power_of_2(m)), min(cfg.get("BKQ", 256), bkd)
+    while k % bkq:
+        bkq //= 2
+    qch = max(1, min(cfg.get("QCH", 1), k // bkq))
+    while (k // bkq) % qch:
+        qch -= 1
+    _quant_kernel[(triton.cdiv(m, bmq), k // (bkq * qch))](
+        a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
+        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, RUNS=cfg.get("QRUNS", True), num_warps=4, **_pdl(pdl))
     return codes, tok_scale
 
 
