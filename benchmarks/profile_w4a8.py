@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_file import write_results  # noqa: E402
-from w4a8_cases import instances, parse_overrides, select  # noqa: E402
+from w4a8_cases import add_common_args, instances, parse_overrides, selected_shapes  # noqa: E402
 
 
 def kernel_times(fns, x) -> list[tuple[str, float]]:
@@ -85,10 +85,7 @@ def profile_shape(tower, name, n, k, m, mode_name, over, args, dev) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/profile_w4a8.json"))
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--l2-bytes", type=int, default=256 << 20)
-    ap.add_argument("--only", default="", help="comma-separated tower:name:M filters (w4a8_cases.SHAPES)")
+    add_common_args(ap, "benchmarks/results/profile_w4a8.json", 5)
     ap.add_argument("--mode", default="dynamic", choices=("both", "dynamic", "static"))
     ap.add_argument("--config", default="", help="KEY=VALUE[,...] overriding pick_config (Python literals), "
                     "e.g. PDL=False")
@@ -97,10 +94,7 @@ def main(argv=None) -> int:
         over = parse_overrides(args.config)
     except ValueError as err:
         ap.error(f"--config: {err}")
-    try:
-        shapes = select(args.only)
-    except ValueError as err:
-        ap.error(f"--only: {err}")
+    shapes = selected_shapes(ap, args.only)
     if not torch.cuda.is_available():
         print("profile_w4a8: needs a CUDA GPU", file=sys.stderr)
         return 2

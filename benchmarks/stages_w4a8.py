@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from results_file import write_results  # noqa: E402
 from runtime_gpu import graph_time  # noqa: E402
 from sweep_w4a8 import make_input, make_layers, reference, safe_time  # noqa: E402
-from w4a8_cases import instances, select  # noqa: E402
+from w4a8_cases import add_common_args, instances, selected_shapes  # noqa: E402
 from duquant_runtime.kernels import w4a8 as K  # noqa: E402
 
 
@@ -137,16 +137,10 @@ def bench(tower, name, n, k, m, args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/stages_w4a8.json"))
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--l2-bytes", type=int, default=256 << 20)
-    ap.add_argument("--only", default="", help="comma-separated tower:name:M filters")
+    add_common_args(ap, "benchmarks/results/stages_w4a8.json", 7)
     ap.add_argument("--quick", action="store_true", help="only the picked configuration (no variants)")
     args = ap.parse_args(argv)
-    try:
-        shapes = select(args.only)
-    except ValueError as err:
-        ap.error(f"--only: {err}")
+    shapes = selected_shapes(ap, args.only)
     result = {"benchmark": "stages_w4a8", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "launch_floor_s": launch_floor(args.repeats), "shapes": []}
     print(f"empty Triton launch in a CUDA graph: {result['launch_floor_s'] * 1e6:.2f} us", flush=True)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_file import write_results  # noqa: E402
-from w4a8_cases import instances, parse_overrides, select  # noqa: E402
+from w4a8_cases import add_common_args, instances, parse_overrides, selected_shapes  # noqa: E402
 from runtime_gpu import graph_time  # noqa: E402
 from duquant_runtime.activation import fake_quantize_per_channel, fake_quantize_per_token  # noqa: E402
 from duquant_runtime.kernels import w4a8 as K  # noqa: E402
@@ -169,14 +169,11 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep_w4a8.json"))
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--l2-bytes", type=int, default=256 << 20)
-    ap.add_argument("--only", default="", help="comma-separated tower:name:M filters")
+    add_common_args(ap, "benchmarks/results/sweep_w4a8.json", 5)
     ap.add_argument("--mode", default="both", choices=("both", "dynamic", "static"), help="activation modes to sweep")
     ap.add_argument("--ab", default="", help="only the picked configuration and it with KEY=VALUE[,...] "
                     "changed (Python literals), e.g. num_stages=4,BMT=64; several alternatives separated "
-                    "by ';', e.g. 'RESTORE=1;RESTORE=3'")
+                    "by ';', e.g. 'RESTORE=0;PART_RESTORE=True'")
     ap.add_argument("--token-minor", action="store_true", help="give the layers x token-minor (strides (1, M)), "
                     "as a gate/up with token_minor_out leaves down_proj's input")
     args = ap.parse_args(argv)
@@ -184,10 +181,7 @@ def main(argv=None) -> int:
         args.ab = [parse_overrides(alt) for alt in filter(None, args.ab.split(";"))]
     except ValueError as err:
         ap.error(f"--ab: {err}")
-    try:
-        shapes = select(args.only)
-    except ValueError as err:
-        ap.error(f"--only: {err}")
+    shapes = selected_shapes(ap, args.only)
     dev = torch.device("cuda")
     import triton
     result = {"benchmark": "sweep_w4a8", "device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -4,7 +4,9 @@ needed to import."""
 
 from __future__ import annotations
 
+import argparse
 import ast
+from pathlib import Path
 
 # (tower, name, N out, K in, M tokens) of one `sample_actions` call
 SHAPES = [("llm", "q/o", 2048, 2048, 800), ("llm", "k/v", 256, 2048, 800), ("llm", "gate/up", 16384, 2048, 800),
@@ -45,3 +47,20 @@ def instances(n: int, k: int, l2_bytes: int) -> int:
     """Layer instances of an (N, K) shape whose bf16 weights together exceed l2_bytes (1..32): a
     timed replay then streams its weights from memory, as a model does."""
     return max(1, min(32, -(-l2_bytes // (n * k * 2))))
+
+
+def add_common_args(ap: argparse.ArgumentParser, out: str, repeats: int) -> None:
+    """The arguments every W4 kernel tool takes: --out (JSON file, default `out`), --repeats
+    (timed replays, median taken), --l2-bytes (weight bytes per replay) and --only (SHAPES filter)."""
+    ap.add_argument("--out", type=Path, default=Path(out))
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--l2-bytes", type=int, default=256 << 20, help="bf16 weight bytes per timed replay")
+    ap.add_argument("--only", default="", help="comma-separated tower:name:M filters (w4a8_cases.SHAPES)")
+
+
+def selected_shapes(ap: argparse.ArgumentParser, only: str) -> list[tuple]:
+    """`select(only)`, or the parser's one-line usage error naming the unknown shapes."""
+    try:
+        return select(only)
+    except ValueError as err:
+        ap.error(f"--only: {err}")

@@ -674,7 +674,7 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     rs = _rs_module(a.device) if cfg.get("GEMM") == "rs" and tok_scale is not None and split == 1 else None
     if rs is not None and k % (2 * bk) == 0:  # the register-operand Gluon GEMM, then the restore launch
         yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk})
-        return restore(yt, r_out, bias, out, pdl=_use_pdl({"PDL": True}, a.device))
+        return restore(yt, r_out, bias, out, pdl=True)  # sm_90 (`_rs_module`): PDL is there
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bmt)
     ws = torch.empty((split, m, n), device=a.device, dtype=torch.float32) if split > 1 else w_scale
     cnt = _counters(a.device, tiles) if split > 1 else w_scale
