@@ -49,6 +49,7 @@ The CPU interpreter (tests) runs the same kernels with plain-arithmetic rounding
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -589,22 +590,25 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     bmp = cfg["BMP"]
     tiles = max(1, min(cfg.get("TILES", 1), triton.cdiv(m, bmp)))
     dynamic = mode == MODE_DYNAMIC
-    a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
-    part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
     pdl = _use_pdl(cfg, x.device)
     bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
     early = pdl and cfg.get("PREP_PDL", False)  # the first launch starts early, waits for x's producer
+    act = _hopper_module(x.device, "w4a8_act") if dynamic and cfg.get("ACT") == "wgmma" else None
+    if act is not None and (is_token_minor(x) or xload == 2):  # sm_90: rotate twice, no float32 round trip
+        xt = x.t() if is_token_minor(x) else _transposed(x, pdl, early)
+        if act.usable(xt, m, r_in, smooth, qmax):
+            return act.act_codes(xt, m, perm, r_in, bkd, qmin, qmax, cfg)
+        x, xload, early = xt.t(), 2, pdl and not is_token_minor(x)
+    a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
+    part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     if is_token_minor(x):  # x^T is there already: the prep reads its rows (whole runs of tokens)
         x, xload = x.t(), 2
     elif xload == 1:
         x = x.index_select(1, perm)
         early = False
     elif xload == 2:
-        xt = torch.empty((k, m), device=x.device, dtype=x.dtype)
-        _transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xt, m, BT=64, PDL=pdl, PDL_WAIT=early,
-                                                         num_warps=4, **_pdl(early))
-        x = xt
+        x = _transposed(x, pdl, early)
         early = pdl
     _prep_kernel[(nb // g, triton.cdiv(m, bmp * tiles))](
         x, x.stride(0), m, k, perm if perm is not None else dummy, smooth if smooth is not None else dummy,
@@ -626,6 +630,16 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
         BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, RUNS=cfg.get("QRUNS", True), num_warps=4, **_pdl(pdl))
     return codes, tok_scale
+
+
+def _transposed(x: torch.Tensor, pdl: bool, early: bool) -> torch.Tensor:
+    """x^T (K, M) contiguous of x (M, K) (rows contiguous): one launch (`_transpose_kernel`); early:
+    launched with PDL, it waits for x's producer."""
+    m, k = x.shape
+    xt = torch.empty((k, m), device=x.device, dtype=x.dtype)
+    _transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xt, m, BT=64, PDL=pdl, PDL_WAIT=early,
+                                                     num_warps=4, **_pdl(early))
+    return xt
 
 
 _COUNTERS: dict = {}
@@ -690,24 +704,29 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     return out
 
 
-def _rs_module(device: torch.device):
-    """The register-operand Gluon GEMM module (`w4a8_rs`) where it runs: an sm_90 GPU (wgmma), not
-    interpreted, a Triton with Gluon's Hopper API; else None (the Triton GEMM runs)."""
+def _hopper_module(device: torch.device, name: str):
+    """The Gluon kernel module `name` ("w4a8_rs": the register-operand GEMM, "w4a8_act": the
+    activation codes) where it runs: an sm_90 GPU (wgmma), not interpreted, a Triton with Gluon's
+    Hopper API; else None (the Triton kernels run)."""
     if _INTERPRET or device.type != "cuda":
         return None
     from . import device_capability
     if tuple(device_capability(device)) != (9, 0):
         return None
-    return _import_rs()
+    return _import_hopper(name)
+
+
+def _rs_module(device: torch.device):
+    """`w4a8_rs` where it runs (`_hopper_module`), else None."""
+    return _hopper_module(device, "w4a8_rs")
 
 
 @functools.lru_cache(maxsize=None)
-def _import_rs():
+def _import_hopper(name: str):
     try:
-        from . import w4a8_rs
+        return importlib.import_module(f"{__package__}.{name}")
     except Exception:  # ImportError / AttributeError: a Triton without this Gluon API
         return None
-    return w4a8_rs
 
 
 def restore(yt: torch.Tensor, r_out: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,

@@ -1,0 +1,86 @@
+"""The Gluon activation codes (kernels/w4a8_act.py) on an sm_90 GPU: the codes and scales of the
+Triton prep + quantize launches, up to quantization ties moved by the order of float32 sums, and
+the whole layer within bf16 rounding of the Triton path (skipped without an sm_90 GPU and Gluon)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duquant_runtime.kernels import device_capability, fast_path_available
+
+
+def _act_ready() -> bool:
+    if not (torch.cuda.is_available() and fast_path_available("cuda")):
+        return False
+    from duquant_runtime.kernels import w4a8 as K
+    return tuple(device_capability("cuda")) == (9, 0) and K._hopper_module(torch.device("cuda"), "w4a8_act") is not None
+
+
+pytestmark = pytest.mark.skipif(not _act_ready(), reason="needs an sm_90 GPU, Triton and Gluon")
+
+SHAPES = [(800, 16384, True), (800, 2048, False), (136, 4096, True), (200, 1024, False)]
+
+
+def _operands(m: int, k: int, token_minor: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    r_in = torch.linalg.qr(torch.randn(k // 64, 64, 64, generator=g, dtype=torch.float64))[0].half().contiguous()
+    perm = torch.randperm(k, generator=g)
+    x = torch.randn(m, k, generator=g)
+    x[:, torch.randperm(k, generator=g)[:5]] *= 60.0  # outlier channels
+    x = x.bfloat16().cuda()
+    if token_minor:  # the layout a gate/up GEMM leaves for down_proj: the transpose of (K, M)
+        x = x.t().contiguous().t()
+    return x, perm.cuda(), r_in.cuda()
+
+
+@pytest.mark.parametrize(("m", "k", "token_minor"), SHAPES)
+def test_codes_and_scales_match_the_triton_launches(m, k, token_minor):
+    from duquant_runtime.kernels import w4a8 as K
+    x, perm, r_in = _operands(m, k, token_minor, m + k)
+    cfg = dict(K.pick_config(m, 2048, k, K.MODE_DYNAMIC), XLOAD="transpose")
+    kw = dict(r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
+    codes, s = K.prepare_activation(x, cfg={**cfg, "ACT": "wgmma"}, **kw)
+    ref_codes, ref_s = K.prepare_activation(x, cfg={**cfg, "ACT": None}, **kw)
+    assert codes.shape == (m, k) and codes.dtype == torch.int8 and s.shape == (m,)
+    assert float(((s - ref_s).abs() / ref_s).max()) < 1e-5
+    diff = (codes.int() - ref_codes.int()).abs()
+    print(f"M={m} K={k}: codes differing {int((diff > 0).sum())} of {m * k}, max {int(diff.max())}")
+    assert int(diff.max()) <= 1
+    assert float((diff > 0).float().mean()) < 1e-3  # ties moved by the order of the float32 sums
+    # the codes follow the rotation: a transposed R_in gives other codes almost everywhere
+    bad, _ = K.prepare_activation(x, cfg={**cfg, "ACT": "wgmma"}, **{**kw, "r_in": r_in.transpose(1, 2).contiguous()})
+    assert float((bad != ref_codes).float().mean()) > 0.5
+
+
+@pytest.mark.parametrize(("g", "bm", "stages", "warps"), [(16, 64, 3, 4), (4, 128, 2, 8), (1, 64, 4, 4)])
+def test_launch_variants_give_the_same_codes(g, bm, stages, warps):
+    from duquant_runtime.kernels import w4a8 as K
+    m, k = 300, 4096
+    x, perm, r_in = _operands(m, k, True, 7)
+    cfg = dict(K.pick_config(m, 1024, k, K.MODE_DYNAMIC), ACT="wgmma")
+    kw = dict(r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
+    base, s0 = K.prepare_activation(x, cfg=cfg, **kw)
+    codes, s = K.prepare_activation(x, cfg={**cfg, "ACT_G": g, "ACT_BM": bm, "ACT_STAGES": stages,
+                                             "ACT_WARPS": warps}, **kw)
+    assert torch.equal(s, s0)
+    assert float((codes != base).float().mean()) < 1e-4
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(800, 2048, 16384), (800, 2048, 2048)])
+def test_layer_with_wgmma_codes_matches_the_triton_path(m, n, k):
+    from duquant_runtime.kernels import w4a8 as K
+    from duquant_runtime.quant import pack_int4
+    x, perm, r_in = _operands(m, k, k > 4096, 3)
+    g = torch.Generator().manual_seed(5)
+    r_out = torch.linalg.qr(torch.randn(n // 64, 64, 64, generator=g, dtype=torch.float64))[0].half().contiguous()
+    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n, generator=g) * 0.01 + 0.001
+    kw = dict(qweight=pack_int4(q).cuda(), w_scale=ws.cuda(), r_in=r_in, perm=perm, r_out=r_out.cuda(),  # noqa: C408
+              bias=None, smooth=None, mode=K.MODE_DYNAMIC)
+    cfg = K.pick_config(m, n, k, K.MODE_DYNAMIC)
+    y = K.w4_linear(x, config={**cfg, "ACT": "wgmma"}, **kw).float()
+    ref = K.w4_linear(x, config={**cfg, "ACT": None}, **kw).float()
+    err = float((y - ref).norm() / ref.norm())
+    print(f"M={m} N={n} K={k}: vs Triton activation launches {err:.2e}")
+    assert err < 2e-3
