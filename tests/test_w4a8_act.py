@@ -53,15 +53,15 @@ def test_codes_and_scales_match_the_triton_launches(m, k, token_minor):
     assert float((bad != ref_codes).float().mean()) > 0.5
 
 
-@pytest.mark.parametrize(("g", "bm", "stages", "warps"), [(16, 64, 3, 4), (4, 128, 2, 8), (1, 64, 4, 4)])
-def test_launch_variants_give_the_same_codes(g, bm, stages, warps):
+@pytest.mark.parametrize(("tt", "bm", "stages", "warps"), [(8, 128, 3, 4), (2, 64, 2, 4), (1, 128, 4, 8)])
+def test_launch_variants_give_the_same_codes(tt, bm, stages, warps):
     from duquant_runtime.kernels import w4a8 as K
     m, k = 300, 4096
     x, perm, r_in = _operands(m, k, True, 7)
     cfg = dict(K.pick_config(m, 1024, k, K.MODE_DYNAMIC), ACT="wgmma")
     kw = dict(r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
     base, s0 = K.prepare_activation(x, cfg=cfg, **kw)
-    codes, s = K.prepare_activation(x, cfg={**cfg, "ACT_G": g, "ACT_BM": bm, "ACT_STAGES": stages,
+    codes, s = K.prepare_activation(x, cfg={**cfg, "ACT_TT": tt, "ACT_BM": bm, "ACT_STAGES": stages,
                                              "ACT_WARPS": warps}, **kw)
     assert torch.equal(s, s0)
     assert float((codes != base).float().mean()) < 1e-4

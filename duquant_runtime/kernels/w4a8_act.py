@@ -1,7 +1,7 @@
 """Dynamic per-token activation codes for Hopper (Gluon): rotate twice instead of storing float32.
 
-    pass 1: part[t, i] = max_c |x_rot[t, c]| over the channels c of program column i
-    pass 2: s[t] = max_i part[t, i] / QMAX;  codes[t, c] = clamp(rint(x_rot[t, c] / s[t]))
+    pass 1: tokmax[t] = max_c |x_rot[t, c]|   (atomic max over the programs of a token tile)
+    pass 2: s[t] = tokmax[t] / QMAX;  codes[t, c] = clamp(rint(x_rot[t, c] / s[t]))
     with x_rot = x[:, perm] BD(R_in)   (B = 64 wide blocks)
 
 The Triton launches (`w4a8._prep_kernel` + `_quant_kernel`) store the rotated values in float32
@@ -38,11 +38,15 @@ def _rint(v):
 
 
 @gluon.jit
-def _r_half(r_ptr, kb, ODD: gl.constexpr, B: gl.constexpr, rl: gl.constexpr):
-    """R_in block kb's even (ODD 0) or odd (1) columns float32 (B, B/2) in layout rl."""
-    i = gl.arange(0, B, layout=gl.SliceLayout(1, rl))
-    j = gl.arange(0, B // 2, layout=gl.SliceLayout(0, rl))
-    return gl.load(r_ptr + kb * B * B + i[:, None] * B + (2 * j + ODD)[None, :]).to(gl.float32)
+def _r_halves(r_ptr, kb, B: gl.constexpr, num_warps: gl.constexpr):
+    """R_in block kb (float16 in memory, read in 16-byte vectors) as float32: its even and its odd
+    columns, (B, B/2) each."""
+    rl: gl.constexpr = gl.BlockedLayout([1, 4, 2], [8, 4, 1], [num_warps, 1, 1], [2, 1, 0])
+    i = gl.arange(0, B, layout=gl.SliceLayout(1, gl.SliceLayout(2, rl)))
+    j = gl.arange(0, B // 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, rl)))
+    t = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, rl)))
+    r = gl.load(r_ptr + kb * B * B + i[:, None, None] * B + (2 * j)[None, :, None] + t[None, None, :])
+    return gl.split(r.to(gl.float32))
 
 
 @gluon.jit
@@ -62,17 +66,17 @@ def _issue(x_bufs, st, xt_ptr, ld, src, off_m, M, BM: gl.constexpr, xl: gl.const
 
 
 @gluon.jit
-def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, part_ptr, codes_ptr, tok_scale_ptr, K: gl.constexpr,
-                NCH: gl.constexpr, NCH_P2: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, B: gl.constexpr,
-                BKD: gl.constexpr, STAGES: gl.constexpr, PASS: gl.constexpr, HAS_PERM: gl.constexpr,
-                QMIN: gl.constexpr, QMAX: gl.constexpr, num_warps: gl.constexpr):
-    """Program (i, j): rotation blocks i*G .. i*G+G-1 of tokens j*BM .. j*BM+BM-1. PASS 1 stores
-    the tile's absmax per token in part[:, i] (M, NCH) float32; PASS 2 reads part's rows, stores
-    the codes int8 (M, K) (`_deint` order of BKD-wide K tiles) and, program column 0, the scales."""
-    pid_g = gl.program_id(0)
-    off_m = gl.program_id(1) * BM
+def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale_ptr, K: gl.constexpr,
+                TT: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, BKD: gl.constexpr, STAGES: gl.constexpr,
+                PASS: gl.constexpr, HAS_PERM: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr,
+                num_warps: gl.constexpr):
+    """Program (i, j): rotation block i of the token tiles j*TT .. j*TT+TT-1 (BM tokens each), so
+    that its reads are runs along each permuted row of x^T and R_in is split once. PASS 1: atomic
+    max of each tile's absmax per token into tokmax (M,) float32 (zeroed before); PASS 2: the codes
+    int8 (M, K) (`_deint` order of BKD-wide K tiles) and, program row 0, the scales (M,)."""
+    kb = gl.program_id(0)
+    m0 = gl.program_id(1) * TT * BM
     xl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BM, BM // 8], [num_warps, 1], [1, 0])
-    rl: gl.constexpr = gl.BlockedLayout([1, 2], [2, 16], [num_warps, 1], [1, 0])
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, B // 2, 16])
     x_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, 2 * BM), element_bitwidth=16, rank=2)
@@ -80,74 +84,66 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, part_ptr, codes_ptr, tok_scale_p
     x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, B, BM], x_layout)
     r_bufs = gl.allocate_shared_memory(gl.bfloat16, [4, B, B // 2], r_layout)  # hi even, lo even, hi odd, lo odd
     cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
-    k0 = pid_g * G
+    if HAS_PERM:
+        src = gl.load(perm_ptr + kb * B + cb)
+    else:
+        src = kb * B + cb
     for p in gl.static_range(STAGES - 1):
-        if HAS_PERM:
-            src = gl.load(perm_ptr + (k0 + p) * B + cb)
-        else:
-            src = (k0 + p) * B + cb
-        _issue(x_bufs, p, xt_ptr, ld, src, off_m, M, BM, xl)
+        if p < TT:
+            _issue(x_bufs, p, xt_ptr, ld, src, m0 + p * BM, M, BM, xl)
         async_copy.commit_group()
-    toks = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
-    row_ok = toks < M
+    r_e, r_o = _r_halves(r_ptr, kb, B, num_warps)
+    _store_split(r_e, r_bufs.index(0), r_bufs.index(1))
+    _store_split(r_o, r_bufs.index(2), r_bufs.index(3))
     if PASS == 2:
-        chs = gl.arange(0, NCH_P2, layout=gl.SliceLayout(0, mma))
-        p = gl.load(part_ptr + toks[:, None] * NCH + chs[None, :], mask=row_ok[:, None] & (chs[None, :] < NCH),
-                    other=0.0)
-        s = gl.div_rn(gl.max(p, axis=1), gl.full([BM], QMAX, gl.float32, layout=gl.SliceLayout(1, mma)))
-        s = gl.where(s > 0, s, 1.0)
-        gl.store(tok_scale_ptr + toks, s, mask=row_ok & (pid_g == 0))
         ol: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
-        orow = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ol))
         ocol = gl.arange(0, B // 2, layout=gl.SliceLayout(0, ol))
-    amax = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, mma))
-    r_e = _r_half(r_ptr, k0, 0, B, rl)
-    r_o = _r_half(r_ptr, k0, 1, B, rl)
-    for g in range(G):
-        kb = k0 + g
-        gl.thread_barrier()  # every warp is done with iteration g - 1's buffers
-        j = g + STAGES - 1
-        if j < G:
-            if HAS_PERM:
-                src = gl.load(perm_ptr + (k0 + j) * B + cb)
-            else:
-                src = (k0 + j) * B + cb
-            _issue(x_bufs, j % STAGES, xt_ptr, ld, src, off_m, M, BM, xl)
+        c0 = kb * B
+        run = gl.multiple_of(c0 - c0 % BKD + (c0 % BKD) // 2, B // 2)
+    for t in range(TT):
+        off_m = m0 + t * BM
+        if t > 0:
+            gl.thread_barrier()  # every warp is done with iteration t - 1's stage
+        j = t + STAGES - 1
+        if j < TT:
+            _issue(x_bufs, j % STAGES, xt_ptr, ld, src, m0 + j * BM, M, BM, xl)
         async_copy.commit_group()
-        _store_split(r_e, r_bufs.index(0), r_bufs.index(1))
-        _store_split(r_o, r_bufs.index(2), r_bufs.index(3))
-        if g + 1 < G:  # the next block's R_in, in flight during this block's dots
-            r_e = _r_half(r_ptr, kb + 1, 0, B, rl)
-            r_o = _r_half(r_ptr, kb + 1, 1, B, rl)
-        async_copy.wait_group(STAGES - 1)  # tile g has landed (this thread's copies)
+        toks = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+        row_ok = toks < M
+        if PASS == 2:
+            s = gl.div_rn(gl.load(tokmax_ptr + toks, mask=row_ok, other=0.0),
+                          gl.full([BM], QMAX, gl.float32, layout=gl.SliceLayout(1, mma)))
+            s = gl.where(s > 0, s, 1.0)
+        async_copy.wait_group(STAGES - 1)  # tile t has landed (this thread's copies)
         fence_async_shared()
-        gl.thread_barrier()  # ... and every thread's, and the R_in halves are stored
-        a = x_bufs.index(g % STAGES).permute((1, 0))  # (BM, B) MN-major
+        gl.thread_barrier()  # ... and every thread's (and, at t = 0, the R_in halves are stored)
+        a = x_bufs.index(t % STAGES).permute((1, 0))  # (BM, B) MN-major
         acc_e = warpgroup_mma(a, r_bufs.index(0), gl.zeros([BM, B // 2], gl.float32, layout=mma), is_async=True)
         acc_e = warpgroup_mma(a, r_bufs.index(1), acc_e, is_async=True)
         acc_o = warpgroup_mma(a, r_bufs.index(2), gl.zeros([BM, B // 2], gl.float32, layout=mma), is_async=True)
         acc_o = warpgroup_mma(a, r_bufs.index(3), acc_o, is_async=True)
         acc_e, acc_o = warpgroup_mma_wait(num_outstanding=0, deps=(acc_e, acc_o))
         if PASS == 1:
-            amax = gl.maximum(amax, gl.maximum(gl.max(gl.abs(acc_e), axis=1), gl.max(gl.abs(acc_o), axis=1)))
+            amax = gl.maximum(gl.max(gl.abs(acc_e), axis=1), gl.max(gl.abs(acc_o), axis=1))
+            gl.atomic_max(tokmax_ptr + toks, amax, mask=row_ok)
         else:
-            c0 = kb * B
-            run = gl.multiple_of(c0 - c0 % BKD + (c0 % BKD) // 2, B // 2)
+            if kb == 0:
+                gl.store(tok_scale_ptr + toks, s, mask=row_ok)
             q_e = gl.minimum(gl.maximum(_rint(gl.div_rn(acc_e, s[:, None])), QMIN), QMAX).to(gl.int8)
             q_o = gl.minimum(gl.maximum(_rint(gl.div_rn(acc_o, s[:, None])), QMIN), QMAX).to(gl.int8)
+            orow = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ol))
             optr = codes_ptr + orow[:, None] * K + run + ocol[None, :]
             omask = (orow < M)[:, None]
             gl.store(optr, gl.convert_layout(q_e, ol), mask=omask)
             gl.store(optr + BKD // 2, gl.convert_layout(q_o, ol), mask=omask)
     async_copy.wait_group(0)
-    if PASS == 1:
-        gl.store(part_ptr + toks * NCH + pid_g, amax, mask=row_ok)
 
 
 def usable(xt: torch.Tensor, m: int, r_in: torch.Tensor, smooth, qmax: int) -> bool:
     """Whether these operands fit the kernel: x^T (K, ld) bf16 with unit token stride and ld and M
-    multiples of 8 (16-byte copies), float16 R_in in 64-wide blocks, no smoothing, 8-bit codes."""
-    return (xt.dtype == torch.bfloat16 and xt.stride(1) == 1 and xt.stride(0) % 8 == 0 and m % 8 == 0
+    multiples of 16 (16-byte copies under a token mask), float16 R_in in 64-wide blocks, no
+    smoothing, 8-bit codes."""
+    return (xt.dtype == torch.bfloat16 and xt.stride(1) == 1 and xt.stride(0) % 16 == 0 and m % 16 == 0
             and r_in.dtype == torch.float16 and r_in.shape[-1] == 64 and smooth is None and qmax <= 127
             and xt.data_ptr() % 16 == 0)
 
@@ -156,23 +152,19 @@ def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.T
               qmax: int, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int8 (M, K) in the `_deint` order of BKD-wide K tiles, per-token scales float32 (M,))
     for x^T (K, ld) bf16 (tokens 0..m-1 of each row), perm (K,) int or None, r_in float16
-    (K/64, 64, 64). cfg: ACT_G (blocks per program), ACT_BM (tokens), ACT_STAGES, ACT_WARPS."""
+    (K/64, 64, 64). cfg: ACT_BM (tokens per tile), ACT_TT (tiles per program), ACT_STAGES, ACT_WARPS."""
     k = xt.shape[0]
     b = r_in.shape[-1]
-    nb = k // b
-    g = max(1, min(nb, cfg.get("ACT_G", 16)))
-    while nb % g:
-        g -= 1
-    bm = cfg.get("ACT_BM", 64)
-    nch = nb // g
-    part = torch.empty((m, nch), device=xt.device, dtype=torch.float32)
+    bm = cfg.get("ACT_BM", 128)
+    tiles = triton.cdiv(m, bm)
+    tt = max(1, min(tiles, cfg.get("ACT_TT", 8)))  # token tiles per program
+    tokmax = torch.zeros((m,), device=xt.device, dtype=torch.float32)
     codes = torch.empty((m, k), device=xt.device, dtype=torch.int8)
     tok_scale = torch.empty((m,), device=xt.device, dtype=torch.float32)
-    grid = (nch, triton.cdiv(m, bm))
-    args = (xt, xt.stride(0), m, perm if perm is not None else r_in, r_in, part, codes, tok_scale)
-    consts = dict(K=k, NCH=nch, NCH_P2=triton.next_power_of_2(nch), G=g, BM=bm, B=b, BKD=bkd,
-                  STAGES=cfg.get("ACT_STAGES", 3), HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax,
-                  num_warps=cfg.get("ACT_WARPS", 4))
+    grid = (k // b, triton.cdiv(tiles, tt))
+    args = (xt, xt.stride(0), m, perm if perm is not None else r_in, r_in, tokmax, codes, tok_scale)
+    consts = dict(K=k, TT=tt, BM=bm, B=b, BKD=bkd, STAGES=max(1, min(tt, cfg.get("ACT_STAGES", 3))),
+                  HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, num_warps=cfg.get("ACT_WARPS", 4))
     _act_kernel[grid](*args, PASS=1, **consts)
     _act_kernel[grid](*args, PASS=2, **consts)
     return codes, tok_scale
