@@ -50,6 +50,17 @@ def _r_halves(r_ptr, kb, B: gl.constexpr, num_warps: gl.constexpr):
 
 
 @gluon.jit
+def _quotient(v, s, rs, FASTDIV: gl.constexpr):
+    """v (R, W) / s (R,) float32, correctly rounded: div.rn, or (FASTDIV) Markstein's correction
+    of v * rs with rs = RN(1 / s): q0 = v rs, e = v - q0 s (exact, fma), q = RN(q0 + e rs)."""
+    if FASTDIV:
+        q0 = v * rs[:, None]
+        return gl.fma(gl.fma(-q0, s[:, None], v), rs[:, None], q0)
+    else:
+        return gl.div_rn(v, s[:, None])
+
+
+@gluon.jit
 def _store_split(r, hi_buf, lo_buf):
     """r float32 = hi + lo exactly (r a float16 value) into two bf16 shared buffers."""
     hi = r.to(gl.bfloat16)
@@ -69,7 +80,7 @@ def _issue(x_bufs, st, xt_ptr, ld, src, off_m, M, BM: gl.constexpr, xl: gl.const
 def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale_ptr, K: gl.constexpr,
                 TT: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, BKD: gl.constexpr, STAGES: gl.constexpr,
                 PASS: gl.constexpr, HAS_PERM: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr,
-                num_warps: gl.constexpr):
+                RSPLIT: gl.constexpr, FASTDIV: gl.constexpr, num_warps: gl.constexpr):
     """Program (i, j): rotation block i of the token tiles j*TT .. j*TT+TT-1 (BM tokens each), so
     that its reads are runs along each permuted row of x^T and R_in is split once. PASS 1: atomic
     max of each tile's absmax per token into tokmax (M,) float32 (zeroed before); PASS 2: the codes
@@ -114,23 +125,26 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
             s = gl.div_rn(gl.load(tokmax_ptr + toks, mask=row_ok, other=0.0),
                           gl.full([BM], QMAX, gl.float32, layout=gl.SliceLayout(1, mma)))
             s = gl.where(s > 0, s, 1.0)
+            rs = gl.div_rn(gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, mma)), s)
         async_copy.wait_group(STAGES - 1)  # tile t has landed (this thread's copies)
         fence_async_shared()
         gl.thread_barrier()  # ... and every thread's (and, at t = 0, the R_in halves are stored)
         a = x_bufs.index(t % STAGES).permute((1, 0))  # (BM, B) MN-major
         acc_e = warpgroup_mma(a, r_bufs.index(0), gl.zeros([BM, B // 2], gl.float32, layout=mma), is_async=True)
-        acc_e = warpgroup_mma(a, r_bufs.index(1), acc_e, is_async=True)
+        if RSPLIT == 2:
+            acc_e = warpgroup_mma(a, r_bufs.index(1), acc_e, is_async=True)
         acc_o = warpgroup_mma(a, r_bufs.index(2), gl.zeros([BM, B // 2], gl.float32, layout=mma), is_async=True)
-        acc_o = warpgroup_mma(a, r_bufs.index(3), acc_o, is_async=True)
+        if RSPLIT == 2:
+            acc_o = warpgroup_mma(a, r_bufs.index(3), acc_o, is_async=True)
         acc_e, acc_o = warpgroup_mma_wait(num_outstanding=0, deps=(acc_e, acc_o))
         if PASS == 1:
             amax = gl.maximum(gl.max(gl.abs(acc_e), axis=1), gl.max(gl.abs(acc_o), axis=1))
-            gl.atomic_max(tokmax_ptr + toks, amax, mask=row_ok)
+            gl.atomic_max(tokmax_ptr + toks, amax, mask=row_ok, sem="relaxed")
         else:
             if kb == 0:
                 gl.store(tok_scale_ptr + toks, s, mask=row_ok)
-            q_e = gl.minimum(gl.maximum(_rint(gl.div_rn(acc_e, s[:, None])), QMIN), QMAX).to(gl.int8)
-            q_o = gl.minimum(gl.maximum(_rint(gl.div_rn(acc_o, s[:, None])), QMIN), QMAX).to(gl.int8)
+            q_e = gl.minimum(gl.maximum(_rint(_quotient(acc_e, s, rs, FASTDIV)), QMIN), QMAX).to(gl.int8)
+            q_o = gl.minimum(gl.maximum(_rint(_quotient(acc_o, s, rs, FASTDIV)), QMIN), QMAX).to(gl.int8)
             orow = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ol))
             optr = codes_ptr + orow[:, None] * K + run + ocol[None, :]
             omask = (orow < M)[:, None]
@@ -157,14 +171,16 @@ def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.T
     b = r_in.shape[-1]
     bm = cfg.get("ACT_BM", 128)
     tiles = triton.cdiv(m, bm)
-    tt = max(1, min(tiles, cfg.get("ACT_TT", 8)))  # token tiles per program
+    # token tiles per program: runs along the rows of x^T, yet enough programs (about 4 per SM)
+    tt = max(1, min(tiles, cfg.get("ACT_TT", (k // b) * tiles // 512)))
     tokmax = torch.zeros((m,), device=xt.device, dtype=torch.float32)
     codes = torch.empty((m, k), device=xt.device, dtype=torch.int8)
     tok_scale = torch.empty((m,), device=xt.device, dtype=torch.float32)
     grid = (k // b, triton.cdiv(tiles, tt))
     args = (xt, xt.stride(0), m, perm if perm is not None else r_in, r_in, tokmax, codes, tok_scale)
     consts = dict(K=k, TT=tt, BM=bm, B=b, BKD=bkd, STAGES=max(1, min(tt, cfg.get("ACT_STAGES", 3))),
-                  HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, num_warps=cfg.get("ACT_WARPS", 4))
+                  HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, RSPLIT=cfg.get("ACT_RSPLIT", 2),
+                  FASTDIV=cfg.get("ACT_FASTDIV", False), num_warps=cfg.get("ACT_WARPS", 4))
     _act_kernel[grid](*args, PASS=1, **consts)
     _act_kernel[grid](*args, PASS=2, **consts)
     return codes, tok_scale
