@@ -171,8 +171,7 @@ def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.T
     b = r_in.shape[-1]
     bm = cfg.get("ACT_BM", 128)
     tiles = triton.cdiv(m, bm)
-    # token tiles per program: runs along the rows of x^T, yet enough programs (about 4 per SM)
-    tt = max(1, min(tiles, cfg.get("ACT_TT", (k // b) * tiles // 512)))
+    tt = max(1, min(tiles, cfg.get("ACT_TT", 1)))
     tokmax = torch.zeros((m,), device=xt.device, dtype=torch.float32)
     codes = torch.empty((m, k), device=xt.device, dtype=torch.int8)
     tok_scale = torch.empty((m,), device=xt.device, dtype=torch.float32)
@@ -180,7 +179,7 @@ def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.T
     args = (xt, xt.stride(0), m, perm if perm is not None else r_in, r_in, tokmax, codes, tok_scale)
     consts = dict(K=k, TT=tt, BM=bm, B=b, BKD=bkd, STAGES=max(1, min(tt, cfg.get("ACT_STAGES", 3))),
                   HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, RSPLIT=cfg.get("ACT_RSPLIT", 2),
-                  FASTDIV=cfg.get("ACT_FASTDIV", False), num_warps=cfg.get("ACT_WARPS", 4))
+                  FASTDIV=cfg.get("ACT_FASTDIV", True), num_warps=cfg.get("ACT_WARPS", 4))
     _act_kernel[grid](*args, PASS=1, **consts)
     _act_kernel[grid](*args, PASS=2, **consts)
     return codes, tok_scale
