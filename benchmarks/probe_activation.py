@@ -162,8 +162,8 @@ def fused_activation(x, lay, cfg, fbmp):
         xs, xt = x.t(), True
     elif cfg.get("XLOAD") == "transpose":
         xs = torch.empty((k, m), device=x.device, dtype=x.dtype)
-        W._transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xs, m, BT=64, PDL=pdl, PDL_WAIT=early,
-                                                           num_warps=4, **W._pdl(early))
+        W._transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xs, m, xs, BT=64, PDL=pdl, PDL_WAIT=early,
+                                                           ZERO=False, num_warps=4, **W._pdl(early))
         xt, early = True, pdl
     else:
         xs, xt = x, False

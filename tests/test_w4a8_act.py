@@ -19,6 +19,23 @@ def _act_ready() -> bool:
 
 pytestmark = pytest.mark.skipif(not _act_ready(), reason="needs an sm_90 GPU, Triton and Gluon")
 
+if _act_ready():  # a Gluon kernel that runs `_quotient` both ways (module level: Triton resolves globals)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    from duquant_runtime.kernels import w4a8_act as A
+
+    @gluon.jit
+    def _quotients(v_ptr, s_ptr, fast_ptr, ref_ptr, BR: gl.constexpr, W: gl.constexpr):
+        lay: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+        rows = gl.program_id(0) * BR + gl.arange(0, BR, layout=gl.SliceLayout(1, lay))
+        cols = gl.arange(0, W, layout=gl.SliceLayout(0, lay))
+        v = gl.load(v_ptr + rows[:, None] * W + cols[None, :])
+        s = gl.load(s_ptr + rows)
+        rs = gl.div_rn(gl.full([BR], 1.0, gl.float32, layout=gl.SliceLayout(1, lay)), s)
+        gl.store(fast_ptr + rows[:, None] * W + cols[None, :], A._quotient(v, s, rs, True))
+        gl.store(ref_ptr + rows[:, None] * W + cols[None, :], A._quotient(v, s, rs, False))
+
 SHAPES = [(800, 16384, True), (800, 2048, False), (136, 4096, True), (200, 1024, False)]
 
 
@@ -90,22 +107,6 @@ def test_markstein_quotient_is_the_correctly_rounded_division():
     """`_quotient`'s FASTDIV (reciprocal, product, one fma correction) equals div.rn bit for bit,
     on random values and scales, on scales with all-ones significands (the hard case for a
     reciprocal), and on quotients near the code range's halves."""
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-
-    from duquant_runtime.kernels import w4a8_act as A
-
-    @gluon.jit
-    def quotients(v_ptr, s_ptr, fast_ptr, ref_ptr, BR: gl.constexpr, W: gl.constexpr):
-        lay: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
-        rows = gl.program_id(0) * BR + gl.arange(0, BR, layout=gl.SliceLayout(1, lay))
-        cols = gl.arange(0, W, layout=gl.SliceLayout(0, lay))
-        v = gl.load(v_ptr + rows[:, None] * W + cols[None, :])
-        s = gl.load(s_ptr + rows)
-        rs = gl.div_rn(gl.full([BR], 1.0, gl.float32, layout=gl.SliceLayout(1, lay)), s)
-        gl.store(fast_ptr + rows[:, None] * W + cols[None, :], A._quotient(v, s, rs, True))
-        gl.store(ref_ptr + rows[:, None] * W + cols[None, :], A._quotient(v, s, rs, False))
-
     g = torch.Generator().manual_seed(11)
     rows, w = 1 << 14, 64
     s = torch.rand(rows, generator=g, dtype=torch.float64).mul(30).sub(15).exp2().float()
@@ -116,6 +117,6 @@ def test_markstein_quotient_is_the_correctly_rounded_division():
                      * (1 + torch.randn(rows // 2, w, generator=g) * 1e-6))  # near k/2 quotients
     v, s = v.cuda(), s.cuda()
     fast, ref = torch.empty_like(v), torch.empty_like(v)
-    quotients[(rows // 64,)](v, s, fast, ref, BR=64, W=w, num_warps=4)
+    _quotients[(rows // 64,)](v, s, fast, ref, BR=64, W=w, num_warps=4)
     assert torch.equal(ref, v / s[:, None])  # div.rn is torch's division
     assert torch.equal(fast.view(torch.int32), ref.view(torch.int32))

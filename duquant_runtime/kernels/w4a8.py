@@ -195,10 +195,12 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
 
 
 @triton.jit
-def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr, PDL: tl.constexpr, PDL_WAIT: tl.constexpr):
+def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, zero_ptr, BT: tl.constexpr, PDL: tl.constexpr,
+                      PDL_WAIT: tl.constexpr, ZERO: tl.constexpr):
     """out (K, M) = x (M, K)^T, BT x BT tiles (K a multiple of BT): the prep's XLOAD 2 operand,
     whose permuted rows it then reads as contiguous runs of tokens. PDL_WAIT: launched early,
-    wait for the previous launch's results first."""
+    wait for the previous launch's results first. ZERO: also zero zero_ptr (M,) float32 (the
+    token maxima `w4a8_act` accumulates next)."""
     if PDL_WAIT:
         gdc_wait()
     if PDL:
@@ -206,6 +208,8 @@ def _transpose_kernel(x_ptr, stride_xm, out_ptr, M, BT: tl.constexpr, PDL: tl.co
     offs_m = tl.program_id(0) * BT + tl.arange(0, BT)
     offs_k = tl.program_id(1) * BT + tl.arange(0, BT)
     mask = offs_m[:, None] < M
+    if ZERO:
+        tl.store(zero_ptr + offs_m, tl.zeros((BT,), tl.float32), mask=(offs_m < M) & (tl.program_id(1) == 0))
     t = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask)
     tl.store(out_ptr + offs_k[None, :] * M + offs_m[:, None], t, mask=mask)
 
@@ -596,9 +600,10 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     early = pdl and cfg.get("PREP_PDL", False)  # the first launch starts early, waits for x's producer
     act = _hopper_module(x.device, "w4a8_act") if dynamic and cfg.get("ACT") == "wgmma" else None
     if act is not None and (is_token_minor(x) or xload == 2):  # sm_90: rotate twice, no float32 round trip
-        xt = x.t() if is_token_minor(x) else _transposed(x, pdl, early)
+        tokmax = None if is_token_minor(x) else torch.empty((m,), device=x.device, dtype=torch.float32)
+        xt = x.t() if is_token_minor(x) else _transposed(x, pdl, early, zero=tokmax)
         if act.usable(xt, m, r_in, smooth, qmax):
-            return act.act_codes(xt, m, perm, r_in, bkd, qmin, qmax, cfg)
+            return act.act_codes(xt, m, perm, r_in, bkd, qmin, qmax, cfg, tokmax=tokmax, pdl=pdl)
         x, xload, early = xt.t(), 2, pdl and not is_token_minor(x)
     a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
@@ -632,13 +637,14 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     return codes, tok_scale
 
 
-def _transposed(x: torch.Tensor, pdl: bool, early: bool) -> torch.Tensor:
+def _transposed(x: torch.Tensor, pdl: bool, early: bool, zero: torch.Tensor | None = None) -> torch.Tensor:
     """x^T (K, M) contiguous of x (M, K) (rows contiguous): one launch (`_transpose_kernel`); early:
-    launched with PDL, it waits for x's producer."""
+    launched with PDL, it waits for x's producer. zero: a float32 (M,) buffer it zeroes too."""
     m, k = x.shape
     xt = torch.empty((k, m), device=x.device, dtype=x.dtype)
-    _transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xt, m, BT=64, PDL=pdl, PDL_WAIT=early,
-                                                     num_warps=4, **_pdl(early))
+    _transpose_kernel[(triton.cdiv(m, 64), k // 64)](x, x.stride(0), xt, m, zero if zero is not None else xt, BT=64,
+                                                     PDL=pdl, PDL_WAIT=early, ZERO=zero is not None, num_warps=4,
+                                                     **_pdl(early))
     return xt
 
 

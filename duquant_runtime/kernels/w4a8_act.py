@@ -50,6 +50,15 @@ def _r_halves(r_ptr, kb, B: gl.constexpr, num_warps: gl.constexpr):
 
 
 @gluon.jit
+def _griddepcontrol(t, OP: gl.constexpr):
+    """griddepcontrol.wait (OP "wait": the previous launch's results are visible) or
+    .launch_dependents (the next launch may start), executed by every thread (t: any tensor,
+    a dummy operand that gives the instruction a layout). Both are no-ops without PDL."""
+    gl.inline_asm_elementwise("griddepcontrol." + OP + "; mov.b32 $0, $1;", "=r,r", [t], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
 def _quotient(v, s, rs, FASTDIV: gl.constexpr):
     """v (R, W) / s (R,) float32, correctly rounded: div.rn, or (FASTDIV) Markstein's correction
     of v * rs with rs = RN(1 / s): q0 = v rs, e = v - q0 s (exact, fma), q = RN(q0 + e rs)."""
@@ -80,11 +89,13 @@ def _issue(x_bufs, st, xt_ptr, ld, src, off_m, M, BM: gl.constexpr, xl: gl.const
 def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale_ptr, K: gl.constexpr,
                 TT: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, BKD: gl.constexpr, STAGES: gl.constexpr,
                 PASS: gl.constexpr, HAS_PERM: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr,
-                RSPLIT: gl.constexpr, FASTDIV: gl.constexpr, num_warps: gl.constexpr):
+                RSPLIT: gl.constexpr, FASTDIV: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
     """Program (i, j): rotation block i of the token tiles j*TT .. j*TT+TT-1 (BM tokens each), so
     that its reads are runs along each permuted row of x^T and R_in is split once. PASS 1: atomic
     max of each tile's absmax per token into tokmax (M,) float32 (zeroed before); PASS 2: the codes
-    int8 (M, K) (`_deint` order of BKD-wide K tiles) and, program row 0, the scales (M,)."""
+    int8 (M, K) (`_deint` order of BKD-wide K tiles) and, program row 0, the scales (M,).
+    PDL: launched early; the permutation and R_in (weights) are read before waiting for the
+    previous launch's results."""
     kb = gl.program_id(0)
     m0 = gl.program_id(1) * TT * BM
     xl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BM, BM // 8], [num_warps, 1], [1, 0])
@@ -99,11 +110,14 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
         src = gl.load(perm_ptr + kb * B + cb)
     else:
         src = kb * B + cb
+    r_e, r_o = _r_halves(r_ptr, kb, B, num_warps)
+    if PDL:
+        _griddepcontrol(cb, "wait")
+        _griddepcontrol(cb, "launch_dependents")
     for p in gl.static_range(STAGES - 1):
         if p < TT:
             _issue(x_bufs, p, xt_ptr, ld, src, m0 + p * BM, M, BM, xl)
         async_copy.commit_group()
-    r_e, r_o = _r_halves(r_ptr, kb, B, num_warps)
     _store_split(r_e, r_bufs.index(0), r_bufs.index(1))
     _store_split(r_o, r_bufs.index(2), r_bufs.index(3))
     if PASS == 2:
@@ -163,23 +177,28 @@ def usable(xt: torch.Tensor, m: int, r_in: torch.Tensor, smooth, qmax: int) -> b
 
 
 def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.Tensor, bkd: int, qmin: int,
-              qmax: int, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+              qmax: int, cfg: dict, tokmax: torch.Tensor | None = None,
+              pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int8 (M, K) in the `_deint` order of BKD-wide K tiles, per-token scales float32 (M,))
     for x^T (K, ld) bf16 (tokens 0..m-1 of each row), perm (K,) int or None, r_in float16
-    (K/64, 64, 64). cfg: ACT_BM (tokens per tile), ACT_TT (tiles per program), ACT_STAGES, ACT_WARPS."""
+    (K/64, 64, 64). cfg: ACT_BM (tokens per tile), ACT_TT (tiles per program), ACT_STAGES, ACT_WARPS.
+    tokmax: float32 (M,) zeroed by the previous launch (`w4a8._transposed`), else zeroed here.
+    pdl: both launches with programmatic dependent launch (the previous one triggers them)."""
     k = xt.shape[0]
     b = r_in.shape[-1]
     bm = cfg.get("ACT_BM", 128)
     tiles = triton.cdiv(m, bm)
     tt = max(1, min(tiles, cfg.get("ACT_TT", 1)))
-    tokmax = torch.zeros((m,), device=xt.device, dtype=torch.float32)
+    if tokmax is None:
+        tokmax = torch.zeros((m,), device=xt.device, dtype=torch.float32)
     codes = torch.empty((m, k), device=xt.device, dtype=torch.int8)
     tok_scale = torch.empty((m,), device=xt.device, dtype=torch.float32)
     grid = (k // b, triton.cdiv(tiles, tt))
     args = (xt, xt.stride(0), m, perm if perm is not None else r_in, r_in, tokmax, codes, tok_scale)
     consts = dict(K=k, TT=tt, BM=bm, B=b, BKD=bkd, STAGES=max(1, min(tt, cfg.get("ACT_STAGES", 3))),
                   HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, RSPLIT=cfg.get("ACT_RSPLIT", 2),
-                  FASTDIV=cfg.get("ACT_FASTDIV", True), num_warps=cfg.get("ACT_WARPS", 4))
-    _act_kernel[grid](*args, PASS=1, **consts)
-    _act_kernel[grid](*args, PASS=2, **consts)
+                  FASTDIV=cfg.get("ACT_FASTDIV", True), PDL=pdl, num_warps=cfg.get("ACT_WARPS", 4))
+    launch = {"launch_pdl": True} if pdl else {}
+    _act_kernel[grid](*args, PASS=1, **consts, **launch)
+    _act_kernel[grid](*args, PASS=2, **consts, **launch)
     return codes, tok_scale
