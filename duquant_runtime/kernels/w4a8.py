@@ -473,7 +473,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     chunks), QRUNS (codes stored as vector runs; False: per element, the same codes); GEMM BN
     (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register operand), SPLIT
     (split-K), num_warps, num_stages, RESTORE (the R_out restore dot, `_restore`), PART_RESTORE
-    (split-K programs restore their partial sums); PDL
+    (split-K programs restore their partial sums); GEMM "rs" (`w4a8_rs`), ACT "wgmma" (`w4a8_act`,
+    ACT_BM / ACT_TT / ACT_STAGES / ACT_WARPS) on sm_90; PDL
     (programmatic dependent launch), PREP_PDL (the first activation launch launched with PDL too)."""
     dynamic = mode == MODE_DYNAMIC
     # PREP_PDL: with PDL, the first activation launch starts early too and waits for x's producer
@@ -521,10 +522,15 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         # sm_90: the register-operand Gluon GEMM + restore launch (`w4a8_rs`); the GEMM alone without
         # the restore took 49.9 us against 61.6 us for the Triton GEMM without it (kernels v8 probes)
         cfg.update(GEMM="rs", RS_STAGES=4)
+        # sm_90: the activation codes by two wgmma rotation passes (`w4a8_act`); down_proj with
+        # token-minor input 99.4 vs 108.9 us (2 stages; 3: 100.1 us)
+        cfg.update(ACT="wgmma", ACT_STAGES=2)
     elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
     elif dynamic and n < 1024:  # k/v_proj: 20.4 vs 23.5 us
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=1, num_warps=4, num_stages=4)
+        cfg.update(ACT="wgmma")  # sm_90 (`w4a8_act`): 18.9 vs 20.6 us. Not on q/o, the q/k/v and gate/up
+        # groups (PDL there already overlaps the Triton launches: 26.6 vs 25.8, 28.6 vs 26.6, 152.1 vs 150.5 us)
     elif dynamic:
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
     elif n * k >= 1 << 25 and k <= 4096:
