@@ -529,10 +529,11 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
     elif dynamic and n < 1024:  # k/v_proj: 20.4 vs 23.5 us
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=1, num_warps=4, num_stages=4)
-        cfg.update(ACT="wgmma")  # sm_90 (`w4a8_act`): 18.9 vs 20.6 us. Not on q/o, the q/k/v and gate/up
-        # groups (PDL there already overlaps the Triton launches: 26.6 vs 25.8, 28.6 vs 26.6, 152.1 vs 150.5 us)
+        cfg.update(ACT="wgmma")  # sm_90 (`w4a8_act`): 18.9 vs 20.6 us. Not on the q/k/v and gate/up groups
+        # (27.4 vs 27.2 us without PDL, 28.6 vs 26.6 with; 152.1 vs 150.5 us)
     elif dynamic:
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
+        cfg.update(ACT="wgmma", PDL=False)  # q/o_proj on sm_90 (`w4a8_act`, no PDL): 24.9 vs 25.9 us
     elif n * k >= 1 << 25 and k <= 4096:
         cfg.update(BN=128, BMT=256, BK=64, SPLIT=1, num_warps=8, num_stages=4)
     elif n < 1024:
