@@ -32,6 +32,10 @@
    float32 workspace (restored by each program first where measured faster: the restore is
    linear), a per-tile counter finds the last program, which adds the partials in split order
    (deterministic), finishes the tile and resets the counter.
+On sm_90 with Gluon, where `pick_config` measured them faster: launches 1-2 are replaced by the
+two rotation passes of `w4a8_act` (ACT="wgmma": no float32 round trip; the transpose launch
+then also zeroes its token maxima), and launch 3 by `w4a8_rs`'s GEMM plus `restore`
+(GEMM="rs"). Any other GPU, Triton without Gluon, or the interpreter runs the Triton launches.
 Programmatic dependent launch (`PDL`, Hopper+): the quantize launch and the GEMM start while the
 previous launch runs; the GEMM pulls its weight slice into L2, then both wait
 (griddepcontrol.wait) before they read the previous launch's results or write anything. The
