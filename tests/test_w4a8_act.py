@@ -70,8 +70,9 @@ def test_codes_and_scales_match_the_triton_launches(m, k, token_minor):
     assert float((bad != ref_codes).float().mean()) > 0.5
 
 
-@pytest.mark.parametrize(("tt", "bm", "stages", "warps"), [(8, 128, 3, 4), (2, 64, 2, 4), (1, 128, 4, 8)])
-def test_launch_variants_give_the_same_codes(tt, bm, stages, warps):
+@pytest.mark.parametrize(("tt", "bm", "stages", "warps", "areg"),
+                         [(8, 128, 3, 4, False), (2, 64, 2, 4, True), (1, 128, 4, 8, False), (1, 128, 1, 4, True)])
+def test_launch_variants_give_the_same_codes(tt, bm, stages, warps, areg):
     from duquant_runtime.kernels import w4a8 as K
     m, k = 300, 4096
     x, perm, r_in = _operands(m, k, True, 7)
@@ -79,7 +80,7 @@ def test_launch_variants_give_the_same_codes(tt, bm, stages, warps):
     kw = dict(r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
     base, s0 = K.prepare_activation(x, cfg=cfg, **kw)
     codes, s = K.prepare_activation(x, cfg={**cfg, "ACT_TT": tt, "ACT_BM": bm, "ACT_STAGES": stages,
-                                             "ACT_WARPS": warps}, **kw)
+                                             "ACT_WARPS": warps, "ACT_AREG": areg}, **kw)
     assert torch.equal(s, s0)
     assert float((codes != base).float().mean()) < 1e-4
 

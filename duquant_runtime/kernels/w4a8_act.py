@@ -89,7 +89,7 @@ def _issue(x_bufs, st, xt_ptr, ld, src, off_m, M, BM: gl.constexpr, xl: gl.const
 def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale_ptr, K: gl.constexpr,
                 TT: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, BKD: gl.constexpr, STAGES: gl.constexpr,
                 PASS: gl.constexpr, HAS_PERM: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr,
-                RSPLIT: gl.constexpr, FASTDIV: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
+                FASTDIV: gl.constexpr, AREG: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
     """Program (i, j): rotation block i of the token tiles j*TT .. j*TT+TT-1 (BM tokens each), so
     that its reads are runs along each permuted row of x^T and R_in is split once. PASS 1: atomic
     max of each tile's absmax per token into tokmax (M,) float32 (zeroed before); PASS 2: the codes
@@ -100,11 +100,12 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
     m0 = gl.program_id(1) * TT * BM
     xl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BM, BM // 8], [num_warps, 1], [1, 0])
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, B // 2, 16])
+                                                  instr_shape=[16, B, 16])
     x_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, 2 * BM), element_bitwidth=16, rank=2)
-    r_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=2)
+    r_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, B, BM], x_layout)
-    r_bufs = gl.allocate_shared_memory(gl.bfloat16, [4, B, B // 2], r_layout)  # hi even, lo even, hi odd, lo odd
+    # R_in's hi and lo terms (B, B), columns in the codes' order: the block's even channels, then its odd ones
+    r_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, B, B], r_layout)
     cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
     if HAS_PERM:
         src = gl.load(perm_ptr + kb * B + cb)
@@ -118,13 +119,16 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
         if p < TT:
             _issue(x_bufs, p, xt_ptr, ld, src, m0 + p * BM, M, BM, xl)
         async_copy.commit_group()
-    _store_split(r_e, r_bufs.index(0), r_bufs.index(1))
-    _store_split(r_o, r_bufs.index(2), r_bufs.index(3))
-    if PASS == 2:
-        ol: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
-        ocol = gl.arange(0, B // 2, layout=gl.SliceLayout(0, ol))
+    _store_split(r_e, r_bufs.index(0).slice(0, B // 2, dim=1), r_bufs.index(1).slice(0, B // 2, dim=1))
+    _store_split(r_o, r_bufs.index(0).slice(B // 2, B // 2, dim=1), r_bufs.index(1).slice(B // 2, B // 2, dim=1))
+    if PASS == 2:  # codes of column j go to run + j % (B/2) + (j // (B/2)) * BKD/2 (`_deint`)
+        ol: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // B, B // 16], [num_warps, 1], [1, 0])
+        ocol = gl.arange(0, B, layout=gl.SliceLayout(0, ol))
         c0 = kb * B
         run = gl.multiple_of(c0 - c0 % BKD + (c0 % BKD) // 2, B // 2)
+        ocol = run + ocol % (B // 2) + (ocol // (B // 2)) * (BKD // 2)
+    if AREG:
+        a_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     for t in range(TT):
         off_m = m0 + t * BM
         if t > 0:
@@ -142,28 +146,23 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
             rs = gl.div_rn(gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, mma)), s)
         async_copy.wait_group(STAGES - 1)  # tile t has landed (this thread's copies)
         fence_async_shared()
-        gl.thread_barrier()  # ... and every thread's (and, at t = 0, the R_in halves are stored)
-        a = x_bufs.index(t % STAGES).permute((1, 0))  # (BM, B) MN-major
-        acc_e = warpgroup_mma(a, r_bufs.index(0), gl.zeros([BM, B // 2], gl.float32, layout=mma), is_async=True)
-        if RSPLIT == 2:
-            acc_e = warpgroup_mma(a, r_bufs.index(1), acc_e, is_async=True)
-        acc_o = warpgroup_mma(a, r_bufs.index(2), gl.zeros([BM, B // 2], gl.float32, layout=mma), is_async=True)
-        if RSPLIT == 2:
-            acc_o = warpgroup_mma(a, r_bufs.index(3), acc_o, is_async=True)
-        acc_e, acc_o = warpgroup_mma_wait(num_outstanding=0, deps=(acc_e, acc_o))
+        gl.thread_barrier()  # ... and every thread's (and, at t = 0, the R_in terms are stored)
+        if AREG:  # the tile read from shared memory once, as the register operand of both dots
+            a = x_bufs.index(t % STAGES).permute((1, 0)).load(a_reg)
+        else:  # (BM, B) MN-major, read by each dot
+            a = x_bufs.index(t % STAGES).permute((1, 0))
+        acc = warpgroup_mma(a, r_bufs.index(0), gl.zeros([BM, B], gl.float32, layout=mma), is_async=True)
+        acc = warpgroup_mma(a, r_bufs.index(1), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         if PASS == 1:
-            amax = gl.maximum(gl.max(gl.abs(acc_e), axis=1), gl.max(gl.abs(acc_o), axis=1))
-            gl.atomic_max(tokmax_ptr + toks, amax, mask=row_ok, sem="relaxed")
+            gl.atomic_max(tokmax_ptr + toks, gl.max(gl.abs(acc), axis=1), mask=row_ok, sem="relaxed")
         else:
             if kb == 0:
                 gl.store(tok_scale_ptr + toks, s, mask=row_ok)
-            q_e = gl.minimum(gl.maximum(_rint(_quotient(acc_e, s, rs, FASTDIV)), QMIN), QMAX).to(gl.int8)
-            q_o = gl.minimum(gl.maximum(_rint(_quotient(acc_o, s, rs, FASTDIV)), QMIN), QMAX).to(gl.int8)
+            q = gl.minimum(gl.maximum(_rint(_quotient(acc, s, rs, FASTDIV)), QMIN), QMAX).to(gl.int8)
             orow = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ol))
-            optr = codes_ptr + orow[:, None] * K + run + ocol[None, :]
-            omask = (orow < M)[:, None]
-            gl.store(optr, gl.convert_layout(q_e, ol), mask=omask)
-            gl.store(optr + BKD // 2, gl.convert_layout(q_o, ol), mask=omask)
+            gl.store(codes_ptr + orow[:, None] * K + ocol[None, :], gl.convert_layout(q, ol),
+                     mask=(orow < M)[:, None])
     async_copy.wait_group(0)
 
 
@@ -181,7 +180,7 @@ def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.T
               pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int8 (M, K) in the `_deint` order of BKD-wide K tiles, per-token scales float32 (M,))
     for x^T (K, ld) bf16 (tokens 0..m-1 of each row), perm (K,) int or None, r_in float16
-    (K/64, 64, 64). cfg: ACT_BM (tokens per tile), ACT_TT (tiles per program), ACT_STAGES, ACT_WARPS.
+    (K/64, 64, 64). cfg: ACT_BM (tokens per tile), ACT_TT (tiles per program), ACT_STAGES, ACT_WARPS, ACT_MAXNREG.
     tokmax: float32 (M,) zeroed by the previous launch (`w4a8._transposed`), else zeroed here.
     pdl: both launches with programmatic dependent launch (the previous one triggers them)."""
     k = xt.shape[0]
@@ -196,9 +195,11 @@ def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.T
     grid = (k // b, triton.cdiv(tiles, tt))
     args = (xt, xt.stride(0), m, perm if perm is not None else r_in, r_in, tokmax, codes, tok_scale)
     consts = dict(K=k, TT=tt, BM=bm, B=b, BKD=bkd, STAGES=max(1, min(tt, cfg.get("ACT_STAGES", 3))),
-                  HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, RSPLIT=cfg.get("ACT_RSPLIT", 2),
+                  HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, AREG=cfg.get("ACT_AREG", False),
                   FASTDIV=cfg.get("ACT_FASTDIV", True), PDL=pdl, num_warps=cfg.get("ACT_WARPS", 4))
     launch = {"launch_pdl": True} if pdl else {}
+    if cfg.get("ACT_MAXNREG"):  # register cap per thread (more programs per SM), for tuning
+        launch["maxnreg"] = cfg["ACT_MAXNREG"]
     _act_kernel[grid](*args, PASS=1, **consts, **launch)
     _act_kernel[grid](*args, PASS=2, **consts, **launch)
     return codes, tok_scale
