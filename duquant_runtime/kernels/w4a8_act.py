@@ -14,11 +14,13 @@ two bf16 terms hi + lo (hi = bf16(r), lo = r - hi, both exact), and bf16 x bf16 
 exact in the float32 accumulator, as are the tf32 products of `_prep_kernel`. Only the order of
 the float32 sums differs.
 
-The B operand's columns are a block's even channels, then its odd ones (two N = 32 wgmma), so
-the codes leave as two contiguous runs in the GEMM's column order (`w4a8._deint`) with vector
-stores. Used by `w4a8.prepare_activation` where `pick_config` asks for it (ACT="wgmma") on
-sm_90 with Gluon; the GPU tests compare its codes and scales with the Triton launches
-(tests/test_w4a8_act.py)."""
+The B operand's columns are a block's even channels, then its odd ones (one N = 64 wgmma per
+R_in term), so the codes leave as two contiguous runs in the GEMM's column order
+(`w4a8._deint`) with vector stores. Pass 1's token maxima are relaxed atomics (Triton's default
+is acq_rel, a fence per atomic), and the quotient is Markstein's (`_quotient`; with div.rn,
+pass 2 took twice as long). Used by `w4a8.prepare_activation` where `pick_config` asks for it
+(ACT="wgmma") on sm_90 with Gluon; the GPU tests compare its codes and scales with the Triton
+launches (tests/test_w4a8_act.py)."""
 
 from __future__ import annotations
 
