@@ -1,4 +1,5 @@
 """Offline sm_90 compile of the W4 GEMM (kernels/w4a8.py `_gemm_kernel`): no GPU needed.
+(`compile_act` / `act_report`: the same for the Gluon activation passes, kernels/w4a8_act.py.)
 
     python benchmarks/compile_w4a8.py [--k 2048] [--tiles 64/128/128/4/4,64/128/128/4/3,...] [--json]
 
@@ -82,6 +83,42 @@ def report(int8: bool, tile: tuple[int, ...], k: int) -> dict:
     return {"operand": "int8" if int8 else "bf16", "BN": bn, "BMT": bmt, "BK": bk, "num_warps": warps,
             "num_stages": stages, "K": k, "wgmma": shapes, "wait_group_in_flight": waits, "registers": regs,
             "shared_bytes": smem, "programs_per_sm": per_sm}
+
+
+def compile_act(pass_: int, bm: int = 128, warps: int = 4, k: int = 16384, areg: bool = False):
+    """The compiled `w4a8_act._act_kernel` (triton CompiledKernel) for sm_90, one pass (1: token
+    maxima, 2: codes) of one token tile per program, as `act_codes` launches it on the LLM
+    down_proj (x^T row stride and M divisible by 16, no PDL)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from duquant_runtime.kernels import w4a8_act
+    fn = w4a8_act._act_kernel
+    names = list(inspect.signature(fn.fn).parameters)
+    types = {"xt_ptr": "*bf16", "ld": "i32", "M": "i32", "perm_ptr": "*i64", "r_ptr": "*fp16", "tokmax_ptr": "*fp32",
+             "codes_ptr": "*i8", "tok_scale_ptr": "*fp32"}
+    consts = {"K": k, "TT": 1, "BM": bm, "B": 64, "BKD": 256, "STAGES": 1, "PASS": pass_, "HAS_PERM": True,
+              "QMIN": -128, "QMAX": 127, "FASTDIV": True, "AREG": areg, "PDL": False, "num_warps": warps}
+    sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n in ("ld", "M")}
+    return triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps})
+
+
+def act_report(pass_: int, bm: int = 128, warps: int = 4, areg: bool = False) -> dict:
+    """What the generated code of one `_act_kernel` pass does: wgmma shapes, cp.async widths
+    (bytes), global store and atomic forms, registers per thread, shared bytes per program."""
+    ck = compile_act(pass_, bm, warps, areg=areg)
+    ptx = ck.asm["ptx"]
+    lines = [line.strip() for line in ptx.splitlines()]
+    return {"pass": pass_, "BM": bm, "num_warps": warps, "AREG": areg,
+            "wgmma": sorted({re.search(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", x).group(1)
+                             for x in lines if "wgmma.mma_async" in x}),
+            "cp_async_bytes": sorted({int(x.split(",")[2].strip(), 0) for x in lines if x.startswith("cp.async.cg")}),
+            "global_stores": sorted({x.split()[1] for x in lines if x.startswith("@") and " st.global" in x}),
+            "atomics": sorted({x.split()[1] for x in lines if x.startswith("@") and " atom." in x}),
+            "registers": registers(ptx), "shared_bytes": ck.metadata.shared}
 
 
 def main(argv=None) -> int:

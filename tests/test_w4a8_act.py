@@ -1,13 +1,18 @@
-"""The Gluon activation codes (kernels/w4a8_act.py) on an sm_90 GPU: the codes and scales of the
-Triton prep + quantize launches, up to quantization ties moved by the order of float32 sums, and
-the whole layer within bf16 rounding of the Triton path (skipped without an sm_90 GPU and Gluon)."""
+"""The Gluon activation codes (kernels/w4a8_act.py).
+
+- On an sm_90 GPU (skipped without, and without Gluon): the codes and scales of the Triton prep +
+  quantize launches, up to quantization ties moved by the order of float32 sums; the whole layer
+  within bf16 rounding of the Triton path; the Markstein quotient bit for bit div.rn.
+- Without a GPU (Triton installed): which operands the kernel takes, and the sm_90 code Triton
+  generates offline (16-byte cp.async, bf16 wgmma, relaxed atomics, vector code stores).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from duquant_runtime.kernels import device_capability, fast_path_available
+from duquant_runtime.kernels import device_capability, fast_path_available, triton_available
 
 
 def _act_ready() -> bool:
@@ -17,7 +22,8 @@ def _act_ready() -> bool:
     return tuple(device_capability("cuda")) == (9, 0) and K._hopper_module(torch.device("cuda"), "w4a8_act") is not None
 
 
-pytestmark = pytest.mark.skipif(not _act_ready(), reason="needs an sm_90 GPU, Triton and Gluon")
+needs_act = pytest.mark.skipif(not _act_ready(), reason="needs an sm_90 GPU, Triton and Gluon")
+needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton not installed")
 
 if _act_ready():  # a Gluon kernel that runs `_quotient` both ways (module level: Triton resolves globals)
     from triton.experimental import gluon
@@ -51,6 +57,7 @@ def _operands(m: int, k: int, token_minor: bool, seed: int):
     return x, perm.cuda(), r_in.cuda()
 
 
+@needs_act
 @pytest.mark.parametrize(("m", "k", "token_minor"), SHAPES)
 def test_codes_and_scales_match_the_triton_launches(m, k, token_minor):
     from duquant_runtime.kernels import w4a8 as K
@@ -70,6 +77,7 @@ def test_codes_and_scales_match_the_triton_launches(m, k, token_minor):
     assert float((bad != ref_codes).float().mean()) > 0.5
 
 
+@needs_act
 @pytest.mark.parametrize(("tt", "bm", "stages", "warps", "areg"),
                          [(8, 128, 3, 4, False), (2, 64, 2, 4, True), (1, 128, 4, 8, False), (1, 128, 1, 4, True)])
 def test_launch_variants_give_the_same_codes(tt, bm, stages, warps, areg):
@@ -85,6 +93,7 @@ def test_launch_variants_give_the_same_codes(tt, bm, stages, warps, areg):
     assert float((codes != base).float().mean()) < 1e-4
 
 
+@needs_act
 @pytest.mark.parametrize(("m", "n", "k"), [(800, 2048, 16384), (800, 2048, 2048)])
 def test_layer_with_wgmma_codes_matches_the_triton_path(m, n, k):
     from duquant_runtime.kernels import w4a8 as K
@@ -104,6 +113,7 @@ def test_layer_with_wgmma_codes_matches_the_triton_path(m, n, k):
     assert err < 2e-3
 
 
+@needs_act
 def test_markstein_quotient_is_the_correctly_rounded_division():
     """`_quotient`'s FASTDIV (reciprocal, product, one fma correction) equals div.rn bit for bit,
     on random values and scales, on scales with all-ones significands (the hard case for a
@@ -121,3 +131,35 @@ def test_markstein_quotient_is_the_correctly_rounded_division():
     _quotients[(rows // 64,)](v, s, fast, ref, BR=64, W=w, num_warps=4)
     assert torch.equal(ref, v / s[:, None])  # div.rn is torch's division
     assert torch.equal(fast.view(torch.int32), ref.view(torch.int32))
+
+
+@needs_triton
+def test_usable_takes_only_operands_the_kernel_reads_correctly():
+    from duquant_runtime.kernels import w4a8_act as A
+    xt = torch.zeros(256, 800, dtype=torch.bfloat16)
+    r_in = torch.zeros(4, 64, 64, dtype=torch.float16)
+    assert A.usable(xt, 800, r_in, None, 127)
+    assert not A.usable(xt, 50, r_in, None, 127)  # M not a multiple of 16: a token mask splits copies
+    assert not A.usable(torch.zeros(256, 808, dtype=torch.bfloat16)[:, :800], 800, r_in, None, 127)  # row stride
+    assert not A.usable(xt.float(), 800, r_in, None, 127)
+    assert not A.usable(xt, 800, r_in.float(), None, 127)  # float32 R_in: hi + lo would not be exact
+    assert not A.usable(xt, 800, torch.zeros(8, 32, 32, dtype=torch.float16), None, 127)
+    assert not A.usable(xt, 800, r_in, torch.ones(256), 127)  # smoothing is the Triton prep's
+    assert not A.usable(xt, 800, r_in, None, 32767)
+
+
+@needs_triton
+def test_offline_sm90_code_of_both_passes():
+    """benchmarks/compile_w4a8.py `act_report` compiles both passes for sm_90 without a GPU."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import compile_w4a8
+    one, two = compile_w4a8.act_report(1), compile_w4a8.act_report(2)
+    for r in (one, two):
+        assert r["wgmma"] == ["m64n64k16.f32.bf16.bf16"], r  # one N = 64 dot per R_in term
+        assert r["cp_async_bytes"] == [16], r  # whole 16-byte copies of x^T
+        assert r["registers"] and r["registers"] <= 128 and r["shared_bytes"] > 0, r
+    assert one["atomics"] and all(".relaxed." in a for a in one["atomics"]), one  # no fence per atomic
+    assert not one["global_stores"] and not two["atomics"]
+    assert "st.global.v4.b32" in two["global_stores"], two  # the codes in 16-byte vectors
