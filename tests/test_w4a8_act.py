@@ -138,14 +138,15 @@ def test_usable_takes_only_operands_the_kernel_reads_correctly():
     from duquant_runtime.kernels import w4a8_act as A
     xt = torch.zeros(256, 800, dtype=torch.bfloat16)
     r_in = torch.zeros(4, 64, 64, dtype=torch.float16)
-    assert A.usable(xt, 800, r_in, None, 127)
-    assert not A.usable(xt, 50, r_in, None, 127)  # M not a multiple of 16: a token mask splits copies
-    assert not A.usable(torch.zeros(256, 808, dtype=torch.bfloat16)[:, :800], 800, r_in, None, 127)  # row stride
-    assert not A.usable(xt.float(), 800, r_in, None, 127)
-    assert not A.usable(xt, 800, r_in.float(), None, 127)  # float32 R_in: hi + lo would not be exact
-    assert not A.usable(xt, 800, torch.zeros(8, 32, 32, dtype=torch.float16), None, 127)
-    assert not A.usable(xt, 800, r_in, torch.ones(256), 127)  # smoothing is the Triton prep's
-    assert not A.usable(xt, 800, r_in, None, 32767)
+    assert A.usable(xt, 800, r_in, None, 127, 256)
+    assert not A.usable(xt, 50, r_in, None, 127, 256)  # M not a multiple of 16: a token mask splits copies
+    assert not A.usable(torch.zeros(256, 808, dtype=torch.bfloat16)[:, :800], 800, r_in, None, 127, 256)  # row stride
+    assert not A.usable(xt.float(), 800, r_in, None, 127, 256)
+    assert not A.usable(xt, 800, r_in.float(), None, 127, 256)  # float32 R_in: hi + lo would not be exact
+    assert not A.usable(xt, 800, torch.zeros(8, 32, 32, dtype=torch.float16), None, 127, 256)
+    assert not A.usable(xt, 800, r_in, torch.ones(256), 127, 256)  # smoothing is the Triton prep's
+    assert not A.usable(xt, 800, r_in, None, 32767, 256)
+    assert not A.usable(xt, 800, r_in, None, 127, 32)  # a 64-wide block would span two GEMM K tiles
 
 
 @needs_triton

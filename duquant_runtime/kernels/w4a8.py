@@ -527,8 +527,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         # the restore took 49.9 us against 61.6 us for the Triton GEMM without it (kernels v8 probes)
         cfg.update(GEMM="rs", RS_STAGES=4)
         # sm_90: the activation codes by two wgmma rotation passes (`w4a8_act`); down_proj with
-        # token-minor input 99.4 vs 108.9 us (2 stages; 3: 100.1 us)
-        cfg.update(ACT="wgmma", ACT_STAGES=2)
+        # token-minor input 99.4 vs 108.9 us
+        cfg.update(ACT="wgmma")
     elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
     elif dynamic and n < 1024:  # k/v_proj: 20.4 vs 23.5 us
@@ -613,7 +613,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     if act is not None and (is_token_minor(x) or xload == 2):  # sm_90: rotate twice, no float32 round trip
         tokmax = None if is_token_minor(x) else torch.empty((m,), device=x.device, dtype=torch.float32)
         xt = x.t() if is_token_minor(x) else _transposed(x, pdl, early, zero=tokmax)
-        if act.usable(xt, m, r_in, smooth, qmax):
+        if act.usable(xt, m, r_in, smooth, qmax, bkd):
             return act.act_codes(xt, m, perm, r_in, bkd, qmin, qmax, cfg, tokmax=tokmax, pdl=pdl)
         x, xload, early = xt.t(), 2, pdl and not is_token_minor(x)
     a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)

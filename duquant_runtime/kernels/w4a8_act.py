@@ -168,13 +168,13 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
     async_copy.wait_group(0)
 
 
-def usable(xt: torch.Tensor, m: int, r_in: torch.Tensor, smooth, qmax: int) -> bool:
+def usable(xt: torch.Tensor, m: int, r_in: torch.Tensor, smooth, qmax: int, bkd: int) -> bool:
     """Whether these operands fit the kernel: x^T (K, ld) bf16 with unit token stride and ld and M
     multiples of 16 (16-byte copies under a token mask), float16 R_in in 64-wide blocks, no
-    smoothing, 8-bit codes."""
+    smoothing, 8-bit codes, GEMM K tiles (bkd) made of whole blocks."""
     return (xt.dtype == torch.bfloat16 and xt.stride(1) == 1 and xt.stride(0) % 16 == 0 and m % 16 == 0
             and r_in.dtype == torch.float16 and r_in.shape[-1] == 64 and smooth is None and qmax <= 127
-            and xt.data_ptr() % 16 == 0)
+            and xt.data_ptr() % 16 == 0 and bkd % 64 == 0)
 
 
 def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.Tensor, bkd: int, qmin: int,
