@@ -537,7 +537,9 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         # (27.4 vs 27.2 us without PDL, 28.6 vs 26.6 with; 152.1 vs 150.5 us)
     elif dynamic:
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
-        cfg.update(ACT="wgmma", PDL=False)  # q/o_proj on sm_90 (`w4a8_act`, no PDL): 24.9 vs 25.9 us
+        # q/o_proj on sm_90 (`w4a8_act`, no PDL): 24.9 vs 25.9 us; the Triton launches elsewhere: 25.8 us
+        # without PDL, 25.9 with
+        cfg.update(ACT="wgmma", PDL=False)
     elif n * k >= 1 << 25 and k <= 4096:
         cfg.update(BN=128, BMT=256, BK=64, SPLIT=1, num_warps=8, num_stages=4)
     elif n < 1024:
@@ -615,7 +617,8 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         xt = x.t() if is_token_minor(x) else _transposed(x, pdl, early, zero=tokmax)
         if act.usable(xt, m, r_in, smooth, qmax, bkd):
             return act.act_codes(xt, m, perm, r_in, bkd, qmin, qmax, cfg, tokmax=tokmax, pdl=pdl)
-        x, xload, early = xt.t(), 2, pdl and not is_token_minor(x)
+        if tokmax is not None:  # the Triton prep reads the transpose made here (launched after it)
+            x, early = xt.t(), pdl
     a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     if is_token_minor(x):  # x^T is there already: the prep reads its rows (whole runs of tokens)
