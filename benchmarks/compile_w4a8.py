@@ -31,27 +31,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 REGS_PER_SM, SMEM_PER_SM = 65536, 232448  # sm_90
 
 
+def compile_sm90(source, fn, types: dict, consts: dict, options: dict, divisible: tuple = ()):
+    """triton.compile of the jitted fn for sm_90 through `source` (Triton's ASTSource or Gluon's):
+    arguments in consts are constants, the others typed by `types`; pointers (and the integers
+    named in `divisible`) 16-divisible, as the runtime specializes them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n in divisible}
+    return triton.compile(source(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def wgmma_shapes(ptx: str) -> list[str]:
+    """The distinct wgmma instruction shapes/types of PTX, e.g. "m64n64k16.f32.bf16.bf16"."""
+    return sorted({re.search(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", line).group(1)
+                   for line in ptx.splitlines() if "wgmma.mma_async" in line})
+
+
 def compile_gemm(int8: bool, bn: int, bmt: int, bk: int, warps: int, stages: int, k: int, swap: bool = True,
                  restore: int = 0):
     """The compiled `_gemm_kernel` (triton CompiledKernel) for one tile, sm_90; restore: the
     R_out restore variant (`_finish` RESTORE)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from duquant_runtime.kernels import w4a8 as kernels
     fn = kernels._gemm_kernel
-    names = list(inspect.signature(fn.fn).parameters)
     types = {"a_ptr": "*i8" if int8 else "*bf16", "tok_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32",
              "rout_ptr": "*fp16", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
              "stride_om": "i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     consts = {"K": k, "INT8": int8, "BN": bn, "BMT": bmt, "BK": bk, "GROUP": 8, "SWAP": swap, "SPLIT": 1, "BO": 64,
               "HAS_ROUT": True, "HAS_BIAS": False, "F32_DOT": False, "PDL": False, "PF_N": 4, "PF": 4,
               "RESTORE": restore, "PART_RESTORE": False, "stride_on": 1}  # row-major output: the runtime specializes a stride of 1 as a constant
-    sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
-    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": stages})
+    return compile_sm90(ASTSource, fn, types, consts, {"num_warps": warps, "num_stages": stages})
 
 
 def registers(ptx: str) -> int | None:
@@ -71,8 +83,7 @@ def report(int8: bool, tile: tuple[int, ...], k: int) -> dict:
     bn, bmt, bk, warps, stages = tile
     ck = compile_gemm(int8, bn, bmt, bk, warps, stages, k)
     ptx = ck.asm["ptx"]
-    shapes = sorted({re.search(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", line).group(1)
-                     for line in ptx.splitlines() if "wgmma.mma_async" in line})
+    shapes = wgmma_shapes(ptx)
     waits = sorted({int(line.split()[-1].rstrip(";")) for line in ptx.splitlines() if "wgmma.wait_group" in line})
     regs = registers(ptx)
     smem = ck.metadata.shared
@@ -89,21 +100,15 @@ def compile_act(pass_: int, bm: int = 128, warps: int = 4, k: int = 16384, areg:
     """The compiled `w4a8_act._act_kernel` (triton CompiledKernel) for sm_90, one pass (1: token
     maxima, 2: codes) of one token tile per program, as `act_codes` launches it on the LLM
     down_proj (x^T row stride and M divisible by 16, no PDL)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from duquant_runtime.kernels import w4a8_act
     fn = w4a8_act._act_kernel
-    names = list(inspect.signature(fn.fn).parameters)
     types = {"xt_ptr": "*bf16", "ld": "i32", "M": "i32", "perm_ptr": "*i64", "r_ptr": "*fp16", "tokmax_ptr": "*fp32",
              "codes_ptr": "*i8", "tok_scale_ptr": "*fp32"}
     consts = {"K": k, "TT": 1, "BM": bm, "B": 64, "BKD": 256, "STAGES": 1, "PASS": pass_, "HAS_PERM": True,
               "QMIN": -128, "QMAX": 127, "FASTDIV": True, "AREG": areg, "PDL": False, "num_warps": warps}
-    sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n in ("ld", "M")}
-    return triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps})
+    return compile_sm90(GluonASTSource, fn, types, consts, {"num_warps": warps}, divisible=("ld", "M"))
 
 
 def act_report(pass_: int, bm: int = 128, warps: int = 4, areg: bool = False) -> dict:
@@ -113,8 +118,7 @@ def act_report(pass_: int, bm: int = 128, warps: int = 4, areg: bool = False) ->
     ptx = ck.asm["ptx"]
     lines = [line.strip() for line in ptx.splitlines()]
     return {"pass": pass_, "BM": bm, "num_warps": warps, "AREG": areg,
-            "wgmma": sorted({re.search(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", x).group(1)
-                             for x in lines if "wgmma.mma_async" in x}),
+            "wgmma": wgmma_shapes(ptx),
             "cp_async_bytes": sorted({int(x.split(",")[2].strip(), 0) for x in lines if x.startswith("cp.async.cg")}),
             "global_stores": sorted({x.split()[1] for x in lines if x.startswith("@") and " st.global" in x}),
             "atomics": sorted({x.split()[1] for x in lines if x.startswith("@") and " atom." in x}),
