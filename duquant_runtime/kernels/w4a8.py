@@ -478,7 +478,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register operand), SPLIT
     (split-K), num_warps, num_stages, RESTORE (the R_out restore dot, `_restore`), PART_RESTORE
     (split-K programs restore their partial sums); GEMM "rs" (`w4a8_rs`), ACT "wgmma" (`w4a8_act`,
-    ACT_BM / ACT_TT / ACT_STAGES / ACT_WARPS) on sm_90; PDL
+    ACT_BM / ACT_TT / ACT_STAGES / ACT_WARPS) or "cluster" (`w4a8_cluster`, CL / CL_BM / CL_WARPS) on sm_90; PDL
     (programmatic dependent launch), PREP_PDL (the first activation launch launched with PDL too)."""
     dynamic = mode == MODE_DYNAMIC
     # PREP_PDL: with PDL, the first activation launch starts early too and waits for x's producer
@@ -531,15 +531,19 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg.update(ACT="wgmma")
     elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
+        # sm_90: the activation codes in one cluster launch (`w4a8_cluster`), no transpose launch:
+        # linked gate/up 148.3 vs 151.4 us, linked q/k/v 25.6 vs 26.6 us
+        cfg.update(ACT="cluster", CL=16)
     elif dynamic and n < 1024:  # k/v_proj: 20.4 vs 23.5 us
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=1, num_warps=4, num_stages=4)
-        cfg.update(ACT="wgmma")  # sm_90 (`w4a8_act`): 18.9 vs 20.6 us. Not on the q/k/v and gate/up groups
-        # (27.4 vs 27.2 us without PDL, 28.6 vs 26.6 with; 152.1 vs 150.5 us)
+        # sm_90: the cluster launch (`w4a8_cluster`, no PDL) 17.3 us, `w4a8_act` 18.6 us (v10: 18.9 vs 20.6 us
+        # for the Triton launches), with PDL 20.6 us
+        cfg.update(ACT="cluster", CL=16)
     elif dynamic:
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
-        # q/o_proj on sm_90 (`w4a8_act`, no PDL): 24.9 vs 25.9 us; the Triton launches elsewhere: 25.8 us
-        # without PDL, 25.9 with
-        cfg.update(ACT="wgmma", PDL=False)
+        # q/o_proj on sm_90: the cluster launch (`w4a8_cluster`) with PDL 21.5 us, without 22.7 us;
+        # `w4a8_act` (no PDL) 24.4 us (v10: 24.9 vs 25.9 us for the Triton launches, 25.8 us without PDL)
+        cfg.update(ACT="cluster", CL=16)
     elif n * k >= 1 << 25 and k <= 4096:
         cfg.update(BN=128, BMT=256, BK=64, SPLIT=1, num_warps=8, num_stages=4)
     elif n < 1024:
@@ -611,6 +615,10 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     pdl = _use_pdl(cfg, x.device)
     bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
     early = pdl and cfg.get("PREP_PDL", False)  # the first launch starts early, waits for x's producer
+    if dynamic and cfg.get("ACT") == "cluster":  # sm_90: one launch, a thread-block cluster per token tile
+        cluster = _hopper_module(x.device, "w4a8_cluster")
+        if cluster is not None and cluster.usable(x, r_in, smooth, qmax, bkd, cfg):
+            return cluster.act_codes(x, perm, r_in, bkd, qmin, qmax, cfg, pdl=pdl, early=early)
     act = _hopper_module(x.device, "w4a8_act") if dynamic and cfg.get("ACT") == "wgmma" else None
     if act is not None and (is_token_minor(x) or xload == 2):  # sm_90: rotate twice, no float32 round trip
         tokmax = None if is_token_minor(x) else torch.empty((m,), device=x.device, dtype=torch.float32)
