@@ -734,7 +734,7 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
 
 def _hopper_module(device: torch.device, name: str):
     """The Gluon kernel module `name` ("w4a8_rs": the register-operand GEMM, "w4a8_act": the
-    activation codes) where it runs: an sm_90 GPU (wgmma), not interpreted, a Triton with Gluon's
+    activation codes in two passes, "w4a8_cluster": in one cluster launch) where it runs: an sm_90 GPU (wgmma), not interpreted, a Triton with Gluon's
     Hopper API; else None (the Triton kernels run)."""
     if _INTERPRET or device.type != "cuda":
         return None
