@@ -426,8 +426,13 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
             tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [pid_k], dtype=tl.int32,
                                       is_pure=False, pack=1)
         tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        # relaxed counter between the two fences (the threadfence-reduction pattern): expert down_proj
+        # 12.0 -> 11.5 us, LLM down_proj at M = 1 19.3 -> 18.8 us against an acq_rel counter
+        done = tl.atomic_add(cnt_ptr + pid, 1, sem="relaxed" if not F32_DOT else "acq_rel")
         if done == SPLIT - 1:
+            if not F32_DOT:  # acquire side: the other programs' partials, after their fences
+                tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [pid_k], dtype=tl.int32,
+                                          is_pure=False, pack=1)
             tot = tl.zeros((BN, BMT), dtype=tl.float32)
             for sk in range(0, SPLIT):  # fixed order: deterministic sums
                 tot += tl.load(wsp + sk * (M * N), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N),
@@ -438,7 +443,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
             else:
                 _finish(tot, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om,
                         stride_on, BN, BO, HAS_ROUT, HAS_BIAS, RESTORE, F32_DOT)
-            tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next call
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")  # ready for the next call (kernel boundary orders it)
 
 
 def is_token_minor(x: torch.Tensor) -> bool:
