@@ -58,3 +58,58 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (float64)."""
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def w4a8_operands(m: int, k: int, token_minor: bool, seed: int):
+    """GPU operands of the activation kernels: x (M, K) bf16 with five 60x outlier channels
+    (token-minor when asked: the transpose of a (K, M) tensor, as a gate/up GEMM leaves it for
+    down_proj), a permutation (K,) and orthogonal R_in blocks (K/64, 64, 64) float16, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    r_in = torch.linalg.qr(torch.randn(k // 64, 64, 64, generator=g, dtype=torch.float64))[0].half().contiguous()
+    perm = torch.randperm(k, generator=g)
+    x = torch.randn(m, k, generator=g)
+    x[:, torch.randperm(k, generator=g)[:5]] *= 60.0  # outlier channels
+    x = x.bfloat16().cuda()
+    if token_minor:
+        x = x.t().contiguous().t()
+    return x, perm.cuda(), r_in.cuda()
+
+
+def w4_layer_kwargs(n: int, k: int, r_in, perm, mode: int, seed: int = 5) -> dict:
+    """`w4_linear` keyword arguments of a random W4 layer (N, K) on the GPU: packed int4 codes,
+    row scales, orthogonal R_out blocks (N/64, 64, 64) float16, the given R_in / perm / mode."""
+    from duquant_runtime.quant import pack_int4
+    g = torch.Generator().manual_seed(seed)
+    r_out = torch.linalg.qr(torch.randn(n // 64, 64, 64, generator=g, dtype=torch.float64))[0].half().contiguous()
+    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n, generator=g) * 0.01 + 0.001
+    return dict(qweight=pack_int4(q).cuda(), w_scale=ws.cuda(), r_in=r_in, perm=perm, r_out=r_out.cuda(),  # noqa: C408
+                bias=None, smooth=None, mode=mode)
+
+
+def layer_err_vs_triton_launches(x, n: int, k: int, r_in, perm, act: str) -> float:
+    """Relative error of a dynamic W4 layer (`w4_layer_kwargs`) on x with the activation path
+    `act` (pick_config's ACT) against the same layer on the Triton activation launches (ACT None),
+    the picked configuration otherwise."""
+    from duquant_runtime.kernels import w4a8 as K
+    m = x.shape[0]
+    kw = w4_layer_kwargs(n, k, r_in, perm, K.MODE_DYNAMIC)
+    cfg = K.pick_config(m, n, k, K.MODE_DYNAMIC)
+    y = K.w4_linear(x, config={**cfg, "ACT": act}, **kw).float()
+    ref = K.w4_linear(x, config={**cfg, "ACT": None}, **kw).float()
+    err = float((y - ref).norm() / ref.norm())
+    print(f"M={m} N={n} K={k}: {act} vs Triton activation launches {err:.2e}")
+    return err
+
+
+def assert_codes_within_ties(codes, s, ref_codes, ref_s) -> None:
+    """Activation codes int8 (M, K) and scales (M,) equal to the reference's up to quantization
+    ties moved by the order of float32 sums: scales within 1e-5 relative, codes at most one
+    apart, on fewer than 0.1% of them."""
+    m, k = ref_codes.shape
+    assert codes.shape == (m, k) and codes.dtype == torch.int8 and s.shape == (m,)
+    assert float(((s - ref_s).abs() / ref_s).max()) < 1e-5
+    diff = (codes.int() - ref_codes.int()).abs()
+    print(f"M={m} K={k}: codes differing {int((diff > 0).sum())} of {m * k}, max {int(diff.max())}")
+    assert int(diff.max()) <= 1
+    assert float((diff > 0).float().mean()) < 1e-3

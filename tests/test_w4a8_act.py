@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _util import assert_codes_within_ties, layer_err_vs_triton_launches, w4a8_operands
 from duquant_runtime.kernels import device_capability, fast_path_available, triton_available
 
 
@@ -46,33 +47,16 @@ SHAPES = [(800, 16384, True), (800, 2048, False), (136, 4096, True), (200, 1024,
           (136, 2048, False)]  # M = 136: not a multiple of 16, the Triton launches run (on the transpose made first)
 
 
-def _operands(m: int, k: int, token_minor: bool, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    r_in = torch.linalg.qr(torch.randn(k // 64, 64, 64, generator=g, dtype=torch.float64))[0].half().contiguous()
-    perm = torch.randperm(k, generator=g)
-    x = torch.randn(m, k, generator=g)
-    x[:, torch.randperm(k, generator=g)[:5]] *= 60.0  # outlier channels
-    x = x.bfloat16().cuda()
-    if token_minor:  # the layout a gate/up GEMM leaves for down_proj: the transpose of (K, M)
-        x = x.t().contiguous().t()
-    return x, perm.cuda(), r_in.cuda()
-
-
 @needs_act
 @pytest.mark.parametrize(("m", "k", "token_minor"), SHAPES)
 def test_codes_and_scales_match_the_triton_launches(m, k, token_minor):
     from duquant_runtime.kernels import w4a8 as K
-    x, perm, r_in = _operands(m, k, token_minor, m + k)
+    x, perm, r_in = w4a8_operands(m, k, token_minor, m + k)
     cfg = dict(K.pick_config(m, 2048, k, K.MODE_DYNAMIC), XLOAD="transpose")
     kw = dict(r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
     codes, s = K.prepare_activation(x, cfg={**cfg, "ACT": "wgmma"}, **kw)
     ref_codes, ref_s = K.prepare_activation(x, cfg={**cfg, "ACT": None}, **kw)
-    assert codes.shape == (m, k) and codes.dtype == torch.int8 and s.shape == (m,)
-    assert float(((s - ref_s).abs() / ref_s).max()) < 1e-5
-    diff = (codes.int() - ref_codes.int()).abs()
-    print(f"M={m} K={k}: codes differing {int((diff > 0).sum())} of {m * k}, max {int(diff.max())}")
-    assert int(diff.max()) <= 1
-    assert float((diff > 0).float().mean()) < 1e-3  # ties moved by the order of the float32 sums
+    assert_codes_within_ties(codes, s, ref_codes, ref_s)
     # the codes follow the rotation: a transposed R_in gives other codes almost everywhere
     bad, _ = K.prepare_activation(x, cfg={**cfg, "ACT": "wgmma"}, **{**kw, "r_in": r_in.transpose(1, 2).contiguous()})
     assert float((bad != ref_codes).float().mean()) > 0.5
@@ -84,7 +68,7 @@ def test_codes_and_scales_match_the_triton_launches(m, k, token_minor):
 def test_launch_variants_give_the_same_codes(tt, bm, stages, warps, areg):
     from duquant_runtime.kernels import w4a8 as K
     m, k = 300, 4096
-    x, perm, r_in = _operands(m, k, True, 7)
+    x, perm, r_in = w4a8_operands(m, k, True, 7)
     cfg = dict(K.pick_config(m, 1024, k, K.MODE_DYNAMIC), ACT="wgmma")
     kw = dict(r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
     base, s0 = K.prepare_activation(x, cfg=cfg, **kw)
@@ -97,21 +81,8 @@ def test_launch_variants_give_the_same_codes(tt, bm, stages, warps, areg):
 @needs_act
 @pytest.mark.parametrize(("m", "n", "k"), [(800, 2048, 16384), (800, 2048, 2048)])
 def test_layer_with_wgmma_codes_matches_the_triton_path(m, n, k):
-    from duquant_runtime.kernels import w4a8 as K
-    from duquant_runtime.quant import pack_int4
-    x, perm, r_in = _operands(m, k, k > 4096, 3)
-    g = torch.Generator().manual_seed(5)
-    r_out = torch.linalg.qr(torch.randn(n // 64, 64, 64, generator=g, dtype=torch.float64))[0].half().contiguous()
-    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
-    ws = torch.rand(n, generator=g) * 0.01 + 0.001
-    kw = dict(qweight=pack_int4(q).cuda(), w_scale=ws.cuda(), r_in=r_in, perm=perm, r_out=r_out.cuda(),  # noqa: C408
-              bias=None, smooth=None, mode=K.MODE_DYNAMIC)
-    cfg = K.pick_config(m, n, k, K.MODE_DYNAMIC)
-    y = K.w4_linear(x, config={**cfg, "ACT": "wgmma"}, **kw).float()
-    ref = K.w4_linear(x, config={**cfg, "ACT": None}, **kw).float()
-    err = float((y - ref).norm() / ref.norm())
-    print(f"M={m} N={n} K={k}: vs Triton activation launches {err:.2e}")
-    assert err < 2e-3
+    x, perm, r_in = w4a8_operands(m, k, k > 4096, 3)
+    assert layer_err_vs_triton_launches(x, n, k, r_in, perm, "wgmma") < 2e-3
 
 
 @needs_act

@@ -79,6 +79,28 @@ def _store_split(r, hi_buf, lo_buf):
     lo_buf.store((r - hi.to(gl.float32)).to(gl.bfloat16))
 
 
+@triton.constexpr_function
+def tile_layout(BM, num_warps):
+    """Register layout of a (B, BM) x^T tile: 8 tokens (16 bytes) per thread, tokens fastest."""
+    return gl.BlockedLayout([1, 8], [32 * 8 // BM, BM // 8], [num_warps, 1], [1, 0])
+
+
+@triton.constexpr_function
+def rotation_layout(B, num_warps):
+    """wgmma accumulator layout of a rotated (BM, B) tile: float32, tokens down the warps."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, B, 16])
+
+
+@gluon.jit
+def _tile_buffers(NX: gl.constexpr, NR: gl.constexpr, BM: gl.constexpr, B: gl.constexpr):
+    """Shared memory: NX x^T tiles (B, BM) bf16 (wgmma's MN-major A operand) and NR R_in terms
+    (B, B) bf16 (its B operand)."""
+    x_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, 2 * BM), element_bitwidth=16, rank=2)
+    r_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    return (gl.allocate_shared_memory(gl.bfloat16, [NX, B, BM], x_layout),
+            gl.allocate_shared_memory(gl.bfloat16, [NR, B, B], r_layout))
+
+
 @gluon.jit
 def _issue(x_bufs, st, xt_ptr, ld, src, off_m, M, BM: gl.constexpr, xl: gl.constexpr):
     """cp.async of the (B, BM) tile x^T[src, off_m:off_m + BM] (tokens >= M zero) into stage st."""
@@ -100,14 +122,11 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
     previous launch's results."""
     kb = gl.program_id(0)
     m0 = gl.program_id(1) * TT * BM
-    xl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BM, BM // 8], [num_warps, 1], [1, 0])
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, B, 16])
-    x_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, 2 * BM), element_bitwidth=16, rank=2)
-    r_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, B, BM], x_layout)
-    # R_in's hi and lo terms (B, B), columns in the codes' order: the block's even channels, then its odd ones
-    r_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, B, B], r_layout)
+    xl: gl.constexpr = tile_layout(BM, num_warps)
+    mma: gl.constexpr = rotation_layout(B, num_warps)
+    # a ring of x^T tiles; R_in's hi and lo terms, columns in the codes' order: the block's even
+    # channels, then its odd ones
+    x_bufs, r_bufs = _tile_buffers(STAGES, 2, BM, B)
     cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
     if HAS_PERM:
         src = gl.load(perm_ptr + kb * B + cb)

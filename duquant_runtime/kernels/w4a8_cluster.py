@@ -34,7 +34,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .w4a8_act import _griddepcontrol, _quotient, _r_halves, _rint, _store_split
+from .w4a8_act import (_griddepcontrol, _quotient, _r_halves, _rint, _store_split, _tile_buffers,
+                       rotation_layout, tile_layout)
 
 CH = 128  # channels per phase-0 copy step
 
@@ -73,13 +74,9 @@ def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, c
     off_m = tile * BM
     KC: gl.constexpr = K // CL
     NBC: gl.constexpr = KC // B
-    xl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BM, BM // 8], [num_warps, 1], [1, 0])
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, B, 16])
-    x_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, 2 * BM), element_bitwidth=16, rank=2)
-    r_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    x_bufs = gl.allocate_shared_memory(gl.bfloat16, [NBC, B, BM], x_layout)
-    r_bufs = gl.allocate_shared_memory(gl.bfloat16, [2 * NBC, B, B], r_layout)
+    xl: gl.constexpr = tile_layout(BM, num_warps)
+    mma: gl.constexpr = rotation_layout(B, num_warps)
+    x_bufs, r_bufs = _tile_buffers(NBC, 2 * NBC, BM, B)  # this program's x^T tiles; R_in's hi, lo terms
     one: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     sync = gl.zeros([32 * num_warps], gl.int32, layout=one)
     for i in gl.static_range(NBC):  # R_in's terms first: under PDL this overlaps the previous launch
