@@ -147,3 +147,25 @@ def test_offline_sm90_code():
         assert r["cp_async_bytes"] == [16], r
         assert r["registers"] and r["shared_bytes"] > 0, r
         assert "st.global.v4.b32" in r["global_stores"], r  # the codes in 16-byte vectors
+
+
+@needs_triton
+def test_a_refused_cluster_launch_returns_none_and_is_not_retried(monkeypatch):
+    """A GPU that cannot schedule the cluster (CUDA_ERROR_CLUSTER_OUT_OF_RESOURCES) gets None, so
+    that `prepare_activation` runs its other launches, and the size is not tried again there."""
+    from duquant_runtime.kernels import w4a8_cluster as C
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("Triton Error [CUDA]: cluster out of resources")
+
+    monkeypatch.setattr(C, "_launch_clusters", refuse)
+    monkeypatch.setattr(C, "_REFUSED", set())
+    x = torch.zeros(50, 2048, dtype=torch.bfloat16)
+    r_in = torch.zeros(32, 64, 64, dtype=torch.float16)
+    assert C.act_codes(x, None, r_in, 256, -128, 127, {"CL": 16}) is None
+    assert C.act_codes(x, None, r_in, 256, -128, 127, {"CL": 16}) is None
+    assert len(calls) == 1
+    assert C.act_codes(x, None, r_in, 256, -128, 127, {"CL": 8}) is None  # another size is tried
+    assert len(calls) == 2

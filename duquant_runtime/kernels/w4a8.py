@@ -623,7 +623,9 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     if dynamic and cfg.get("ACT") == "cluster":  # sm_90: one launch, a thread-block cluster per token tile
         cluster = _hopper_module(x.device, "w4a8_cluster")
         if cluster is not None and cluster.usable(x, r_in, smooth, qmax, bkd, cfg):
-            return cluster.act_codes(x, perm, r_in, bkd, qmin, qmax, cfg, pdl=pdl, early=early)
+            res = cluster.act_codes(x, perm, r_in, bkd, qmin, qmax, cfg, pdl=pdl, early=early)
+            if res is not None:  # None: the GPU refused the cluster launch; the other launches below
+                return res
     act = _hopper_module(x.device, "w4a8_act") if dynamic and cfg.get("ACT") == "wgmma" else None
     if act is not None and (is_token_minor(x) or xload == 2):  # sm_90: rotate twice, no float32 round trip
         tokmax = None if is_token_minor(x) else torch.empty((m,), device=x.device, dtype=torch.float32)

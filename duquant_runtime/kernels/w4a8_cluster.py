@@ -19,7 +19,12 @@ Numerics: the products and sums of `w4a8_act` (R_in split exactly into bf16 hi +
 wgmma order per block, Markstein's quotient), so the codes and scales are bit-identical to it.
 Launched by `act_codes` as a cluster launch of the compiled kernel (Triton's launcher, with the
 cluster size as its CTA count); used by `w4a8.prepare_activation` where `pick_config` asks for
-ACT="cluster" on sm_90 with Gluon (tests/test_w4a8_cluster.py)."""
+ACT="cluster" on sm_90 with Gluon (tests/test_w4a8_cluster.py). Measured (H200, docs/benchmarks.md
+"kernels v11"): faster than the two-launch paths on the K = 2048 layers at M = 800 (q/o 24.4 ->
+21.5 us a layer), slower at M = 50, where one cluster's chain of dependent round trips through
+L2 takes longer than the two launches it replaces. A GPU that cannot schedule a cluster of this
+size (fewer SMs per GPC, or another kernel holding them) refuses the launch: `act_codes` then
+returns None, the size is not tried again on that device, and the other paths run."""
 
 from __future__ import annotations
 
@@ -177,8 +182,9 @@ def shared_bytes(k: int, cl: int, bm: int) -> int:
 
 
 def act_codes(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor, bkd: int, qmin: int, qmax: int,
-              cfg: dict, pdl: bool = False, early: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes int8 (M, K) in the `_deint` order of BKD-wide K tiles, per-token scales float32 (M,))
+              cfg: dict, pdl: bool = False, early: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(codes int8 (M, K) in the `_deint` order of BKD-wide K tiles, per-token scales float32 (M,)),
+    or None when the GPU refuses the cluster launch (see the module docstring),
     for x (M, K) bf16 (rows contiguous, or token-minor), perm (K,) int or None, r_in float16
     (K/64, 64, 64). cfg: CL (programs per cluster), CL_BM (tokens per cluster), CL_WARPS.
     pdl: the next launch may start early (griddepcontrol.launch_dependents); early: this launch
@@ -186,6 +192,9 @@ def act_codes(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor, bk
     m, k = x.shape
     cl = cluster_size(k, cfg)
     bm = cfg.get("CL_BM", 64)
+    key = (str(x.device), cl, bm)
+    if key in _REFUSED:
+        return None
     tiles = triton.cdiv(m, bm)
     mp = tiles * bm
     dev = x.device
@@ -198,8 +207,15 @@ def act_codes(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor, bk
                 K=k, CL=cl, BM=bm, B=r_in.shape[-1], BKD=bkd, CHK=min(CH, k // cl), XT=x.stride(0) == 1 and m > 1,
                 HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, PDL=pdl or early,
                 num_warps=cfg.get("CL_WARPS", 4))
-    _launch_clusters(_cluster_kernel, tiles, cl, args, early)
+    try:
+        _launch_clusters(_cluster_kernel, tiles, cl, args, early)
+    except RuntimeError:  # e.g. CUDA_ERROR_CLUSTER_OUT_OF_RESOURCES: the caller's other paths run
+        _REFUSED.add(key)
+        return None
     return codes, tok_scale
+
+
+_REFUSED: set = set()  # (device, cluster size, tokens per cluster) whose cluster launch the GPU refused
 
 
 def _launch_clusters(kernel, clusters: int, cl: int, args: dict, pdl: bool) -> None:
