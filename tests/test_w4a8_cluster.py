@@ -129,6 +129,8 @@ def test_usable_takes_only_operands_the_kernel_reads_correctly():
                         None, 127, 256, {})  # 16 blocks per program: more than shared memory holds
     assert not C.usable(x, r_in, None, 127, 256, {"CL": 4, "CL_BM": 128})  # 8 blocks of 128 tokens: too
     assert C.usable(x, r_in, None, 127, 256, {"CL": 4, "CL_BM": 64})
+    assert not C.usable(x, r_in, None, 127, 256, {"CL_BM": 64, "CL_WARPS": 8})  # 8 warps need 128 tokens
+    assert C.usable(x, r_in, None, 127, 256, {"CL_BM": 128, "CL_WARPS": 8})
     assert C.cluster_size(2048, {"CL": 16}) == 16 and C.cluster_size(1024, {"CL": 32}) == 16
     assert C.cluster_size(128, {}) == 2 and C.cluster_size(2048, {}) == 16
 

@@ -39,6 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from .w4a8 import is_token_minor
 from .w4a8_act import (_griddepcontrol, _quotient, _r_halves, _rint, _store_split, _tile_buffers,
                        rotation_layout, tile_layout)
 
@@ -161,18 +162,19 @@ def cluster_size(k: int, cfg: dict) -> int:
     return cl
 
 
+SHARED_LIMIT = 200 * 1024  # of sm_90's 227 KB per program, with room for the layout conversions
+
+
 def usable(x: torch.Tensor, r_in: torch.Tensor, smooth, qmax: int, bkd: int, cfg: dict) -> bool:
     """Whether these operands fit the kernel: x (M, K) bf16, rows contiguous or token-minor,
     float16 R_in in 64-wide blocks, no smoothing, 8-bit codes, GEMM K tiles (bkd) of whole blocks,
-    clusters of at least 2 programs whose tiles fit in shared memory (`shared_bytes`)."""
-    m, k = x.shape
-    cl = cluster_size(k, cfg)
-    return (x.dtype == torch.bfloat16 and (x.stride(1) == 1 or x.stride(0) == 1) and r_in.dtype == torch.float16
+    clusters of at least 2 programs whose tiles fit in shared memory (`shared_bytes`), a token
+    tile of at least one 16-row wgmma slice per warp."""
+    k = x.shape[1]
+    cl, bm = cluster_size(k, cfg), cfg.get("CL_BM", 64)
+    return (x.dtype == torch.bfloat16 and (x.stride(1) == 1 or is_token_minor(x)) and r_in.dtype == torch.float16
             and r_in.shape[-1] == 64 and smooth is None and qmax <= 127 and bkd % 64 == 0 and cl >= 2
-            and shared_bytes(k, cl, cfg.get("CL_BM", 64)) <= SHARED_LIMIT and m >= 1)
-
-
-SHARED_LIMIT = 200 * 1024  # of sm_90's 227 KB per program, with room for the layout conversions
+            and shared_bytes(k, cl, bm) <= SHARED_LIMIT and bm >= 16 * cfg.get("CL_WARPS", 4))
 
 
 def shared_bytes(k: int, cl: int, bm: int) -> int:
@@ -187,8 +189,8 @@ def act_codes(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor, bk
     or None when the GPU refuses the cluster launch (see the module docstring),
     for x (M, K) bf16 (rows contiguous, or token-minor), perm (K,) int or None, r_in float16
     (K/64, 64, 64). cfg: CL (programs per cluster), CL_BM (tokens per cluster), CL_WARPS.
-    pdl: the next launch may start early (griddepcontrol.launch_dependents); early: this launch
-    starts early itself (PDL) and waits for x's producer."""
+    pdl: the next launch may start early (griddepcontrol.launch_dependents); early (implies pdl):
+    this launch starts early itself and waits for x's producer."""
     m, k = x.shape
     cl = cluster_size(k, cfg)
     bm = cfg.get("CL_BM", 64)
@@ -204,8 +206,8 @@ def act_codes(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor, bk
     tok_scale = torch.empty((m,), device=dev, dtype=torch.float32)
     args = dict(x_ptr=x, sxm=x.stride(0), sxk=x.stride(1), M=m, MP=mp, xt_ptr=xt, part_ptr=part,
                 perm_ptr=perm if perm is not None else r_in, r_ptr=r_in, codes_ptr=codes, tok_scale_ptr=tok_scale,
-                K=k, CL=cl, BM=bm, B=r_in.shape[-1], BKD=bkd, CHK=min(CH, k // cl), XT=x.stride(0) == 1 and m > 1,
-                HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, PDL=pdl or early,
+                K=k, CL=cl, BM=bm, B=r_in.shape[-1], BKD=bkd, CHK=min(CH, k // cl), XT=is_token_minor(x),
+                HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, PDL=pdl,
                 num_warps=cfg.get("CL_WARPS", 4))
     try:
         _launch_clusters(_cluster_kernel, tiles, cl, args, early)
