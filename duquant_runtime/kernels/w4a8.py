@@ -254,28 +254,6 @@ def _store_code_runs(out_ptr, offs_m, row_ok, q, c0, K: tl.constexpr, BKD: tl.co
 
 
 @triton.jit
-def _safe_scales(s):
-    """(f, s * f, RN(1 / (s * f))) for per-token scales s: f = 2^64 where s < 2^-60, else 1, so that
-    s * f is a normal number whose reciprocal is finite. Exact: v / s == (v f) / (s f)."""
-    f = tl.where(s < 8.673617379884035e-19, 1.8446744073709552e19, 1.0)
-    sf = s * f
-    return f, sf, tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
-
-
-@triton.jit
-def _codes_fast(v, f, sf, rsf, QMIN: tl.constexpr, QMAX: tl.constexpr, F32_DOT: tl.constexpr):
-    """`_codes` of float32 v (R, W) without a division per element: (v f) / (s f) by Markstein's
-    correction of v f * RN(1 / (s f)) (`_safe_scales`; q0 = v' r, e = v' - q0 s' exact by fma,
-    q = RN(q0 + e r): correctly rounded, the same codes as div_rn)."""
-    if F32_DOT:  # the interpreter: numpy's correctly rounded division
-        return _codes(v, sf / f, QMIN, QMAX)
-    vf = v * f[:, None]
-    q0 = vf * rsf[:, None]
-    q = tl.fma(tl.fma(-q0, sf[:, None], vf), rsf[:, None], q0)
-    return tl.minimum(tl.maximum(_rint(q), QMIN), QMAX).to(tl.int8)
-
-
-@triton.jit
 def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, NB: tl.constexpr,
                   NB_P2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BMQ: tl.constexpr,
                   BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr, RUNS: tl.constexpr):
@@ -370,14 +348,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
                  M, N, K: tl.constexpr, stride_om, stride_on, ws_ptr, cnt_ptr, INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
                  GROUP: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
                  HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
-                 PF_N: tl.constexpr, PF: tl.constexpr, RESTORE: tl.constexpr, PART_RESTORE: tl.constexpr,
-                 QIN: tl.constexpr = False, NB: tl.constexpr = 1, NB_P2: tl.constexpr = 1,
-                 QMIN: tl.constexpr = -128, QMAX: tl.constexpr = 127):
-    """Program (tile, k split): out^T tile (BN weight rows, BMT tokens) over K chunk k split (see
-    the module docstring). QIN (dynamic, `prepare_activation`'s in-GEMM codes): a_ptr is the
-    prep's float32 rotated values (M, K) in natural column order and tok_scale_ptr its
-    per-(token, block) absmax (M, NB); the program makes its tokens' scales and its tile's int8
-    codes itself (no quantize launch)."""
+                 PF_N: tl.constexpr, PF: tl.constexpr, RESTORE: tl.constexpr, PART_RESTORE: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BN)
@@ -395,9 +366,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
     K_CHUNK: tl.constexpr = K // SPLIT
     kh = tl.arange(0, BK // 2)
     w_ptrs = w_ptr + rows_n[:, None] * (K // 2) + kh[None, :]
-    if QIN:  # float32 values, natural column order
-        a_ptrs = a_ptr + rows_m[:, None] * K + tl.arange(0, BK)[None, :]
-    elif INT8:
+    if INT8:
         a_ptrs = a_ptr + rows_m[:, None] * K + kh[None, :]  # the even-k half of a stored tile (`_deint`)
     else:
         a_ptrs = a_ptr + rows_m[:, None] * K + tl.arange(0, BK)[None, :]
@@ -408,9 +377,6 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pf], dtype=tl.int32,
                                   is_pure=False, pack=1)
         gdc_wait()
-    if QIN:  # this program's tokens' scales, from the block maxima (`_token_scales`)
-        s_tok = _token_scales(tok_scale_ptr, rows_m, rows_m < M, NB, NB_P2, QMAX)
-        f_tok, sf_tok, rsf_tok = _safe_scales(s_tok)
     if SWAP:
         acc = tl.zeros((BN, BMT), dtype=tl.int32 if INT8 else tl.float32)
     else:
@@ -421,12 +387,8 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         if INT8:  # int8 16 * q: exact int32 sums (|sum| <= K * 2^14 < 2^31: `supports` caps K), 1/16 below
             # packed byte j: low nibble = column kk + 2j, high = kk + 2j + 1; the codes' tile holds
             # those columns as two contiguous halves (`_deint`): two dots, no shuffle of W
-            if QIN:  # the tile's codes, then its even and odd columns
-                q = _codes_fast(tl.load(a_ptrs + kk), f_tok, sf_tok, rsf_tok, QMIN, QMAX, F32_DOT)
-                a_lo, a_hi = tl.split(tl.reshape(q, (BMT, BK // 2, 2)))
-            else:
-                a_lo = tl.load(a_ptrs + kk)
-                a_hi = tl.load(a_ptrs + kk + BK // 2)
+            a_lo = tl.load(a_ptrs + kk)
+            a_hi = tl.load(a_ptrs + kk + BK // 2)
             if SWAP:
                 acc = tl.dot(lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
@@ -449,9 +411,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
     y = acc.to(tl.float32)
     if not SWAP:
         y = tl.trans(y)  # (BN, BMT)
-    if QIN:
-        y = (y * 0.0625) * s_tok[None, :]
-    elif INT8:
+    if INT8:
         y = (y * 0.0625) * tl.load(tok_scale_ptr + rows_m)[None, :]  # exact: the codes were 16 * q
     y = y * tl.load(w_scale_ptr + rows_n)[:, None]
     if SPLIT == 1:
@@ -643,8 +603,6 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     """The activation launches: x (M, K) -> (a, tok_scale), the GEMM's operand (M, K): int8 codes
     with per-token scales float32 (M,) for dynamic activations (prep + quantize launch), else
     bf16 values (static q*s, or rotated values without activation quantization) and None.
-    Dynamic with cfg QIN (and the Triton prep): the prep's float32 rotated values (M, K) and
-    per-(token, block) absmax (M, K/B) instead; `w4_gemm` then makes the codes itself.
     x: rows contiguous (stride (s, 1)), or token-minor (strides (1, s), s >= M: the transpose of
     a (K, s) tensor, e.g. `w4_gemm(token_minor=True)`'s output), which the prep reads as x^T
     directly (no transpose launch)."""
@@ -694,8 +652,6 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         XLOAD=xload, PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"], **_pdl(early))
     if not dynamic:
         return a, None
-    if cfg.get("QIN"):  # the GEMM makes the codes itself (`_gemm_kernel` QIN): no quantize launch
-        return a, part
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
     tok_scale = torch.empty((m,), device=x.device, dtype=torch.float32)
     bmq, bkq = min(cfg.get("BMQ", 16), triton.next_power_of_2(m)), min(cfg.get("BKQ", 256), bkd)
@@ -750,10 +706,9 @@ def gemm_tiling(k: int, cfg: dict) -> tuple[int, int]:
 
 def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.Tensor, w_scale: torch.Tensor,
             r_out: torch.Tensor | None, bias: torch.Tensor | None, out_dtype: torch.dtype,
-            cfg: dict, token_minor: bool = False, qmin: int = -128, qmax: int = 127) -> torch.Tensor:
+            cfg: dict, token_minor: bool = False) -> torch.Tensor:
     """The GEMM launch: out (M, N) = restore((a @ W_q^T) x scales) + bias, from `prepare_activation`'s
-    operand (int8 codes with per-token scales, float32 values with per-block maxima (QIN: codes in
-    [qmin, qmax] made here), or bf16) and packed int4 qweight uint8 (N, K/2) with
+    operand (int8 codes with per-token scales, or bf16) and packed int4 qweight uint8 (N, K/2) with
     row scales w_scale float32 (N,). token_minor: out is the transpose of a contiguous (N, M)
     tensor (strides (1, M)), which a following layer's prep reads without a transpose launch."""
     m, k = a.shape
@@ -765,9 +720,7 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         raise ValueError(f"GEMM config {cfg} does not fit N={n}, output block {bo}")
     out = (torch.empty((n, m), device=a.device, dtype=out_dtype).t() if token_minor
            else torch.empty((m, n), device=a.device, dtype=out_dtype))
-    qin = a.dtype == torch.float32 and tok_scale is not None and tok_scale.dim() == 2
-    rs = (_rs_module(a.device) if cfg.get("GEMM") == "rs" and tok_scale is not None and split == 1 and not qin
-          else None)
+    rs = _rs_module(a.device) if cfg.get("GEMM") == "rs" and tok_scale is not None and split == 1 else None
     if rs is not None and k % (2 * bk) == 0:  # the register-operand Gluon GEMM, then the restore launch
         yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk})
         return restore(yt, r_out, bias, out, pdl=True)  # sm_90 (`_rs_module`): PDL is there
@@ -782,9 +735,7 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         stride_om=out.stride(0), stride_on=out.stride(1), ws_ptr=ws, cnt_ptr=cnt, INT8=tok_scale is not None, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
         HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET, PDL=pdl, PF_N=pf_n,
         PF=triton.next_power_of_2(pf_n), RESTORE=cfg.get("RESTORE", 0) if split == 1 or cfg.get("PART_RESTORE") else 0,
-        PART_RESTORE=bool(cfg.get("PART_RESTORE", False)), QIN=qin, NB=tok_scale.shape[1] if qin else 1,
-        NB_P2=triton.next_power_of_2(tok_scale.shape[1]) if qin else 1, QMIN=qmin, QMAX=qmax,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
+        PART_RESTORE=bool(cfg.get("PART_RESTORE", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
     return out
 
 
@@ -857,4 +808,4 @@ def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, 
     a, tok_scale = prepare_activation(x, r_in=r_in, perm=perm, smooth=smooth, mode=mode, qmin=qmin, qmax=qmax,
                                       act_scale=act_scale, cfg=cfg, rot_precision=rot_precision)
     return w4_gemm(a, tok_scale, qweight=qweight, w_scale=w_scale, r_out=r_out, bias=bias, out_dtype=x.dtype,
-                   cfg=cfg, token_minor=token_minor_out, qmin=qmin, qmax=qmax)
+                   cfg=cfg, token_minor=token_minor_out)
