@@ -39,9 +39,9 @@ if _act_ready():  # a Gluon kernel that runs `_quotient` both ways (module level
         cols = gl.arange(0, W, layout=gl.SliceLayout(0, lay))
         v = gl.load(v_ptr + rows[:, None] * W + cols[None, :])
         s = gl.load(s_ptr + rows)
-        rs = gl.div_rn(gl.full([BR], 1.0, gl.float32, layout=gl.SliceLayout(1, lay)), s)
-        gl.store(fast_ptr + rows[:, None] * W + cols[None, :], A._quotient(v, s, rs, True))
-        gl.store(ref_ptr + rows[:, None] * W + cols[None, :], A._quotient(v, s, rs, False))
+        rcp = A._recip(s)
+        gl.store(fast_ptr + rows[:, None] * W + cols[None, :], A._quotient(v, s, rcp, True))
+        gl.store(ref_ptr + rows[:, None] * W + cols[None, :], A._quotient(v, s, rcp, False))
 
 SHAPES = [(800, 16384, True), (800, 2048, False), (136, 4096, True), (200, 1024, False),
           (136, 2048, False)]  # M = 136: not a multiple of 16, the Triton launches run (on the transpose made first)
@@ -89,12 +89,16 @@ def test_layer_with_wgmma_codes_matches_the_triton_path(m, n, k):
 def test_markstein_quotient_is_the_correctly_rounded_division():
     """`_quotient`'s FASTDIV (reciprocal, product, one fma correction) equals div.rn bit for bit,
     on random values and scales, on scales with all-ones significands (the hard case for a
-    reciprocal), and on quotients near the code range's halves."""
+    reciprocal), on quotients near the code range's halves, and on scales down to the smallest
+    subnormal (no finite reciprocal: the quotient of both operands times 2^64)."""
     g = torch.Generator().manual_seed(11)
     rows, w = 1 << 14, 64
     s = torch.rand(rows, generator=g, dtype=torch.float64).mul(30).sub(15).exp2().float()
     ones = (s.view(torch.int32) | 0x007FFFFF).view(torch.float32)  # significand 1.11...1
     s[: rows // 4] = ones[: rows // 4]
+    s[rows // 4: rows // 4 + 512] = torch.randint(1, 1 << 23, (512,), generator=g, dtype=torch.int32).view(torch.float32)
+    s[rows // 4 + 512: rows // 4 + 1024] = torch.rand(512, generator=g, dtype=torch.float64).mul(30).sub(145).exp2().float()
+    assert (s > 0).all() and (s[rows // 4: rows // 4 + 512] < 1.2e-38).all()  # subnormal
     v = torch.randn(rows, w, generator=g) * s[:, None] * 60.0
     v[rows // 2:] = (torch.randint(-255, 256, (rows // 2, w), generator=g).float() * 0.5 * s[rows // 2:, None]
                      * (1 + torch.randn(rows // 2, w, generator=g) * 1e-6))  # near k/2 quotients

@@ -61,12 +61,25 @@ def _griddepcontrol(t, OP: gl.constexpr):
 
 
 @gluon.jit
-def _quotient(v, s, rs, FASTDIV: gl.constexpr):
+def _recip(s):
+    """(f, s f, RN(1 / (s f))) for scales s (R,) > 0: f = 2^64 where s < 2^-60, else 1. A scale
+    below 2^-128 (a row whose absmax is under ~4e-37) has no finite reciprocal; s f always does,
+    and v / s == (v f) / (s f) exactly (powers of two)."""
+    f = gl.where(s < 8.673617379884035e-19, 1.8446744073709552e19, 1.0)
+    sf = s * f
+    return f, sf, gl.div_rn(sf * 0.0 + 1.0, sf)
+
+
+@gluon.jit
+def _quotient(v, s, rcp, FASTDIV: gl.constexpr):
     """v (R, W) / s (R,) float32, correctly rounded: div.rn, or (FASTDIV) Markstein's correction
-    of v * rs with rs = RN(1 / s): q0 = v rs, e = v - q0 s (exact, fma), q = RN(q0 + e rs)."""
+    of v' r with v' = v f, s' = s f, r = RN(1 / s') (rcp = `_recip(s)`): q0 = v' r, e = v' - q0 s'
+    (exact, fma), q = RN(q0 + e r)."""
     if FASTDIV:
-        q0 = v * rs[:, None]
-        return gl.fma(gl.fma(-q0, s[:, None], v), rs[:, None], q0)
+        f, sf, rsf = rcp
+        vf = v * f[:, None]
+        q0 = vf * rsf[:, None]
+        return gl.fma(gl.fma(-q0, sf[:, None], vf), rsf[:, None], q0)
     else:
         return gl.div_rn(v, s[:, None])
 
@@ -164,7 +177,7 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
             s = gl.div_rn(gl.load(tokmax_ptr + toks, mask=row_ok, other=0.0),
                           gl.full([BM], QMAX, gl.float32, layout=gl.SliceLayout(1, mma)))
             s = gl.where(s > 0, s, 1.0)
-            rs = gl.div_rn(gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, mma)), s)
+            rcp = _recip(s)
         async_copy.wait_group(STAGES - 1)  # tile t has landed (this thread's copies)
         fence_async_shared()
         gl.thread_barrier()  # ... and every thread's (and, at t = 0, the R_in terms are stored)
@@ -180,7 +193,7 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
         else:
             if kb == 0:
                 gl.store(tok_scale_ptr + toks, s, mask=row_ok)
-            q = gl.minimum(gl.maximum(_rint(_quotient(acc, s, rs, FASTDIV)), QMIN), QMAX).to(gl.int8)
+            q = gl.minimum(gl.maximum(_rint(_quotient(acc, s, rcp, FASTDIV)), QMIN), QMAX).to(gl.int8)
             orow = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ol))
             gl.store(codes_ptr + orow[:, None] * K + ocol[None, :], gl.convert_layout(q, ol),
                      mask=(orow < M)[:, None])

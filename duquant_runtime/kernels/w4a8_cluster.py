@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .w4a8 import is_token_minor
-from .w4a8_act import (_griddepcontrol, _quotient, _r_halves, _rint, _store_split, _tile_buffers,
+from .w4a8_act import (_griddepcontrol, _quotient, _r_halves, _recip, _rint, _store_split, _tile_buffers,
                        rotation_layout, tile_layout)
 
 CH = 128  # channels per phase-0 copy step
@@ -137,7 +137,7 @@ def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, c
     tmax = gl.convert_layout(gl.max(pm, axis=0), gl.SliceLayout(1, mma))
     s = gl.div_rn(tmax, gl.full([BM], QMAX, gl.float32, layout=gl.SliceLayout(1, mma)))
     s = gl.where(s > 0, s, 1.0)
-    rs = gl.div_rn(gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, mma)), s)
+    rcp = _recip(s)
     toks = off_m + tl_
     if rank == 0:
         gl.store(tok_scale_ptr + toks, s, mask=toks < M)
@@ -149,7 +149,7 @@ def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, c
         run = gl.multiple_of(c0 - c0 % BKD + (c0 % BKD) // 2, B // 2)
         ocol = run + oc % (B // 2) + (oc // (B // 2)) * (BKD // 2)
         acc = _rotate(x_bufs, r_bufs, i, BM, B, mma)
-        q = gl.minimum(gl.maximum(_rint(_quotient(acc, s, rs, True)), QMIN), QMAX).to(gl.int8)
+        q = gl.minimum(gl.maximum(_rint(_quotient(acc, s, rcp, True)), QMIN), QMAX).to(gl.int8)
         gl.store(codes_ptr + orow[:, None] * K + ocol[None, :], gl.convert_layout(q, ol), mask=(orow < M)[:, None])
 
 
