@@ -125,11 +125,9 @@ def act_report(pass_: int, bm: int = 128, warps: int = 4, areg: bool = False) ->
             "registers": registers(ptx), "shared_bytes": ck.metadata.shared}
 
 
-def compile_cluster(k: int = 2048, xt: bool = False, cl: int = 8, bm: int = 64, warps: int = 4,
-                    direct: bool = False):
+def compile_cluster(k: int = 2048, xt: bool = False, cl: int = 8, bm: int = 64, warps: int = 4):
     """The compiled `w4a8_cluster._cluster_kernel` (triton CompiledKernel) for sm_90: x (M, K)
-    row-major (xt False) or token-minor (direct: read in place, M a multiple of 16), clusters of
-    cl programs over bm tokens, with PDL; R_in streamed where `streams` says so."""
+    row-major (xt False) or token-minor, clusters of cl programs over bm tokens, with PDL."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from duquant_runtime.kernels import w4a8_cluster
@@ -137,19 +135,18 @@ def compile_cluster(k: int = 2048, xt: bool = False, cl: int = 8, bm: int = 64, 
     types = {"x_ptr": "*bf16", "sxm": "i32", "sxk": "i32", "M": "i32", "MP": "i32", "xt_ptr": "*bf16",
              "part_ptr": "*fp32", "perm_ptr": "*i64", "r_ptr": "*fp16", "codes_ptr": "*i8", "tok_scale_ptr": "*fp32"}
     consts = {"K": k, "CL": cl, "BM": bm, "B": 64, "BKD": 256, "CHK": min(w4a8_cluster.CH, k // cl), "XT": xt, "HAS_PERM": True, "QMIN": -128,
-              "QMAX": 127, "PDL": True, "num_warps": warps, ("sxm" if xt else "sxk"): 1,
-              "DIRECT": direct and xt, "STREAM": w4a8_cluster.streams(k, cl, bm)}
+              "QMAX": 127, "PDL": True, "num_warps": warps, ("sxm" if xt else "sxk"): 1}
     return compile_sm90(GluonASTSource, fn, types, consts, {"num_warps": warps},
-                        divisible=("MP", "sxk" if xt else "sxm") + (("M",) if direct else ()))
+                        divisible=("MP", "sxk" if xt else "sxm"))
 
 
-def cluster_report(k: int = 2048, xt: bool = False, cl: int = 8, direct: bool = False) -> dict:
+def cluster_report(k: int = 2048, xt: bool = False, cl: int = 8) -> dict:
     """What the generated code of `_cluster_kernel` does: wgmma shapes, cluster barriers, cp.async
     widths (bytes), global store forms, registers per thread, shared bytes per program."""
-    ck = compile_cluster(k, xt, cl, direct=direct)
+    ck = compile_cluster(k, xt, cl)
     ptx = ck.asm["ptx"]
     lines = [line.strip() for line in ptx.splitlines()]
-    return {"K": k, "token_minor": xt, "CL": cl, "direct": direct, "wgmma": wgmma_shapes(ptx),
+    return {"K": k, "token_minor": xt, "CL": cl, "wgmma": wgmma_shapes(ptx),
             "cluster_barriers": sum(line.startswith("barrier.cluster.arrive") for line in lines),
             "cp_async_bytes": sorted({int(x.split(",")[2].strip(), 0) for x in lines if x.startswith("cp.async.cg")}),
             "global_stores": sorted({x.split()[1] for x in lines if x.startswith("@") and " st.global" in x}

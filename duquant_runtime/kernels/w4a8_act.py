@@ -52,26 +52,6 @@ def _r_halves(r_ptr, kb, B: gl.constexpr, num_warps: gl.constexpr):
 
 
 @gluon.jit
-def _r_load(r_ptr, kb, B: gl.constexpr, num_warps: gl.constexpr):
-    """R_in block kb as stored (float16, 16-byte vectors), (B, B/2, 2): the load only, so that
-    it can be issued a block ahead of `_r_store`."""
-    rl: gl.constexpr = gl.BlockedLayout([1, 4, 2], [8, 4, 1], [num_warps, 1, 1], [2, 1, 0])
-    i = gl.arange(0, B, layout=gl.SliceLayout(1, gl.SliceLayout(2, rl)))
-    j = gl.arange(0, B // 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, rl)))
-    t = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, rl)))
-    return gl.load(r_ptr + kb * B * B + i[:, None, None] * B + (2 * j)[None, :, None] + t[None, None, :])
-
-
-@gluon.jit
-def _r_store(raw, hi_buf, lo_buf, B: gl.constexpr):
-    """A block from `_r_load` into shared memory as R_in's exact bf16 terms hi + lo, columns in the
-    codes' order: the block's even channels, then its odd ones."""
-    r_e, r_o = gl.split(raw.to(gl.float32))
-    _store_split(r_e, hi_buf.slice(0, B // 2, dim=1), lo_buf.slice(0, B // 2, dim=1))
-    _store_split(r_o, hi_buf.slice(B // 2, B // 2, dim=1), lo_buf.slice(B // 2, B // 2, dim=1))
-
-
-@gluon.jit
 def _griddepcontrol(t, OP: gl.constexpr):
     """griddepcontrol.wait (OP "wait": the previous launch's results are visible) or
     .launch_dependents (the next launch may start), executed by every thread (t: any tensor,

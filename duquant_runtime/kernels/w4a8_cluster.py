@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .w4a8 import is_token_minor
-from .w4a8_act import (_griddepcontrol, _quotient, _r_load, _r_store, _recip, _rint, _tile_buffers,
+from .w4a8_act import (_griddepcontrol, _quotient, _r_halves, _recip, _rint, _store_split, _tile_buffers,
                        rotation_layout, tile_layout)
 
 CH = 128  # channels per phase-0 copy step
@@ -56,92 +56,77 @@ def _cluster_barrier(t):
 
 
 @gluon.jit
-def _rotate(x_bufs, r_bufs, i, j, BM: gl.constexpr, B: gl.constexpr, mma: gl.constexpr):
-    """x^T tile i rotated, float32 (BM, B): the tile (B, BM) as wgmma's MN-major A operand times
-    R_in's hi then lo term in shared-memory slots 2j, 2j + 1 (columns: the block's even channels,
-    then its odd ones)."""
+def _rotate(x_bufs, r_bufs, i, BM: gl.constexpr, B: gl.constexpr, mma: gl.constexpr):
+    """Block i of this program rotated, float32 (BM, B): the tile (B, BM) as wgmma's MN-major A
+    operand times R_in's hi then lo term (columns: the block's even channels, then its odd ones)."""
     a = x_bufs.index(i).permute((1, 0))
-    acc = warpgroup_mma(a, r_bufs.index(2 * j), gl.zeros([BM, B], gl.float32, layout=mma), is_async=True)
-    acc = warpgroup_mma(a, r_bufs.index(2 * j + 1), acc, is_async=True)
+    acc = warpgroup_mma(a, r_bufs.index(2 * i), gl.zeros([BM, B], gl.float32, layout=mma), is_async=True)
+    acc = warpgroup_mma(a, r_bufs.index(2 * i + 1), acc, is_async=True)
     return warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
 
 
 @gluon.jit
 def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, codes_ptr, tok_scale_ptr,
                     K: gl.constexpr, CL: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, BKD: gl.constexpr,
-                    CHK: gl.constexpr, XT: gl.constexpr, DIRECT: gl.constexpr, STREAM: gl.constexpr,
-                    HAS_PERM: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr, PDL: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    CHK: gl.constexpr, XT: gl.constexpr, HAS_PERM: gl.constexpr, QMIN: gl.constexpr,
+                    QMAX: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
     """Program p = cluster p // CL, rank p % CL (clusters of CL consecutive programs). x (M, K)
     with strides (sxm, sxk): rows contiguous (XT False) or token-minor (XT: sxm 1). xt_ptr: the
-    (K, MP) bf16 scratch, MP = tiles * BM, or (DIRECT) x^T itself, MP its row stride (no phase 0);
-    part_ptr: (programs, BM) float32; codes (M, K) int8; tok_scale (M,) float32. STREAM: R_in's
-    terms go through two shared-memory slots, each block's loaded one block ahead, instead of all
-    of this program's blocks held at once (K = 16384: 16 blocks per program). PDL: R_in and the
-    permutation are read before waiting for x."""
+    (K, MP) bf16 scratch, MP = tiles * BM; part_ptr: (programs, BM) float32; codes (M, K) int8;
+    tok_scale (M,) float32. PDL: R_in and the permutation are read before waiting for x."""
     pid = gl.program_id(0)
     tile = pid // CL
     rank = pid % CL
     off_m = tile * BM
     KC: gl.constexpr = K // CL
     NBC: gl.constexpr = KC // B
-    NR: gl.constexpr = 4 if STREAM else 2 * NBC
     xl: gl.constexpr = tile_layout(BM, num_warps)
     mma: gl.constexpr = rotation_layout(B, num_warps)
-    x_bufs, r_bufs = _tile_buffers(NBC, NR, BM, B)  # this program's x^T tiles; R_in's hi, lo terms
+    x_bufs, r_bufs = _tile_buffers(NBC, 2 * NBC, BM, B)  # this program's x^T tiles; R_in's hi, lo terms
     one: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     sync = gl.zeros([32 * num_warps], gl.int32, layout=one)
-    if STREAM:  # the first block's R_in; under PDL this overlaps the previous launch
-        raw = _r_load(r_ptr, rank * NBC, B, num_warps)
-    else:
-        for i in gl.static_range(NBC):  # every block's R_in terms
-            _r_store(_r_load(r_ptr, rank * NBC + i, B, num_warps), r_bufs.index(2 * i), r_bufs.index(2 * i + 1), B)
-    cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
-    ts = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, xl))
+    for i in gl.static_range(NBC):  # R_in's terms first: under PDL this overlaps the previous launch
+        kb = rank * NBC + i
+        r_e, r_o = _r_halves(r_ptr, kb, B, num_warps)
+        _store_split(r_e, r_bufs.index(2 * i).slice(0, B // 2, dim=1), r_bufs.index(2 * i + 1).slice(0, B // 2, dim=1))
+        _store_split(r_o, r_bufs.index(2 * i).slice(B // 2, B // 2, dim=1),
+                     r_bufs.index(2 * i + 1).slice(B // 2, B // 2, dim=1))
     if PDL:
         _griddepcontrol(sync, "wait")
         _griddepcontrol(sync, "launch_dependents")
-    if not DIRECT:  # phase 0: this program's channel slice of the tile into x^T (tokens contiguous), zero past M
-        rl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // CHK, CHK // 8], [num_warps, 1], [1, 0])
-        ks = gl.arange(0, CHK, layout=gl.SliceLayout(1, xl))
-        for c in gl.static_range(KC // CHK):
-            k0 = rank * KC + c * CHK
-            if XT:
-                v = gl.load(x_ptr + (k0 + ks)[:, None] * sxk + ts[None, :] * sxm, mask=(ts < M)[None, :], other=0.0)
-            else:  # read along the rows of x, then one layout change
-                tr = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, rl))
-                kr = k0 + gl.arange(0, CHK, layout=gl.SliceLayout(0, rl))
-                v = gl.load(x_ptr + tr[:, None] * sxm + kr[None, :] * sxk, mask=(tr < M)[:, None], other=0.0)
-                v = gl.convert_layout(gl.permute(v, (1, 0)), xl)
-            gl.store(xt_ptr + (k0 + ks)[:, None] * MP + ts[None, :], v)
-        sync = _cluster_barrier(sync)
+    # phase 0: this program's channel slice of the tile into x^T (tokens contiguous), zero past M
+    rl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // CHK, CHK // 8], [num_warps, 1], [1, 0])
+    ks = gl.arange(0, CHK, layout=gl.SliceLayout(1, xl))
+    ts = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, xl))
+    for c in gl.static_range(KC // CHK):
+        k0 = rank * KC + c * CHK
+        if XT:
+            v = gl.load(x_ptr + (k0 + ks)[:, None] * sxk + ts[None, :] * sxm, mask=(ts < M)[None, :], other=0.0)
+        else:  # read along the rows of x, then one layout change
+            tr = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, rl))
+            kr = k0 + gl.arange(0, CHK, layout=gl.SliceLayout(0, rl))
+            v = gl.load(x_ptr + tr[:, None] * sxm + kr[None, :] * sxk, mask=(tr < M)[:, None], other=0.0)
+            v = gl.convert_layout(gl.permute(v, (1, 0)), xl)
+        gl.store(xt_ptr + (k0 + ks)[:, None] * MP + ts[None, :], v)
+    sync = _cluster_barrier(sync)
     # phase 1: this program's blocks, rotated; their per-token absmax
-    for i in gl.static_range(NBC):  # one copy group per block: block i is rotated once it has landed
+    cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
+    for i in gl.static_range(NBC):
         kb = rank * NBC + i
         if HAS_PERM:
             src = gl.load(perm_ptr + kb * B + cb)
         else:
             src = kb * B + cb
-        if DIRECT:  # x^T rows at stride MP, tokens past M masked (their codes are not stored)
-            async_copy.async_copy_global_to_shared(x_bufs.index(i), xt_ptr + src[:, None] * MP + ts[None, :],
-                                                   mask=(ts < M)[None, :])
-        else:
-            async_copy.async_copy_global_to_shared(x_bufs.index(i), xt_ptr + src[:, None] * MP + ts[None, :])
-        async_copy.commit_group()
+        async_copy.async_copy_global_to_shared(x_bufs.index(i), xt_ptr + src[:, None] * MP + ts[None, :])
+    async_copy.commit_group()
+    async_copy.wait_group(0)
+    fence_async_shared()
+    gl.thread_barrier()
     tl_ = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
     mx = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, mma))
     for i in gl.static_range(NBC):
-        if STREAM:
-            _r_store(raw, r_bufs.index(2 * (i % 2)), r_bufs.index(2 * (i % 2) + 1), B)
-            if i + 1 < NBC:
-                raw = _r_load(r_ptr, rank * NBC + i + 1, B, num_warps)
-        async_copy.wait_group(NBC - 1 - i)  # block i's tile has landed (this thread's copies)
-        fence_async_shared()
-        gl.thread_barrier()  # ... every thread's, and its R_in terms are stored
-        mx = gl.maximum(mx, gl.max(gl.abs(_rotate(x_bufs, r_bufs, i, i % 2 if STREAM else i, BM, B, mma)), axis=1))
+        mx = gl.maximum(mx, gl.max(gl.abs(_rotate(x_bufs, r_bufs, i, BM, B, mma)), axis=1))
     gl.store(part_ptr + pid * BM + tl_, mx)
-    if STREAM:  # phase 2's first block, loaded before the barrier
-        raw = _r_load(r_ptr, rank * NBC, B, num_warps)
     sync = _cluster_barrier(sync)
     # phase 2: the tile's token maxima, scales, codes
     pl: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
@@ -160,16 +145,10 @@ def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, c
     orow = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ol))
     oc = gl.arange(0, B, layout=gl.SliceLayout(0, ol))
     for i in gl.static_range(NBC):
-        if STREAM:  # slot i % 2 was last read by block i - 2's dots, which every warp waited for
-            _r_store(raw, r_bufs.index(2 * (i % 2)), r_bufs.index(2 * (i % 2) + 1), B)
-            if i + 1 < NBC:
-                raw = _r_load(r_ptr, rank * NBC + i + 1, B, num_warps)
-            fence_async_shared()
-            gl.thread_barrier()
         c0 = (rank * NBC + i) * B  # codes of column j go to run + j % (B/2) + (j // (B/2)) * BKD/2 (`_deint`)
         run = gl.multiple_of(c0 - c0 % BKD + (c0 % BKD) // 2, B // 2)
         ocol = run + oc % (B // 2) + (oc // (B // 2)) * (BKD // 2)
-        acc = _rotate(x_bufs, r_bufs, i, i % 2 if STREAM else i, BM, B, mma)
+        acc = _rotate(x_bufs, r_bufs, i, BM, B, mma)
         q = gl.minimum(gl.maximum(_rint(_quotient(acc, s, rcp, True)), QMIN), QMAX).to(gl.int8)
         gl.store(codes_ptr + orow[:, None] * K + ocol[None, :], gl.convert_layout(q, ol), mask=(orow < M)[:, None])
 
@@ -189,34 +168,19 @@ SHARED_LIMIT = 200 * 1024  # of sm_90's 227 KB per program, with room for the la
 def usable(x: torch.Tensor, r_in: torch.Tensor, smooth, qmax: int, bkd: int, cfg: dict) -> bool:
     """Whether these operands fit the kernel: x (M, K) bf16, rows contiguous or token-minor,
     float16 R_in in 64-wide blocks, no smoothing, 8-bit codes, GEMM K tiles (bkd) of whole blocks,
-    clusters of at least 2 programs whose tiles fit in shared memory (`shared_bytes`, R_in
-    streamed where all of a program's blocks do not fit), a token tile of at least one 16-row
-    wgmma slice per warp."""
+    clusters of at least 2 programs whose tiles fit in shared memory (`shared_bytes`), a token
+    tile of at least one 16-row wgmma slice per warp."""
     k = x.shape[1]
     cl, bm = cluster_size(k, cfg), cfg.get("CL_BM", 64)
     return (x.dtype == torch.bfloat16 and (x.stride(1) == 1 or is_token_minor(x)) and r_in.dtype == torch.float16
             and r_in.shape[-1] == 64 and smooth is None and qmax <= 127 and bkd % 64 == 0 and cl >= 2
-            and shared_bytes(k, cl, bm, streams(k, cl, bm)) <= SHARED_LIMIT and bm >= 16 * cfg.get("CL_WARPS", 4))
+            and shared_bytes(k, cl, bm) <= SHARED_LIMIT and bm >= 16 * cfg.get("CL_WARPS", 4))
 
 
-def shared_bytes(k: int, cl: int, bm: int, stream: bool = False) -> int:
-    """Shared memory of one program's tiles: per 64-wide block, x^T (64, bm), and R_in's two bf16
-    terms (64, 64) per block, or (stream) in two slots."""
-    nb = k // cl // 64
-    return nb * 64 * bm * 2 + (2 if stream else nb) * 2 * 64 * 64 * 2
-
-
-def streams(k: int, cl: int, bm: int) -> bool:
-    """Whether R_in streams through two slots (`_cluster_kernel` STREAM): where holding every block's
-    terms would exceed SHARED_LIMIT (e.g. K = 16384: 16 blocks per program)."""
-    return shared_bytes(k, cl, bm) > SHARED_LIMIT
-
-
-def direct(x: torch.Tensor) -> bool:
-    """Whether the kernel reads a token-minor x as x^T in place (`_cluster_kernel` DIRECT: no
-    phase 0, no scratch): 16-byte copies under a token mask need M and the row stride of x^T to
-    be multiples of 16 and an aligned base."""
-    return is_token_minor(x) and x.shape[0] % 16 == 0 and x.stride(1) % 16 == 0 and x.data_ptr() % 16 == 0
+def shared_bytes(k: int, cl: int, bm: int) -> int:
+    """Shared memory of one program's tiles: per 64-wide block, x^T (64, bm) and R_in's two bf16
+    terms (64, 64)."""
+    return k // cl // 64 * (64 * bm * 2 + 2 * 64 * 64 * 2)
 
 
 def act_codes(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor, bkd: int, qmin: int, qmax: int,
@@ -230,25 +194,20 @@ def act_codes(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor, bk
     m, k = x.shape
     cl = cluster_size(k, cfg)
     bm = cfg.get("CL_BM", 64)
-    stream = streams(k, cl, bm)
-    key = (str(x.device), cl, bm, stream)
+    key = (str(x.device), cl, bm)
     if key in _REFUSED:
         return None
     tiles = triton.cdiv(m, bm)
+    mp = tiles * bm
     dev = x.device
-    in_place = direct(x)
-    if in_place:  # x^T (K, s) is x's storage
-        xt, mp = x.t(), x.stride(1)
-    else:
-        mp = tiles * bm
-        xt = torch.empty((k, mp), device=dev, dtype=torch.bfloat16)
+    xt = torch.empty((k, mp), device=dev, dtype=torch.bfloat16)
     part = torch.empty((tiles * cl, bm), device=dev, dtype=torch.float32)
     codes = torch.empty((m, k), device=dev, dtype=torch.int8)
     tok_scale = torch.empty((m,), device=dev, dtype=torch.float32)
     args = dict(x_ptr=x, sxm=x.stride(0), sxk=x.stride(1), M=m, MP=mp, xt_ptr=xt, part_ptr=part,
                 perm_ptr=perm if perm is not None else r_in, r_ptr=r_in, codes_ptr=codes, tok_scale_ptr=tok_scale,
                 K=k, CL=cl, BM=bm, B=r_in.shape[-1], BKD=bkd, CHK=min(CH, k // cl), XT=is_token_minor(x),
-                DIRECT=in_place, STREAM=stream, HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, PDL=pdl,
+                HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, PDL=pdl,
                 num_warps=cfg.get("CL_WARPS", 4))
     try:
         _launch_clusters(_cluster_kernel, tiles, cl, args, early)
@@ -258,7 +217,7 @@ def act_codes(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor, bk
     return codes, tok_scale
 
 
-_REFUSED: set = set()  # (device, cluster size, tokens per cluster, R_in streamed) whose cluster launch the GPU refused
+_REFUSED: set = set()  # (device, cluster size, tokens per cluster) whose cluster launch the GPU refused
 
 
 def _launch_clusters(kernel, clusters: int, cl: int, args: dict, pdl: bool) -> None:
