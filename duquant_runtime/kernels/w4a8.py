@@ -531,9 +531,6 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         # sm_90: the register-operand Gluon GEMM + restore launch (`w4a8_rs`); the GEMM alone without
         # the restore took 49.9 us against 61.6 us for the Triton GEMM without it (kernels v8 probes)
         cfg.update(GEMM="rs", RS_STAGES=4)
-        # stream-K where the tiles leave SMs idle (M = 800: 112 tiles of 128 x 128 on 132 SMs; the
-        # GEMM's time per tile measured constant from 80 to 128 programs, so idle SMs are lost time)
-        cfg.update(STREAMK=True)
         # sm_90: the activation codes by two wgmma rotation passes (`w4a8_act`); down_proj with
         # token-minor input 99.4 vs 108.9 us
         cfg.update(ACT="wgmma")
