@@ -536,6 +536,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg.update(ACT="wgmma")
     elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
+        if n < 8192:  # linked q/k/v after the cluster activation launch: 64-token tiles 23.6 vs 25.5-25.9 us
+            cfg.update(BMT=64)  # (two runs); linked gate/up 165.2 vs 149.8 us with them
         # sm_90: the activation codes in one cluster launch (`w4a8_cluster`), no transpose launch:
         # linked gate/up 148.3 vs 151.4 us, linked q/k/v 25.6 vs 26.6 us
         cfg.update(ACT="cluster", CL=16)
