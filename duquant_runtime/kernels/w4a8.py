@@ -546,8 +546,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         # sm_90: the cluster launch (`w4a8_cluster`, no PDL) 17.3 us, `w4a8_act` 18.6 us (v10: 18.9 vs 20.6 us
         # for the Triton launches), with PDL 20.6 us
         cfg.update(ACT="cluster", CL=16)
-    elif dynamic:
-        cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=4)
+    elif dynamic:  # q/o_proj after the cluster activation launch: BK 256 with 3 stages 20.9 vs 21.9 us (BK 128,
+        cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=3)  # 4 stages)
         # q/o_proj on sm_90: the cluster launch (`w4a8_cluster`) with PDL 21.5 us, without 22.7 us;
         # `w4a8_act` (no PDL) 24.4 us (v10: 24.9 vs 25.9 us for the Triton launches, 25.8 us without PDL)
         cfg.update(ACT="cluster", CL=16)
