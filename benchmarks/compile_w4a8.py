@@ -96,7 +96,8 @@ def report(int8: bool, tile: tuple[int, ...], k: int) -> dict:
             "shared_bytes": smem, "programs_per_sm": per_sm}
 
 
-def compile_act(pass_: int, bm: int = 128, warps: int = 4, k: int = 16384, areg: bool = False):
+def compile_act(pass_: int, bm: int = 128, warps: int = 4, k: int = 16384, areg: bool = False,
+                rcache: bool = False):
     """The compiled `w4a8_act._act_kernel` (triton CompiledKernel) for sm_90, one pass (1: token
     maxima, 2: codes) of one token tile per program, as `act_codes` launches it on the LLM
     down_proj (x^T row stride and M divisible by 16, no PDL)."""
@@ -105,9 +106,10 @@ def compile_act(pass_: int, bm: int = 128, warps: int = 4, k: int = 16384, areg:
     from duquant_runtime.kernels import w4a8_act
     fn = w4a8_act._act_kernel
     types = {"xt_ptr": "*bf16", "ld": "i32", "M": "i32", "perm_ptr": "*i64", "r_ptr": "*fp16", "tokmax_ptr": "*fp32",
-             "codes_ptr": "*i8", "tok_scale_ptr": "*fp32"}
+             "codes_ptr": "*i8", "tok_scale_ptr": "*fp32", "rs_ptr": "*bf16"}
     consts = {"K": k, "TT": 1, "BM": bm, "B": 64, "BKD": 256, "STAGES": 1, "PASS": pass_, "HAS_PERM": True,
-              "QMIN": -128, "QMAX": 127, "FASTDIV": True, "AREG": areg, "PDL": False, "num_warps": warps}
+              "QMIN": -128, "QMAX": 127, "FASTDIV": True, "AREG": areg, "PDL": False, "RCACHE": rcache,
+              "num_warps": warps}
     return compile_sm90(GluonASTSource, fn, types, consts, {"num_warps": warps}, divisible=("ld", "M"))
 
 

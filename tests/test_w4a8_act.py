@@ -79,6 +79,22 @@ def test_launch_variants_give_the_same_codes(tt, bm, stages, warps, areg):
 
 
 @needs_act
+@pytest.mark.parametrize(("m", "k", "token_minor", "tt"), [(800, 16384, True, 1), (800, 2048, False, 1),
+                                                          (300, 4096, True, 2)])
+def test_cached_rotation_terms_give_the_same_codes(m, k, token_minor, tt):
+    """ACT_RCACHE: pass 2 copies R_in's bf16 terms that pass 1 wrote instead of splitting R_in
+    itself; the shared-memory contents, so the codes and scales, are the same bit for bit."""
+    from duquant_runtime.kernels import w4a8 as K
+    x, perm, r_in = w4a8_operands(m, k, token_minor, 5 * m + k)
+    cfg = dict(K.pick_config(m, 2048, k, K.MODE_DYNAMIC), XLOAD="transpose", ACT="wgmma", ACT_TT=tt)
+    kw = dict(r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
+    base, s0 = K.prepare_activation(x, cfg={**cfg, "ACT_RCACHE": False}, **kw)
+    for _ in range(2):
+        codes, s = K.prepare_activation(x, cfg={**cfg, "ACT_RCACHE": True}, **kw)
+        assert torch.equal(s, s0) and torch.equal(codes, base)
+
+
+@needs_act
 @pytest.mark.parametrize(("m", "n", "k"), [(800, 2048, 16384), (800, 2048, 2048)])
 def test_layer_with_wgmma_codes_matches_the_triton_path(m, n, k):
     x, perm, r_in = w4a8_operands(m, k, k > 4096, 3)

@@ -52,6 +52,28 @@ def _r_halves(r_ptr, kb, B: gl.constexpr, num_warps: gl.constexpr):
 
 
 @gluon.jit
+def _cache_terms(r_e, r_o, rs_ptr, kb, B: gl.constexpr, num_warps: gl.constexpr):
+    """R_in block kb's bf16 terms hi, lo (from `_r_halves`' even and odd columns, float32) to
+    rs (K/B, 2, B, B) bf16 in the shared-memory order of `_store_split`: columns 0 .. B/2 - 1 the
+    even channels, then the odd ones."""
+    rl: gl.constexpr = gl.BlockedLayout([1, 4, 2], [8, 4, 1], [num_warps, 1, 1], [2, 1, 0])
+    i = gl.arange(0, B, layout=gl.SliceLayout(1, gl.SliceLayout(2, rl)))
+    j = gl.arange(0, B // 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, rl)))
+    base = rs_ptr + kb * 2 * B * B + i[:, None] * B + j[None, :]
+    _store_terms(r_e, base, B * B, rl)
+    _store_terms(r_o, base + B // 2, B * B, rl)
+
+
+@gluon.jit
+def _store_terms(r, ptrs, lo_offset, rl: gl.constexpr):
+    """hi = bf16(r) to ptrs, lo = bf16(r - hi) to ptrs + lo_offset (r float32, exact terms)."""
+    hi = r.to(gl.bfloat16)
+    lo = (r - hi.to(gl.float32)).to(gl.bfloat16)
+    gl.store(ptrs, gl.convert_layout(hi, gl.SliceLayout(2, rl)))
+    gl.store(ptrs + lo_offset, gl.convert_layout(lo, gl.SliceLayout(2, rl)))
+
+
+@gluon.jit
 def _griddepcontrol(t, OP: gl.constexpr):
     """griddepcontrol.wait (OP "wait": the previous launch's results are visible) or
     .launch_dependents (the next launch may start), executed by every thread (t: any tensor,
@@ -123,16 +145,19 @@ def _issue(x_bufs, st, xt_ptr, ld, src, off_m, M, BM: gl.constexpr, xl: gl.const
 
 
 @gluon.jit
-def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale_ptr, K: gl.constexpr,
+def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale_ptr, rs_ptr, K: gl.constexpr,
                 TT: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, BKD: gl.constexpr, STAGES: gl.constexpr,
                 PASS: gl.constexpr, HAS_PERM: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr,
-                FASTDIV: gl.constexpr, AREG: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
+                FASTDIV: gl.constexpr, AREG: gl.constexpr, PDL: gl.constexpr, RCACHE: gl.constexpr,
+                num_warps: gl.constexpr):
     """Program (i, j): rotation block i of the token tiles j*TT .. j*TT+TT-1 (BM tokens each), so
     that its reads are runs along each permuted row of x^T and R_in is split once. PASS 1: atomic
     max of each tile's absmax per token into tokmax (M,) float32 (zeroed before); PASS 2: the codes
     int8 (M, K) (`_deint` order of BKD-wide K tiles) and, program row 0, the scales (M,).
     PDL: launched early; the permutation and R_in (weights) are read before waiting for the
-    previous launch's results."""
+    previous launch's results. RCACHE: pass 1's program row 0 also writes R_in's bf16 terms, as
+    they lie in shared memory, to rs (K/B, 2, B, B); pass 2 copies them from there (cp.async with
+    its first x^T tile) instead of loading and splitting R_in again."""
     kb = gl.program_id(0)
     m0 = gl.program_id(1) * TT * BM
     xl: gl.constexpr = tile_layout(BM, num_warps)
@@ -145,16 +170,28 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
         src = gl.load(perm_ptr + kb * B + cb)
     else:
         src = kb * B + cb
-    r_e, r_o = _r_halves(r_ptr, kb, B, num_warps)
+    if not (RCACHE and PASS == 2):
+        r_e, r_o = _r_halves(r_ptr, kb, B, num_warps)
     if PDL:
         _griddepcontrol(cb, "wait")
         _griddepcontrol(cb, "launch_dependents")
+    if RCACHE and PASS == 2:  # pass 1's terms, in the first copy group (written by the previous launch)
+        tl_: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        ri = gl.arange(0, B, layout=gl.SliceLayout(1, tl_))
+        rc = gl.arange(0, B, layout=gl.SliceLayout(0, tl_))
+        for term in gl.static_range(2):
+            async_copy.async_copy_global_to_shared(r_bufs.index(term),
+                                                   rs_ptr + (kb * 2 + term) * B * B + ri[:, None] * B + rc[None, :])
     for p in gl.static_range(STAGES - 1):
         if p < TT:
             _issue(x_bufs, p, xt_ptr, ld, src, m0 + p * BM, M, BM, xl)
         async_copy.commit_group()
-    _store_split(r_e, r_bufs.index(0).slice(0, B // 2, dim=1), r_bufs.index(1).slice(0, B // 2, dim=1))
-    _store_split(r_o, r_bufs.index(0).slice(B // 2, B // 2, dim=1), r_bufs.index(1).slice(B // 2, B // 2, dim=1))
+    if not (RCACHE and PASS == 2):
+        _store_split(r_e, r_bufs.index(0).slice(0, B // 2, dim=1), r_bufs.index(1).slice(0, B // 2, dim=1))
+        _store_split(r_o, r_bufs.index(0).slice(B // 2, B // 2, dim=1), r_bufs.index(1).slice(B // 2, B // 2, dim=1))
+    if RCACHE and PASS == 1:
+        if gl.program_id(1) == 0:  # one program per block: the terms for pass 2
+            _cache_terms(r_e, r_o, rs_ptr, kb, B, num_warps)
     if PASS == 2:  # codes of column j go to run + j % (B/2) + (j // (B/2)) * BKD/2 (`_deint`)
         ol: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // B, B // 16], [num_warps, 1], [1, 0])
         ocol = gl.arange(0, B, layout=gl.SliceLayout(0, ol))
@@ -214,7 +251,8 @@ def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.T
               pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int8 (M, K) in the `_deint` order of BKD-wide K tiles, per-token scales float32 (M,))
     for x^T (K, ld) bf16 (tokens 0..m-1 of each row), perm (K,) int or None, r_in float16
-    (K/64, 64, 64). cfg: ACT_BM (tokens per tile), ACT_TT (tiles per program), ACT_STAGES, ACT_WARPS, ACT_MAXNREG.
+    (K/64, 64, 64). cfg: ACT_BM (tokens per tile), ACT_TT (tiles per program), ACT_STAGES, ACT_WARPS, ACT_MAXNREG,
+    ACT_RCACHE (pass 1 leaves R_in's split terms in a (K/64, 2, 64, 64) bf16 scratch for pass 2).
     tokmax: float32 (M,) zeroed by the previous launch (`w4a8._transposed`), else zeroed here.
     pdl: both launches with programmatic dependent launch (the previous one triggers them)."""
     k = xt.shape[0]
@@ -222,15 +260,17 @@ def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.T
     bm = cfg.get("ACT_BM", 128)
     tiles = triton.cdiv(m, bm)
     tt = max(1, min(tiles, cfg.get("ACT_TT", 1)))
+    rcache = bool(cfg.get("ACT_RCACHE", False))
+    rs = torch.empty((k // b, 2, b, b), device=xt.device, dtype=torch.bfloat16) if rcache else r_in
     if tokmax is None:
         tokmax = torch.zeros((m,), device=xt.device, dtype=torch.float32)
     codes = torch.empty((m, k), device=xt.device, dtype=torch.int8)
     tok_scale = torch.empty((m,), device=xt.device, dtype=torch.float32)
     grid = (k // b, triton.cdiv(tiles, tt))
-    args = (xt, xt.stride(0), m, perm if perm is not None else r_in, r_in, tokmax, codes, tok_scale)
+    args = (xt, xt.stride(0), m, perm if perm is not None else r_in, r_in, tokmax, codes, tok_scale, rs)
     consts = dict(K=k, TT=tt, BM=bm, B=b, BKD=bkd, STAGES=max(1, min(tt, cfg.get("ACT_STAGES", 3))),
                   HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, AREG=cfg.get("ACT_AREG", False),
-                  FASTDIV=cfg.get("ACT_FASTDIV", True), PDL=pdl, num_warps=cfg.get("ACT_WARPS", 4))
+                  FASTDIV=cfg.get("ACT_FASTDIV", True), PDL=pdl, RCACHE=rcache, num_warps=cfg.get("ACT_WARPS", 4))
     launch = {"launch_pdl": True} if pdl else {}
     if cfg.get("ACT_MAXNREG"):  # register cap per thread (more programs per SM), for tuning
         launch["maxnreg"] = cfg["ACT_MAXNREG"]
