@@ -532,8 +532,9 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         # the restore took 49.9 us against 61.6 us for the Triton GEMM without it (kernels v8 probes)
         cfg.update(GEMM="rs", RS_STAGES=4)
         # sm_90: the activation codes by two wgmma rotation passes (`w4a8_act`); down_proj with
-        # token-minor input 99.4 vs 108.9 us
-        cfg.update(ACT="wgmma")
+        # token-minor input 99.4 vs 108.9 us; pass 2 copying the R_in terms pass 1 wrote (ACT_RCACHE):
+        # 96.2-96.8 vs 97.0-99.0 us in three same-run A/Bs
+        cfg.update(ACT="wgmma", ACT_RCACHE=True)
     elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
         if n < 8192:  # linked q/k/v after the cluster activation launch: 64-token tiles 23.6 vs 25.5-25.9 us
