@@ -12,7 +12,8 @@ them into a ring of STAGES (B, BM) tiles, and wgmma reads a tile in place as its
 operand. The rotation is exact to the float32 path's products: R_in (float16) is split into
 two bf16 terms hi + lo (hi = bf16(r), lo = r - hi, both exact), and bf16 x bf16 products are
 exact in the float32 accumulator, as are the tf32 products of `_prep_kernel`. Only the order of
-the float32 sums differs.
+the float32 sums differs. With ACT_RCACHE (LLM down_proj), pass 1 also writes each block's two
+terms to a scratch buffer and pass 2 copies them instead of splitting R_in again.
 
 The B operand's columns are a block's even channels, then its odd ones (one N = 64 wgmma per
 R_in term), so the codes leave as two contiguous runs in the GEMM's column order
@@ -66,9 +67,8 @@ def _cache_terms(r_e, r_o, rs_ptr, kb, B: gl.constexpr, num_warps: gl.constexpr)
 
 @gluon.jit
 def _store_terms(r, ptrs, lo_offset, rl: gl.constexpr):
-    """hi = bf16(r) to ptrs, lo = bf16(r - hi) to ptrs + lo_offset (r float32, exact terms)."""
-    hi = r.to(gl.bfloat16)
-    lo = (r - hi.to(gl.float32)).to(gl.bfloat16)
+    """`_terms` of r to ptrs (hi) and ptrs + lo_offset (lo)."""
+    hi, lo = _terms(r)
     gl.store(ptrs, gl.convert_layout(hi, gl.SliceLayout(2, rl)))
     gl.store(ptrs + lo_offset, gl.convert_layout(lo, gl.SliceLayout(2, rl)))
 
@@ -107,11 +107,19 @@ def _quotient(v, s, rcp, FASTDIV: gl.constexpr):
 
 
 @gluon.jit
-def _store_split(r, hi_buf, lo_buf):
-    """r float32 = hi + lo exactly (r a float16 value) into two bf16 shared buffers."""
+def _terms(r):
+    """(hi, lo) bf16 with r == hi + lo exactly, for r float32 holding a float16 value:
+    hi = bf16(r), lo = bf16(r - hi)."""
     hi = r.to(gl.bfloat16)
+    return hi, (r - hi.to(gl.float32)).to(gl.bfloat16)
+
+
+@gluon.jit
+def _store_split(r, hi_buf, lo_buf):
+    """`_terms` of r into two bf16 shared buffers."""
+    hi, lo = _terms(r)
     hi_buf.store(hi)
-    lo_buf.store((r - hi.to(gl.float32)).to(gl.bfloat16))
+    lo_buf.store(lo)
 
 
 @triton.constexpr_function
