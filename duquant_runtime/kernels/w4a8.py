@@ -808,14 +808,6 @@ def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, 
     cfg = dict(pick_config(m, qweight.shape[0], k, mode))
     if config:
         cfg.update(config)
-    if mode == MODE_DYNAMIC and cfg.get("FUSED"):  # sm_90: the whole layer in one cluster launch (`w4a8_fused`)
-        fused = _hopper_module(x.device, "w4a8_fused")
-        if fused is not None and fused.usable(x, r_in, r_out, smooth, qmax, cfg, qweight.shape[0]):
-            y = fused.fused_linear(x, qweight=qweight, w_scale=w_scale, r_in=r_in, perm=perm, r_out=r_out, bias=bias,
-                                   qmin=qmin, qmax=qmax, cfg=cfg, pdl=_use_pdl(cfg, x.device) and cfg.get("PREP_PDL", False),
-                                   token_minor_out=token_minor_out)
-            if y is not None:  # None: the GPU refused the cluster launch; the launches below run
-                return y
     a, tok_scale = prepare_activation(x, r_in=r_in, perm=perm, smooth=smooth, mode=mode, qmin=qmin, qmax=qmax,
                                       act_scale=act_scale, cfg=cfg, rot_precision=rot_precision)
     return w4_gemm(a, tok_scale, qweight=qweight, w_scale=w_scale, r_out=r_out, bias=bias, out_dtype=x.dtype,
