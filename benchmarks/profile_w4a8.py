@@ -69,6 +69,8 @@ def profile_shape(tower, name, n, k, m, mode_name, over, args, dev) -> dict:
     count = instances(n, k, args.l2_bytes)
     layers = make_layers(n, k, count, dev)
     x = make_input(m, k, dev)
+    if args.token_minor:  # as a gate/up GEMM with token_minor_out leaves it (mlp_layout.py)
+        x = x.t().contiguous().t()
     cfg = {**K.pick_config(m, n, k, mode), **over}
     fns = [lambda a, lay=lay: K.w4_linear(a, qweight=lay["qweight"], w_scale=lay["w_scale"], r_in=lay["r_in"],
                                           perm=lay["perm"], r_out=lay["r_out"], bias=None, smooth=None, mode=mode,
@@ -77,6 +79,7 @@ def profile_shape(tower, name, n, k, m, mode_name, over, args, dev) -> dict:
     layer_s = graph_time(fns, x, args.repeats)
     launches = per_launch(kernel_times(fns, x), count)
     res = {"tower": tower, "name": name, "N": n, "K": k, "M": m, "mode": mode_name, "config": cfg,
+           "token_minor": args.token_minor,
            "instances": count, "layer_us": layer_s * 1e6, "launches": launches}
     print(f"{tower:6s} {name:8s} N={n:5d} K={k:5d} M={m:3d} {mode_name:7s} {layer_s * 1e6:7.1f} us/layer | "
           + " | ".join(f"{ln['kernel']} {ln['median_us']:.1f}" for ln in launches), flush=True)
@@ -89,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="dynamic", choices=("both", "dynamic", "static"))
     ap.add_argument("--config", default="", help="KEY=VALUE[,...] overriding pick_config (Python literals), "
                     "e.g. PDL=False")
+    ap.add_argument("--token-minor", action="store_true", help="give the layers x token-minor (strides (1, M)), "
+                    "as a gate/up with token_minor_out leaves down_proj's input")
     args = ap.parse_args(argv)
     try:
         over = parse_overrides(args.config)
