@@ -50,9 +50,10 @@ def wgmma_shapes(ptx: str) -> list[str]:
 
 
 def compile_gemm(int8: bool, bn: int, bmt: int, bk: int, warps: int, stages: int, k: int, swap: bool = True,
-                 restore: int = 0):
+                 restore: int = 0, epi_early: bool = False):
     """The compiled `_gemm_kernel` (triton CompiledKernel) for one tile, sm_90; restore: the
-    R_out restore variant (`_finish` RESTORE)."""
+    R_out restore variant (`_finish` RESTORE); epi_early: the epilogue operands loaded first
+    (EPI_EARLY)."""
     from triton.compiler import ASTSource
 
     from duquant_runtime.kernels import w4a8 as kernels
@@ -62,7 +63,7 @@ def compile_gemm(int8: bool, bn: int, bmt: int, bk: int, warps: int, stages: int
              "stride_om": "i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     consts = {"K": k, "INT8": int8, "BN": bn, "BMT": bmt, "BK": bk, "GROUP": 8, "SWAP": swap, "SPLIT": 1, "BO": 64,
               "HAS_ROUT": True, "HAS_BIAS": False, "F32_DOT": False, "PDL": False, "PF_N": 4, "PF": 4,
-              "RESTORE": restore, "PART_RESTORE": False, "stride_on": 1}  # row-major output: the runtime specializes a stride of 1 as a constant
+              "RESTORE": restore, "PART_RESTORE": False, "EPI_EARLY": epi_early, "stride_on": 1}  # row-major output: the runtime specializes a stride of 1 as a constant
     return compile_sm90(ASTSource, fn, types, consts, {"num_warps": warps, "num_stages": stages})
 
 

@@ -42,11 +42,11 @@ def configs(m: int, n: int, k: int, mode: str) -> list[dict]:
 
     def add(prep, rows):
         for r in rows:
-            out.append({**dict(zip(keys, r)), "GROUP": 8, **prep})
+            out.append({**dict(zip(keys, r)), "GROUP": 8, "EPI_EARLY": out[0].get("EPI_EARLY", False), **prep})
 
     picked_prep = {key: v for key, v in out[0].items()
                    if key in ("G", "BMP", "TILES", "XLOAD", "prep_warps", "prep_stages", "BMQ", "QCH", "PDL",
-                            "PREP_PDL", "QRUNS")}
+                            "PREP_PDL", "QRUNS", "QFASTDIV")}
     if m > 64:  # the picked activation launches, GEMM tile variants
         if mode == "dynamic":
             add(picked_prep, [(64, 128, 128, 4, 4, True, 1), (128, 128, 128, 8, 4, True, 1),

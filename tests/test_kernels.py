@@ -57,7 +57,9 @@ for i, (m, n, k, b, bo, mode, smooth, G, swap, split) in enumerate(cases):
                TILES=1 + i % 2,  # row tiles per prep program
                BKQ=64, QCH=1 + i % 3,  # column chunks per quantize program
                RESTORE=i % 2,  # R_out restore: tf32 / bf16 operands
-               PART_RESTORE=i % 3 == 1)  # split-K: each program restores its partial sums
+               PART_RESTORE=i % 3 == 1,  # split-K: each program restores its partial sums
+               EPI_EARLY=i in (1, 3, 6),  # the epilogue's weight-side operands loaded before the main loop
+               QFASTDIV=i % 2 == 1)  # the codes' quotients by one reciprocal per row
     y = K.w4_linear(x, qweight=pack_int4(q), w_scale=ws, r_in=r_in.half(), perm=perm,
                     r_out=None if r_out is None else r_out.half(), bias=bias, smooth=sm, mode=mode,
                     act_scale=act, config=cfg)
@@ -91,6 +93,50 @@ try:  # packed columns that do not match x's width
 except ValueError as err:
     print("REFUSED", "does not pack" in str(err))
 """
+
+
+QUOTIENT_SCRIPT = r"""
+import sys
+import torch
+from duquant_runtime.kernels import w4a8 as K
+dev = sys.argv[1]
+g = torch.Generator().manual_seed(5)
+k, nb = 512, 8
+m = 64 if dev == "cpu" else 4096
+x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g) * 4)  # row sizes over many octaves
+x[0] = 0.0  # an all-zero row: scale 1
+x[1] = torch.randn(k, generator=g) * 1e-37  # scales below 2^-128: the 2^64 operand scaling
+x[2, :4] = 3.0e4  # an outlier row
+r_in = torch.eye(64).repeat(nb, 1, 1).half()  # identity rotations: the values reach the quantizer as given
+x = x.to(dev, torch.bfloat16)
+cfg = dict(G=1, BMP=16, prep_warps=4, BK=128, BMQ=4, QCH=1, BKQ=128)
+outs = [K.prepare_activation(x, r_in=r_in.to(dev), perm=None, smooth=None, mode=K.MODE_DYNAMIC,
+                             cfg={**cfg, "QFASTDIV": fast}) for fast in (False, True)]
+print("SAME", torch.equal(outs[0][0], outs[1][0]), torch.equal(outs[0][1], outs[1][1]),
+      int((outs[0][0] != 0).sum()) > m * k // 2)
+"""
+
+
+def _quotient_check(dev: str) -> list[str]:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "TRITON_INTERPRET": "1" if dev == "cpu" else "0"}
+    res = subprocess.run([sys.executable, "-c", QUOTIENT_SCRIPT, dev], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout.split("SAME")[1].split()
+
+
+@needs_triton
+def test_fast_quotient_gives_the_same_codes_in_interpreter():
+    """The quantize launch's codes and scales with QFASTDIV (one reciprocal per row + Markstein's
+    correction) equal those with div.rn, bit for bit: rows over many octaves, an all-zero row,
+    a row whose scale is below 2^-128, an outlier row."""
+    assert _quotient_check("cpu") == ["True", "True", "True"]
+
+
+@pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")
+def test_fast_quotient_gives_the_same_codes_on_gpu():
+    assert _quotient_check("cuda") == ["True", "True", "True"]
 
 
 @needs_triton

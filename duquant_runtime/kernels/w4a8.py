@@ -16,7 +16,8 @@
 2. `_quant_kernel` (dynamic only): per-token scales from the block maxima, int8 codes, stored
    in the GEMM's column order: within each BK-wide K tile the even columns, then the odd ones
    (`_deint`), written as two contiguous runs per chunk (vector stores; per-element addresses
-   would give one byte store per element).
+   would give one byte store per element). The quotients v / s by one reciprocal per row and
+   Markstein's fma correction (`QFASTDIV`), bit-identical to div.rn.
 3. `_gemm_kernel`: out^T tile (BN rows of W, BMT tokens) = W_q @ A^T, the weight unpacked in
    registers by inline PTX (int8 16 * q with two masks; bf16 q by the exact magic-number
    conversion) as the dot's register operand, the activation streaming through shared memory
@@ -37,17 +38,19 @@ two rotation passes of `w4a8_act` (ACT="wgmma": no float32 round trip; the trans
 then also zeroes its token maxima), and launch 3 by `w4a8_rs`'s GEMM plus `restore`
 (GEMM="rs"). Any other GPU, Triton without Gluon, or the interpreter runs the Triton launches.
 Programmatic dependent launch (`PDL`, Hopper+): the quantize launch and the GEMM start while the
-previous launch runs; the GEMM pulls its weight slice into L2, then both wait
-(griddepcontrol.wait) before they read the previous launch's results or write anything. The
+previous launch runs; the GEMM pulls its weight slice into L2 (and, with `EPI_EARLY`, loads its
+epilogue's row scales, R_out tile and bias), then both wait (griddepcontrol.wait) before they
+read the previous launch's results or write anything. The
 first launch (transpose or prep) is launched the same way and waits for x's producer.
 
 Launch configurations: `pick_config` (measured: benchmarks/stages_w4a8.py, sweep_w4a8.py,
 docs/benchmarks.md; the causes of the remaining cost: benchmarks/notes_runtime_gpu.md).
-Rounding: torch.round's half-to-even (rint) and correctly rounded divisions (div_rn), as the
-reference path. Differences to the float32 reference: x P BD(R_in) in tf32, rotations stored in
+Rounding: torch.round's half-to-even (rint) and correctly rounded divisions (div_rn, or the
+reciprocal with Markstein's correction, which gives the same quotients), as the reference path. Differences to the float32 reference: x P BD(R_in) in tf32, rotations stored in
 16 bits, static activations q*s rounded to bf16, R_out restore in tf32 (bf16 on the dynamic
 path without split-K), output in x's dtype.
-The CPU interpreter (tests) runs the same kernels with plain-arithmetic rounding and unpacking.
+The CPU interpreter (tests) runs the same kernels with plain-arithmetic rounding and unpacking
+(and fma through float64).
 """
 
 from __future__ import annotations
@@ -82,6 +85,22 @@ def _rint_hw(v):
 
 
 _rint = _rint_sw if _INTERPRET else _rint_hw
+
+
+@triton.jit
+def _fma_sw(a, b, c):
+    """a * b + c of float32 operands through float64 (the CPU interpreter, whose fma rounds the
+    product first): exact product, one rounding of the sum to float64, then to float32."""
+    return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _fma_hw(a, b, c):
+    """a * b + c of float32 operands, rounded once (fma.rn.f32)."""
+    return tl.fma(a, b, c)
+
+
+_fma = _fma_sw if _INTERPRET else _fma_hw
 
 
 @triton.jit
@@ -235,9 +254,22 @@ def _scale_of_max(mx, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _codes(v, s, QMIN: tl.constexpr, QMAX: tl.constexpr):
-    """int8 codes of float32 values v (R, W) with per-row scales s (R,): clamp(rint(v / s))."""
-    return tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, s[:, None])), QMIN), QMAX).to(tl.int8)
+def _codes(v, s, QMIN: tl.constexpr, QMAX: tl.constexpr, FASTDIV: tl.constexpr = False):
+    """int8 codes of float32 values v (R, W) with per-row scales s (R,) > 0: clamp(rint(v / s)),
+    v / s correctly rounded: div.rn, or (FASTDIV) Markstein's correction of v' r with one
+    reciprocal per row, as `w4a8_act._quotient`: v' = v f, s' = s f (f = 2^64 where s < 2^-60,
+    else 1: exact, and s' has a finite reciprocal), r = RN(1 / s'), q0 = v' r, e = v' - q0 s'
+    (exact, fma), v / s = RN(q0 + e r)."""
+    if FASTDIV:
+        f = tl.where(s < 8.673617379884035e-19, 1.8446744073709552e19, 1.0)
+        sf = s * f
+        r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), sf)
+        vf = v * f[:, None]
+        q0 = vf * r[:, None]
+        q = _fma(_fma(-q0, sf[:, None], vf), r[:, None], q0)
+    else:
+        q = tl.math.div_rn(v, s[:, None])
+    return tl.minimum(tl.maximum(_rint(q), QMIN), QMAX).to(tl.int8)
 
 
 @triton.jit
@@ -256,11 +288,13 @@ def _store_code_runs(out_ptr, offs_m, row_ok, q, c0, K: tl.constexpr, BKD: tl.co
 @triton.jit
 def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, NB: tl.constexpr,
                   NB_P2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BMQ: tl.constexpr,
-                  BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr, RUNS: tl.constexpr):
+                  BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr, RUNS: tl.constexpr,
+                  FASTDIV: tl.constexpr):
     """Dynamic per-token codes: int8 (M, K) of float32 rotated values with the row scale from the
     per-(token, block) absmax (M, NB), stored in the GEMM's column order (`_deint`). Program
     (i, j): BMQ rows, QCH chunks of BKQ columns; program column 0 also writes the scales (M,).
-    PDL: launched early, waits for the prep."""
+    PDL: launched early, waits for the prep. FASTDIV: the quotients by one reciprocal per row
+    (`_codes`; the same codes)."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -273,7 +307,7 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
     for c in tl.range(0, QCH):
         offs_k = (pid_k * QCH + c) * BKQ + tl.arange(0, BKQ)
         v = tl.load(v_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        q = _codes(v, s, QMIN, QMAX)
+        q = _codes(v, s, QMIN, QMAX, FASTDIV)
         if RUNS:  # the chunk's even and odd columns as two contiguous runs (BKQ <= BKD)
             _store_code_runs(out_ptr, offs_m, row_ok, q, (pid_k * QCH + c) * BKQ, K, BKD)
         else:
@@ -281,18 +315,23 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
 
 
 @triton.jit
-def _restore(y, pid_n, N, rout_ptr, BN: tl.constexpr, BO: tl.constexpr, RESTORE: tl.constexpr,
-             F32_DOT: tl.constexpr):
-    """BD(R_out) restore of a tile of out^T (BN, BMT) float32: one dot with the tile's block-diagonal
-    slice of R_out (BN x BN, zeros off the blocks): RESTORE 0 tf32, 1 bf16 operands (y rounded to
+def _rout_tile(pid_n, N, rout_ptr, BN: tl.constexpr, BO: tl.constexpr):
+    """The tile's block-diagonal slice of R_out (BN x BN, R_out's dtype, zeros off the blocks):
+    T[i, i'] = r_out[block][i % BO, i' % BO] within one BO block, 0 across blocks."""
+    i = tl.arange(0, BN)
+    gi = pid_n * BN + i
+    same = (i[:, None] // BO) == (i[None, :] // BO)
+    return tl.load(rout_ptr + (gi[:, None] // BO) * (BO * BO) + (i[:, None] % BO) * BO + (i[None, :] % BO),
+                   mask=same & (gi[:, None] < N), other=0.0)
+
+
+@triton.jit
+def _restore(y, t, RESTORE: tl.constexpr, F32_DOT: tl.constexpr):
+    """BD(R_out) restore of a tile of out^T (BN, BMT) float32: one dot with the tile's
+    block-diagonal slice t of R_out (`_rout_tile`): RESTORE 0 tf32, 1 bf16 operands (y rounded to
     bf16 first: a norm-wise error <= 2^-9 of y, R_out being orthogonal). One batched dot per
     BO-row block instead (no zero blocks) measured no faster: on BN 128 it compiles to mma.sync at
     255 registers (down_proj 136.4 vs 134.5 us)."""
-    i = tl.arange(0, BN)  # T[i, i'] = r_out[block][i % BO, i' % BO] within one block, 0 across blocks
-    gi = pid_n * BN + i
-    same = (i[:, None] // BO) == (i[None, :] // BO)
-    t = tl.load(rout_ptr + (gi[:, None] // BO) * (BO * BO) + (i[:, None] % BO) * BO + (i[None, :] % BO),
-                mask=same & (gi[:, None] < N), other=0.0)
     if RESTORE == 1:  # bf16 operands, float32 sums (exact products)
         if F32_DOT:  # the interpreter: the same bf16 roundings, float32 products and sums
             return tl.dot(t.to(tl.bfloat16).to(tl.float32), y.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
@@ -301,18 +340,33 @@ def _restore(y, pid_n, N, rout_ptr, BN: tl.constexpr, BO: tl.constexpr, RESTORE:
 
 
 @triton.jit
-def _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, stride_on,
-            BN: tl.constexpr, BO: tl.constexpr, HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-            RESTORE: tl.constexpr, F32_DOT: tl.constexpr):
-    """Epilogue on out^T (BN, BMT) float32: R_out restore (`_restore`), bias, cast, store to out
-    (M, N) with strides (stride_om, stride_on): (N, 1) row-major, or (1, M) token-minor."""
+def _finish(y, t, bias, offs_n, offs_m, M, N, out_ptr, stride_om, stride_on, HAS_ROUT: tl.constexpr,
+            HAS_BIAS: tl.constexpr, RESTORE: tl.constexpr, F32_DOT: tl.constexpr):
+    """Epilogue on out^T (BN, BMT) float32: R_out restore with the tile t (`_rout_tile`), bias
+    (BN,) float32, cast, store to out (M, N) with strides (stride_om, stride_on): (N, 1) row-major,
+    or (1, M) token-minor."""
     if HAS_ROUT:
-        y = _restore(y, pid_n, N, rout_ptr, BN, BO, RESTORE, F32_DOT)
+        y = _restore(y, t, RESTORE, F32_DOT)
     if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rows_n).to(tl.float32)[:, None]
+        y = y + bias[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, y.to(out_ptr.dtype.element_ty),
              mask=mask)
+
+
+@triton.jit
+def _epilogue_operands(pid_n, rows_n, N, w_scale_ptr, rout_ptr, bias_ptr, BN: tl.constexpr, BO: tl.constexpr,
+                       LOAD_T: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The epilogue's weight-side operands of weight tile pid_n: row scales float32 (BN,), the
+    R_out tile (`_rout_tile`; 0 unless LOAD_T), the bias float32 (BN,) (0 without)."""
+    wsc = tl.load(w_scale_ptr + rows_n)
+    t = 0.0
+    if LOAD_T:
+        t = _rout_tile(pid_n, N, rout_ptr, BN, BO)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows_n).to(tl.float32)
+    return wsc, t, bias
 
 
 @triton.jit
@@ -348,7 +402,11 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
                  M, N, K: tl.constexpr, stride_om, stride_on, ws_ptr, cnt_ptr, INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
                  GROUP: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
                  HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
-                 PF_N: tl.constexpr, PF: tl.constexpr, RESTORE: tl.constexpr, PART_RESTORE: tl.constexpr):
+                 PF_N: tl.constexpr, PF: tl.constexpr, RESTORE: tl.constexpr, PART_RESTORE: tl.constexpr,
+                 EPI_EARLY: tl.constexpr):
+    """EPI_EARLY: the epilogue's weight-side operands (row scales, R_out tile, bias) are loaded
+    first, before the PDL wait and the main loop, so that their latency is not on the path after
+    the last dot."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BN)
@@ -370,6 +428,9 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         a_ptrs = a_ptr + rows_m[:, None] * K + kh[None, :]  # the even-k half of a stored tile (`_deint`)
     else:
         a_ptrs = a_ptr + rows_m[:, None] * K + tl.arange(0, BK)[None, :]
+    if EPI_EARLY:  # independent of the previous launch: in flight while it finishes
+        wsc, t_out, bias = _epilogue_operands(pid_n, rows_n, N, w_scale_ptr, rout_ptr, bias_ptr, BN, BO, HAS_ROUT,
+                                              HAS_BIAS)
     if PDL:  # launched while the activation launch still runs: fetch this program's weights into
         # L2 (PF_N lines of 128 bytes per row), then wait for the activations; no write before the wait
         line = tl.minimum(tl.arange(0, PF), PF_N - 1)
@@ -408,18 +469,21 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
                     acc = tl.dot(w.to(tl.bfloat16), tl.trans(a), acc)
                 else:
                     acc = tl.dot(a, tl.trans(w.to(tl.bfloat16)), acc)
+    if not EPI_EARLY:  # (split-K without PART_RESTORE: the last program loads the R_out tile, below)
+        wsc, t_out, bias = _epilogue_operands(pid_n, rows_n, N, w_scale_ptr, rout_ptr, bias_ptr, BN, BO,
+                                              HAS_ROUT and (SPLIT == 1 or PART_RESTORE), HAS_BIAS)
     y = acc.to(tl.float32)
     if not SWAP:
         y = tl.trans(y)  # (BN, BMT)
     if INT8:
         y = (y * 0.0625) * tl.load(tok_scale_ptr + rows_m)[None, :]  # exact: the codes were 16 * q
-    y = y * tl.load(w_scale_ptr + rows_n)[:, None]
+    y = y * wsc[:, None]
     if SPLIT == 1:
-        _finish(y, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om, stride_on, BN, BO,
-                HAS_ROUT, HAS_BIAS, RESTORE, F32_DOT)
+        _finish(y, t_out, bias, offs_n, offs_m, M, N, out_ptr, stride_om, stride_on, HAS_ROUT, HAS_BIAS, RESTORE,
+                F32_DOT)
     else:  # split-K: partial sums to the workspace; the last program of the tile adds them in order
         if HAS_ROUT and PART_RESTORE:  # the restore is linear: each program restores its own partial
-            y = _restore(y, pid_n, N, rout_ptr, BN, BO, RESTORE, F32_DOT)
+            y = _restore(y, t_out, RESTORE, F32_DOT)
         wsp = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
         tl.store(wsp + pid_k * (M * N), y, mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
         if not F32_DOT:  # make this thread's stores visible GPU-wide before the counter moves
@@ -437,12 +501,12 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
             for sk in range(0, SPLIT):  # fixed order: deterministic sums
                 tot += tl.load(wsp + sk * (M * N), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N),
                                other=0.0, cache_modifier=".cg")
-            if PART_RESTORE:
-                _finish(tot, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om,
-                        stride_on, BN, BO, False, HAS_BIAS, RESTORE, F32_DOT)
+            if PART_RESTORE or EPI_EARLY or not HAS_ROUT:  # PART_RESTORE: the partials are restored already
+                _finish(tot, t_out, bias, offs_n, offs_m, M, N, out_ptr, stride_om, stride_on,
+                        HAS_ROUT and not PART_RESTORE, HAS_BIAS, RESTORE, F32_DOT)
             else:
-                _finish(tot, pid_n, offs_n, offs_m, rows_n, M, N, rout_ptr, bias_ptr, out_ptr, stride_om,
-                        stride_on, BN, BO, HAS_ROUT, HAS_BIAS, RESTORE, F32_DOT)
+                _finish(tot, _rout_tile(pid_n, N, rout_ptr, BN, BO), bias, offs_n, offs_m, M, N, out_ptr, stride_om,
+                        stride_on, True, HAS_BIAS, RESTORE, F32_DOT)
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")  # ready for the next call (kernel boundary orders it)
 
 
@@ -482,14 +546,19 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     chunks), QRUNS (codes stored as vector runs; False: per element, the same codes); GEMM BN
     (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register operand), SPLIT
     (split-K), num_warps, num_stages, RESTORE (the R_out restore dot, `_restore`), PART_RESTORE
-    (split-K programs restore their partial sums); GEMM "rs" (`w4a8_rs`), ACT "wgmma" (`w4a8_act`,
+    (split-K programs restore their partial sums), EPI_EARLY (the epilogue's weight-side operands
+    loaded before the main loop and the PDL wait); QFASTDIV (the quantize launch's quotients by
+    one reciprocal per row, `_codes`); GEMM "rs" (`w4a8_rs`), ACT "wgmma" (`w4a8_act`,
     ACT_BM / ACT_TT / ACT_STAGES / ACT_WARPS) or "cluster" (`w4a8_cluster`, CL / CL_BM / CL_WARPS) on sm_90; PDL
     (programmatic dependent launch), PREP_PDL (the first activation launch launched with PDL too)."""
     dynamic = mode == MODE_DYNAMIC
     # PREP_PDL: with PDL, the first activation launch starts early too and waits for x's producer
     # (measured against it off, sweep_w4a8.py --ab: expert layers at M = 50 0.3-0.4 us each, M = 1 0.7 us)
+    # QFASTDIV: the quantize launch's quotients by one reciprocal per row (the same codes; with EPI_EARLY,
+    # sweep_w4a8.py --ab at M = 50: expert o 9.5 -> 9.1 us, q/k/v group 8.4 -> 7.7, gate/up group 10.1 -> 9.8,
+    # down 11.8 -> 11.6)
     cfg = dict(G=1, BMP=16, prep_warps=4, GROUP=8, SWAP=True, BMQ=4, QCH=4 if k > 4096 else 1, PDL=True,
-               PREP_PDL=True)
+               PREP_PDL=True, QFASTDIV=True)
     if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
         if dynamic:
             cfg.update(BN=64, BMT=16, BK=256, SPLIT=4, SWAP=False, num_warps=4, num_stages=3)
@@ -503,7 +572,9 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
                 cfg.update(BN=128, SPLIT=8)
         return _epilogue(cfg, dynamic)
     if m <= 64:
-        cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3)
+        # EPI_EARLY (dynamic): the GEMM's epilogue operands loaded before its PDL wait (same-run A/B at M = 50:
+        # expert o 9.5 -> 9.1 us, q/k/v group 8.4 -> 7.9, gate/up group 10.1 -> 9.9, down 11.8 -> 11.4)
+        cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3, EPI_EARLY=dynamic)
         if k <= 1024 and (dynamic or n >= 2048):
             cfg.update(SPLIT=1)
             if dynamic and n >= 2560:  # measured on the linked q/k/v and gate/up groups (9.8 vs 10.4 us,
@@ -549,6 +620,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg.update(ACT="cluster", CL=16)
     elif dynamic:  # q/o_proj after the cluster activation launch: BK 256 with 3 stages 20.9 vs 21.9 us (BK 128,
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=3)  # 4 stages)
+        cfg.update(EPI_EARLY=True)  # epilogue operands first: 20.6 vs 21.0 us (one same-run A/B)
         # q/o_proj on sm_90: the cluster launch (`w4a8_cluster`) with PDL 21.5 us, without 22.7 us;
         # `w4a8_act` (no PDL) 24.4 us (v10: 24.9 vs 25.9 us for the Triton launches, 25.8 us without PDL)
         cfg.update(ACT="cluster", CL=16)
@@ -665,7 +737,8 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         qch -= 1
     _quant_kernel[(triton.cdiv(m, bmq), k // (bkq * qch))](
         a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
-        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, RUNS=cfg.get("QRUNS", True), num_warps=4, **_pdl(pdl))
+        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, RUNS=cfg.get("QRUNS", True), FASTDIV=bool(cfg.get("QFASTDIV", False)),
+        num_warps=4, **_pdl(pdl))
     return codes, tok_scale
 
 
@@ -738,7 +811,7 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         stride_om=out.stride(0), stride_on=out.stride(1), ws_ptr=ws, cnt_ptr=cnt, INT8=tok_scale is not None, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
         HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET, PDL=pdl, PF_N=pf_n,
         PF=triton.next_power_of_2(pf_n), RESTORE=cfg.get("RESTORE", 0) if split == 1 or cfg.get("PART_RESTORE") else 0,
-        PART_RESTORE=bool(cfg.get("PART_RESTORE", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
+        PART_RESTORE=bool(cfg.get("PART_RESTORE", False)), EPI_EARLY=bool(cfg.get("EPI_EARLY", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
     return out
 
 
