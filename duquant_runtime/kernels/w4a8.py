@@ -405,8 +405,8 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
                  PF_N: tl.constexpr, PF: tl.constexpr, RESTORE: tl.constexpr, PART_RESTORE: tl.constexpr,
                  EPI_EARLY: tl.constexpr):
     """EPI_EARLY: the epilogue's weight-side operands (row scales, R_out tile, bias) are loaded
-    first, before the PDL wait and the main loop, so that their latency is not on the path after
-    the last dot."""
+    first, before the PDL wait, and the token scales right after it, before the main loop, so
+    that no load latency is on the path after the last dot."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BN)
@@ -438,6 +438,8 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pf], dtype=tl.int32,
                                   is_pure=False, pack=1)
         gdc_wait()
+    if EPI_EARLY and INT8:  # the token scales (the previous launch's): also in flight during the main loop
+        tok_s = tl.load(tok_scale_ptr + rows_m)
     if SWAP:
         acc = tl.zeros((BN, BMT), dtype=tl.int32 if INT8 else tl.float32)
     else:
@@ -476,7 +478,9 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
     if not SWAP:
         y = tl.trans(y)  # (BN, BMT)
     if INT8:
-        y = (y * 0.0625) * tl.load(tok_scale_ptr + rows_m)[None, :]  # exact: the codes were 16 * q
+        if not EPI_EARLY:
+            tok_s = tl.load(tok_scale_ptr + rows_m)
+        y = (y * 0.0625) * tok_s[None, :]  # exact: the codes were 16 * q
     y = y * wsc[:, None]
     if SPLIT == 1:
         _finish(y, t_out, bias, offs_n, offs_m, M, N, out_ptr, stride_om, stride_on, HAS_ROUT, HAS_BIAS, RESTORE,
