@@ -558,9 +558,9 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     dynamic = mode == MODE_DYNAMIC
     # PREP_PDL: with PDL, the first activation launch starts early too and waits for x's producer
     # (measured against it off, sweep_w4a8.py --ab: expert layers at M = 50 0.3-0.4 us each, M = 1 0.7 us)
-    # QFASTDIV: the quantize launch's quotients by one reciprocal per row (the same codes; with EPI_EARLY,
-    # sweep_w4a8.py --ab at M = 50: expert o 9.5 -> 9.1 us, q/k/v group 8.4 -> 7.7, gate/up group 10.1 -> 9.8,
-    # down 11.8 -> 11.6)
+    # QFASTDIV: the quantize launch's quotients by one reciprocal per row (the same codes). Same-run A/B at
+    # M = 50 (sweep_w4a8.py --ab, us; neither / EPI_EARLY off / both): expert o 9.6 / 9.2 / 9.0, q/k/v group
+    # 8.5 / 7.9 / 7.6, gate/up group 10.2 / 9.8 / 9.6, down 11.7 / 11.9 / 11.7
     cfg = dict(G=1, BMP=16, prep_warps=4, GROUP=8, SWAP=True, BMQ=4, QCH=4 if k > 4096 else 1, PDL=True,
                PREP_PDL=True, QFASTDIV=True)
     if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
@@ -576,8 +576,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
                 cfg.update(BN=128, SPLIT=8)
         return _epilogue(cfg, dynamic)
     if m <= 64:
-        # EPI_EARLY (dynamic): the GEMM's epilogue operands loaded before its PDL wait (same-run A/B at M = 50:
-        # expert o 9.5 -> 9.1 us, q/k/v group 8.4 -> 7.9, gate/up group 10.1 -> 9.9, down 11.8 -> 11.4)
+        # EPI_EARLY (dynamic): no load left after the GEMM's main loop (the A/B above)
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3, EPI_EARLY=dynamic)
         if k <= 1024 and (dynamic or n >= 2048):
             cfg.update(SPLIT=1)
@@ -624,7 +623,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg.update(ACT="cluster", CL=16)
     elif dynamic:  # q/o_proj after the cluster activation launch: BK 256 with 3 stages 20.9 vs 21.9 us (BK 128,
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=3)  # 4 stages)
-        cfg.update(EPI_EARLY=True)  # epilogue operands first: 20.6 vs 21.0 us (one same-run A/B)
+        cfg.update(EPI_EARLY=True)  # no load after the main loop: 20.6 vs 21.0 us (two same-run A/Bs)
         # q/o_proj on sm_90: the cluster launch (`w4a8_cluster`) with PDL 21.5 us, without 22.7 us;
         # `w4a8_act` (no PDL) 24.4 us (v10: 24.9 vs 25.9 us for the Triton launches, 25.8 us without PDL)
         cfg.update(ACT="cluster", CL=16)
