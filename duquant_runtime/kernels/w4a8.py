@@ -46,9 +46,10 @@ first launch (transpose or prep) is launched the same way and waits for x's prod
 Launch configurations: `pick_config` (measured: benchmarks/stages_w4a8.py, sweep_w4a8.py,
 docs/benchmarks.md; the causes of the remaining cost: benchmarks/notes_runtime_gpu.md).
 Rounding: torch.round's half-to-even (rint) and correctly rounded divisions (div_rn, or the
-reciprocal with Markstein's correction, which gives the same quotients), as the reference path. Differences to the float32 reference: x P BD(R_in) in tf32, rotations stored in
-16 bits, static activations q*s rounded to bf16, R_out restore in tf32 (bf16 on the dynamic
-path without split-K), output in x's dtype.
+reciprocal with Markstein's correction, which gives the same quotients), as the reference path.
+Differences to the float32 reference: x P BD(R_in) in tf32, rotations stored in 16 bits, static
+activations q*s rounded to bf16, R_out restore in tf32 (bf16 on the dynamic path without
+split-K), output in x's dtype.
 The CPU interpreter (tests) runs the same kernels with plain-arithmetic rounding and unpacking
 (and fma through float64).
 """
@@ -90,7 +91,8 @@ _rint = _rint_sw if _INTERPRET else _rint_hw
 @triton.jit
 def _fma_sw(a, b, c):
     """a * b + c of float32 operands through float64 (the CPU interpreter, whose fma rounds the
-    product first): exact product, one rounding of the sum to float64, then to float32."""
+    product first): exact product, the sum rounded to float64, then to float32 (a double rounding,
+    which can differ from one fused rounding in rare halfway cases; the GPU runs fma.rn)."""
     return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
 
 
@@ -740,8 +742,8 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         qch -= 1
     _quant_kernel[(triton.cdiv(m, bmq), k // (bkq * qch))](
         a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
-        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, RUNS=cfg.get("QRUNS", True), FASTDIV=bool(cfg.get("QFASTDIV", False)),
-        num_warps=4, **_pdl(pdl))
+        BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, RUNS=cfg.get("QRUNS", True),
+        FASTDIV=bool(cfg.get("QFASTDIV", False)), num_warps=4, **_pdl(pdl))
     return codes, tok_scale
 
 
@@ -814,7 +816,8 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         stride_om=out.stride(0), stride_on=out.stride(1), ws_ptr=ws, cnt_ptr=cnt, INT8=tok_scale is not None, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
         HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET, PDL=pdl, PF_N=pf_n,
         PF=triton.next_power_of_2(pf_n), RESTORE=cfg.get("RESTORE", 0) if split == 1 or cfg.get("PART_RESTORE") else 0,
-        PART_RESTORE=bool(cfg.get("PART_RESTORE", False)), EPI_EARLY=bool(cfg.get("EPI_EARLY", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
+        PART_RESTORE=bool(cfg.get("PART_RESTORE", False)), EPI_EARLY=bool(cfg.get("EPI_EARLY", False)),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
     return out
 
 
