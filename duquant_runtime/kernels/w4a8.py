@@ -67,6 +67,10 @@ from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 MODE_NONE, MODE_STATIC, MODE_DYNAMIC = 0, 1, 2
+# per-row scales below TINY_SCALE (2^-60) are multiplied by SCALE_UP (2^64), with their row's values,
+# before a reciprocal is taken (`_codes`, `w4a8_act._recip`): exact, and the reciprocal stays finite
+TINY_SCALE = tl.constexpr(8.673617379884035e-19)
+SCALE_UP = tl.constexpr(1.8446744073709552e19)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter (tests)
 
 
@@ -263,7 +267,7 @@ def _codes(v, s, QMIN: tl.constexpr, QMAX: tl.constexpr, FASTDIV: tl.constexpr =
     else 1: exact, and s' has a finite reciprocal), r = RN(1 / s'), q0 = v' r, e = v' - q0 s'
     (exact, fma), v / s = RN(q0 + e r)."""
     if FASTDIV:
-        f = tl.where(s < 8.673617379884035e-19, 1.8446744073709552e19, 1.0)
+        f = tl.where(s < TINY_SCALE, SCALE_UP, 1.0)
         sf = s * f
         r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), sf)
         vf = v * f[:, None]
@@ -430,8 +434,11 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         a_ptrs = a_ptr + rows_m[:, None] * K + kh[None, :]  # the even-k half of a stored tile (`_deint`)
     else:
         a_ptrs = a_ptr + rows_m[:, None] * K + tl.arange(0, BK)[None, :]
+    # the programs that restore load the R_out tile with the other epilogue operands; with split-K
+    # and no PART_RESTORE only the tile's last program restores, and loads it there
+    LOAD_T: tl.constexpr = HAS_ROUT and (SPLIT == 1 or PART_RESTORE)
     if EPI_EARLY:  # independent of the previous launch: in flight while it finishes
-        wsc, t_out, bias = _epilogue_operands(pid_n, rows_n, N, w_scale_ptr, rout_ptr, bias_ptr, BN, BO, HAS_ROUT,
+        wsc, t_out, bias = _epilogue_operands(pid_n, rows_n, N, w_scale_ptr, rout_ptr, bias_ptr, BN, BO, LOAD_T,
                                               HAS_BIAS)
     if PDL:  # launched while the activation launch still runs: fetch this program's weights into
         # L2 (PF_N lines of 128 bytes per row), then wait for the activations; no write before the wait
@@ -473,9 +480,9 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
                     acc = tl.dot(w.to(tl.bfloat16), tl.trans(a), acc)
                 else:
                     acc = tl.dot(a, tl.trans(w.to(tl.bfloat16)), acc)
-    if not EPI_EARLY:  # (split-K without PART_RESTORE: the last program loads the R_out tile, below)
-        wsc, t_out, bias = _epilogue_operands(pid_n, rows_n, N, w_scale_ptr, rout_ptr, bias_ptr, BN, BO,
-                                              HAS_ROUT and (SPLIT == 1 or PART_RESTORE), HAS_BIAS)
+    if not EPI_EARLY:
+        wsc, t_out, bias = _epilogue_operands(pid_n, rows_n, N, w_scale_ptr, rout_ptr, bias_ptr, BN, BO, LOAD_T,
+                                              HAS_BIAS)
     y = acc.to(tl.float32)
     if not SWAP:
         y = tl.trans(y)  # (BN, BMT)
@@ -507,7 +514,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
             for sk in range(0, SPLIT):  # fixed order: deterministic sums
                 tot += tl.load(wsp + sk * (M * N), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N),
                                other=0.0, cache_modifier=".cg")
-            if PART_RESTORE or EPI_EARLY or not HAS_ROUT:  # PART_RESTORE: the partials are restored already
+            if LOAD_T or not HAS_ROUT:  # PART_RESTORE: the partials are restored already
                 _finish(tot, t_out, bias, offs_n, offs_m, M, N, out_ptr, stride_om, stride_on,
                         HAS_ROUT and not PART_RESTORE, HAS_BIAS, RESTORE, F32_DOT)
             else:

@@ -32,6 +32,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from .w4a8 import SCALE_UP, TINY_SCALE
+
 
 @gluon.jit
 def _rint(v):
@@ -87,7 +89,7 @@ def _recip(s):
     """(f, s f, RN(1 / (s f))) for scales s (R,) > 0: f = 2^64 where s < 2^-60, else 1. A scale
     below 2^-128 (a row whose absmax is under ~4e-37) has no finite reciprocal; s f always does,
     and v / s == (v f) / (s f) exactly (powers of two)."""
-    f = gl.where(s < 8.673617379884035e-19, 1.8446744073709552e19, 1.0)
+    f = gl.where(s < TINY_SCALE, SCALE_UP, 1.0)
     sf = s * f
     return f, sf, gl.div_rn(sf * 0.0 + 1.0, sf)
 
