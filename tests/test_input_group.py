@@ -3,6 +3,8 @@ protocol (one launch per group and activation), its fallbacks, and apply_pack's 
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -117,6 +119,7 @@ def test_linked_groups_request_only_the_reported_bytes_on_cuda(shared_pack):
     """On the GPU, the bytes the linked model asks the allocator for are the report's: the
     concatenation frees the members' own buffers (memory_allocated may still count the caching
     allocator's unsplit remainders of reused blocks, which later allocations can use)."""
+    gc.collect()  # earlier tests' unreachable CUDA tensors are freed now, not inside the measured interval
     warm = torch.ones(8, 8, device="cuda")
     warm @ warm  # cuBLAS takes its 32 MiB workspace from the allocator at its first GEMM: not ours
     torch.cuda.synchronize()

@@ -4,7 +4,8 @@
   reference numerics in every variant (dynamic activations through the quantize launch, static
   scales, no activation quantization; one or several rotation blocks and row tiles per prep
   program; x read through the permutation, gathered beforehand or transposed; split-K; swapped
-  and unswapped dot operands; K tiles of 64/128/256, which also order the int8 codes' columns).
+  and unswapped dot operands; K tiles of 64/128/256, which also order the int8 codes' columns;
+  the last tokens in a second launch of narrower tiles).
   Skipped when Triton is not installed (it is optional).
 - On a CUDA GPU (skipped without): every x-load variant with and without programmatic dependent
   launch against the float reference.
@@ -82,6 +83,17 @@ for m, bo, with_bias in ((40, 64, True), (130, 32, False)):
         K.restore(yt, ro, b_, out_t)
         rest.append(float((out_t.float() - ref).norm() / ref.norm()))
 print("RESTORE", *rest)
+tail = []  # the last M % BMT tokens in a second launch of narrower tiles: the same values
+x = torch.randn(40, 256, generator=g).to(torch.bfloat16)
+q, ws = torch.randint(-8, 8, (128, 256), generator=g, dtype=torch.int8), torch.rand(128, generator=g) * 0.01
+kw = dict(qweight=pack_int4(q), w_scale=ws, r_in=orth(4, 64).half(), perm=torch.randperm(256, generator=g),
+          r_out=orth(2, 64).half(), bias=torch.randn(128, generator=g).to(torch.bfloat16), smooth=None, mode=2)
+base = dict(G=1, BMP=16, BN=64, BMT=32, BK=128, SPLIT=1, SWAP=True, num_warps=4, num_stages=2, RESTORE=1, BMQ=4)
+for tm_out in (False, True):
+    y0 = K.w4_linear(x, config=base, token_minor_out=tm_out, **kw)
+    y1 = K.w4_linear(x, config={**base, "TAIL_BMT": 16}, token_minor_out=tm_out, **kw)
+    tail.append(K.tail_tokens(40, {**base, "TAIL_BMT": 16}) == 8 and y1.stride() == y0.stride() and torch.equal(y0, y1))
+print("TAIL", *tail)
 try:  # a strided (column-major) packed weight is refused, never read with the wrong strides
     K.w4_linear(x, qweight=pack_int4(q).t().contiguous().t(), w_scale=ws, r_in=r_in.half(), perm=perm, r_out=None,
                 bias=None, smooth=None, mode=0)
@@ -148,9 +160,34 @@ def test_kernels_match_reference_in_interpreter():
     errs = [float(v) for v in res.stdout.split("ERR")[1].split("TOKEN_MINOR")[0].split()]
     assert len(errs) == 9 and all(e < 1e-2 for e in errs), errs  # bf16 output, fp16 rotations, tf32
     assert res.stdout.split("TOKEN_MINOR")[1].split("RESTORE")[0].split() == ["True"] * 3, res.stdout
-    rest = [float(v) for v in res.stdout.split("RESTORE")[1].split("REFUSED")[0].split()]
+    rest = [float(v) for v in res.stdout.split("RESTORE")[1].split("TAIL")[0].split()]
     assert len(rest) == 4 and all(e < 1e-2 for e in rest), rest  # R_out transposed by mistake: ~1.4
+    assert res.stdout.split("TAIL")[1].split("REFUSED")[0].split() == ["True"] * 2, res.stdout
     assert res.stdout.count("REFUSED True") == 2, res.stdout
+
+
+@pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")
+def test_tail_launch_gives_the_same_output_on_gpu():
+    """M = 800 with 128-token tiles: the last 32 tokens in a second launch of 32-token tiles
+    (TAIL_BMT, picked for the gate/up GEMMs) give the one-launch values bit for bit, row-major and
+    token-minor."""
+    import torch
+    from duquant_runtime.kernels import w4a8 as K
+
+    g = torch.Generator().manual_seed(12)
+    m, n, k = 800, 2048, 2048
+    x = torch.randn(m, k, generator=g).bfloat16().cuda()
+    orth = lambda nb: torch.linalg.qr(torch.randn(nb, 64, 64, generator=g, dtype=torch.float64))[0]  # noqa: E731
+    kw = dict(qweight=torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).cuda(),
+              w_scale=(torch.rand(n, generator=g) * 0.01 + 0.001).cuda(), r_in=orth(k // 64).half().contiguous().cuda(),
+              perm=torch.randperm(k, generator=g).cuda(), r_out=orth(n // 64).half().contiguous().cuda(), bias=None,
+              smooth=None, mode=K.MODE_DYNAMIC)
+    cfg = dict(K.pick_config(m, 32768, k, K.MODE_DYNAMIC))  # the gate/up group's launch configuration
+    assert K.tail_tokens(m, cfg) == 32
+    for tm_out in (False, True):
+        one = K.w4_linear(x, config={**cfg, "TAIL_BMT": 0}, token_minor_out=tm_out, **kw)
+        two = K.w4_linear(x, config=cfg, token_minor_out=tm_out, **kw)
+        assert two.stride() == one.stride() and torch.equal(two, one)
 
 
 @pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")

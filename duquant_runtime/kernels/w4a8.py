@@ -559,7 +559,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     chunks), QRUNS (codes stored as vector runs; False: per element, the same codes); GEMM BN
     (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register operand), SPLIT
     (split-K), num_warps, num_stages, RESTORE (the R_out restore dot, `_restore`), PART_RESTORE
-    (split-K programs restore their partial sums), EPI_EARLY (the epilogue's weight-side operands
+    (split-K programs restore their partial sums), TAIL_BMT (the last M % BMT tokens in a second
+    launch of that many tokens per tile, `tail_tokens`), EPI_EARLY (the epilogue's weight-side operands
     loaded before the main loop and the PDL wait); QFASTDIV (the quantize launch's quotients by
     one reciprocal per row, `_codes`); GEMM "rs" (`w4a8_rs`), ACT "wgmma" (`w4a8_act`,
     ACT_BM / ACT_TT / ACT_STAGES / ACT_WARPS) or "cluster" (`w4a8_cluster`, CL / CL_BM / CL_WARPS) on sm_90; PDL
@@ -622,6 +623,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
         if n < 8192:  # linked q/k/v after the cluster activation launch: 64-token tiles 23.6 vs 25.5-25.9 us
             cfg.update(BMT=64)  # (two runs); linked gate/up 165.2 vs 149.8 us with them
+        else:  # the last M % 128 <= 32 tokens in a second launch of 32-token tiles (`tail_tokens`): linked
+            cfg.update(TAIL_BMT=32)  # gate/up GEMM alone 132.7 vs 135.8 us, layer (token-minor) 146.8 vs 150.9
         # sm_90: the activation codes in one cluster launch (`w4a8_cluster`), no transpose launch:
         # linked gate/up 148.3 vs 151.4 us, linked q/k/v 25.6 vs 26.6 us
         cfg.update(ACT="cluster", CL=16)
@@ -812,6 +815,36 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     if rs is not None and k % (2 * bk) == 0:  # the register-operand Gluon GEMM, then the restore launch
         yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk})
         return restore(yt, r_out, bias, out, pdl=True)  # sm_90 (`_rs_module`): PDL is there
+    tail = tail_tokens(m, cfg) if split == 1 else 0
+    if tail:  # whole BMT-token tiles, then the last tokens in narrower tiles (`tail_tokens`)
+        m0 = m - tail
+        _gemm_launch(a[:m0], tok_scale[:m0] if tok_scale is not None else None, qweight, w_scale, r_out, bias,
+                     out[:m0], bk, split, cfg)
+        a, tok_scale, out_t = a[m0:], tok_scale[m0:] if tok_scale is not None else None, out[m0:]
+        _gemm_launch(a, tok_scale, qweight, w_scale, r_out, bias, out_t, bk, split, {**cfg, "BMT": cfg["TAIL_BMT"]})
+        return out
+    _gemm_launch(a, tok_scale, qweight, w_scale, r_out, bias, out, bk, split, cfg)
+    return out
+
+
+def tail_tokens(m: int, cfg: dict) -> int:
+    """Tokens past the last whole BMT-token tile that `w4_gemm` leaves to a second launch with
+    cfg["TAIL_BMT"]-token tiles (0: none). At M = 800 with 128-token tiles: 32 tokens, which would
+    otherwise take a whole row of 128-token tiles. Measured on the linked gate/up GEMM alone
+    (H200, benchmarks/probe_tail.py): 115.5 us at M = 768, 135.8 at M = 800, 132.7-133.4 with the
+    tail launch; a 32-token tile costs nearly as much as a 128-token one, each program's time
+    being mostly its weight tile's."""
+    bmt, tb = cfg["BMT"], cfg.get("TAIL_BMT", 0)
+    rem = m % bmt
+    return rem if tb and m > bmt and 0 < rem <= tb else 0
+
+
+def _gemm_launch(a, tok_scale, qweight, w_scale, r_out, bias, out, bk: int, split: int, cfg: dict) -> None:
+    """One `_gemm_kernel` launch for a's M rows into out (M, N), any strides (see `w4_gemm`)."""
+    m, k = a.shape
+    n = qweight.shape[0]
+    bo = r_out.shape[-1] if r_out is not None else 16
+    bn, bmt = cfg["BN"], cfg["BMT"]
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bmt)
     ws = torch.empty((split, m, n), device=a.device, dtype=torch.float32) if split > 1 else w_scale
     cnt = _counters(a.device, tiles) if split > 1 else w_scale
@@ -825,7 +858,6 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         PF=triton.next_power_of_2(pf_n), RESTORE=cfg.get("RESTORE", 0) if split == 1 or cfg.get("PART_RESTORE") else 0,
         PART_RESTORE=bool(cfg.get("PART_RESTORE", False)), EPI_EARLY=bool(cfg.get("EPI_EARLY", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(pdl))
-    return out
 
 
 def _hopper_module(device: torch.device, name: str):
