@@ -84,15 +84,17 @@ for m, bo, with_bias in ((40, 64, True), (130, 32, False)):
         rest.append(float((out_t.float() - ref).norm() / ref.norm()))
 print("RESTORE", *rest)
 tail = []  # the last M % BMT tokens in a second launch of narrower tiles: the same values
-x = torch.randn(40, 256, generator=g).to(torch.bfloat16)
-q, ws = torch.randint(-8, 8, (128, 256), generator=g, dtype=torch.int8), torch.rand(128, generator=g) * 0.01
-kw = dict(qweight=pack_int4(q), w_scale=ws, r_in=orth(4, 64).half(), perm=torch.randperm(256, generator=g),
-          r_out=orth(2, 64).half(), bias=torch.randn(128, generator=g).to(torch.bfloat16), smooth=None, mode=2)
-base = dict(G=1, BMP=16, BN=64, BMT=32, BK=128, SPLIT=1, SWAP=True, num_warps=4, num_stages=2, RESTORE=1, BMQ=4)
+tx = torch.randn(40, 256, generator=g).to(torch.bfloat16)
+tq = torch.randint(-8, 8, (128, 256), generator=g, dtype=torch.int8)
+tkw = dict(qweight=pack_int4(tq), w_scale=torch.rand(128, generator=g) * 0.01, r_in=orth(4, 64).half(),
+           perm=torch.randperm(256, generator=g), r_out=orth(2, 64).half(),
+           bias=torch.randn(128, generator=g).to(torch.bfloat16), smooth=None, mode=2)
+tcfg = dict(G=1, BMP=16, BN=64, BMT=32, BK=128, SPLIT=1, SWAP=True, num_warps=4, num_stages=2, RESTORE=1, BMQ=4)
 for tm_out in (False, True):
-    y0 = K.w4_linear(x, config=base, token_minor_out=tm_out, **kw)
-    y1 = K.w4_linear(x, config={**base, "TAIL_BMT": 16}, token_minor_out=tm_out, **kw)
-    tail.append(K.tail_tokens(40, {**base, "TAIL_BMT": 16}) == 8 and y1.stride() == y0.stride() and torch.equal(y0, y1))
+    y0 = K.w4_linear(tx, config=tcfg, token_minor_out=tm_out, **tkw)
+    y1 = K.w4_linear(tx, config={**tcfg, "TAIL_BMT": 16}, token_minor_out=tm_out, **tkw)
+    tail.append(K.tail_tokens(40, {**tcfg, "TAIL_BMT": 16}) == 8 and y1.stride() == y0.stride()
+                and torch.equal(y0, y1))
 print("TAIL", *tail)
 try:  # a strided (column-major) packed weight is refused, never read with the wrong strides
     K.w4_linear(x, qweight=pack_int4(q).t().contiguous().t(), w_scale=ws, r_in=r_in.half(), perm=perm, r_out=None,

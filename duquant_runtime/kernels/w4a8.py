@@ -816,14 +816,11 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk})
         return restore(yt, r_out, bias, out, pdl=True)  # sm_90 (`_rs_module`): PDL is there
     tail = tail_tokens(m, cfg) if split == 1 else 0
-    if tail:  # whole BMT-token tiles, then the last tokens in narrower tiles (`tail_tokens`)
-        m0 = m - tail
-        _gemm_launch(a[:m0], tok_scale[:m0] if tok_scale is not None else None, qweight, w_scale, r_out, bias,
-                     out[:m0], bk, split, cfg)
-        a, tok_scale, out_t = a[m0:], tok_scale[m0:] if tok_scale is not None else None, out[m0:]
-        _gemm_launch(a, tok_scale, qweight, w_scale, r_out, bias, out_t, bk, split, {**cfg, "BMT": cfg["TAIL_BMT"]})
-        return out
-    _gemm_launch(a, tok_scale, qweight, w_scale, r_out, bias, out, bk, split, cfg)
+    parts = [(slice(0, m - tail), cfg), (slice(m - tail, m), {**cfg, "BMT": cfg["TAIL_BMT"]})] if tail \
+        else [(slice(0, m), cfg)]  # whole BMT-token tiles, then the last tokens in narrower tiles
+    for rows, c in parts:
+        _gemm_launch(a[rows], tok_scale[rows] if tok_scale is not None else None, qweight, w_scale, r_out, bias,
+                     out[rows], bk, split, c)
     return out
 
 
