@@ -93,7 +93,8 @@ tcfg = dict(G=1, BMP=16, BN=64, BMT=32, BK=128, SPLIT=1, SWAP=True, num_warps=4,
 for tm_out in (False, True):
     y0 = K.w4_linear(tx, config=tcfg, token_minor_out=tm_out, **tkw)
     y1 = K.w4_linear(tx, config={**tcfg, "TAIL_BMT": 16}, token_minor_out=tm_out, **tkw)
-    tail.append(K.tail_tokens(40, {**tcfg, "TAIL_BMT": 16}) == 8 and y1.stride() == y0.stride()
+    tail.append(K.tail_tokens(40, {**tcfg, "TAIL_BMT": 16}) == 8 and K.tail_tokens(40, {**tcfg, "TAIL_BMT": 16}, 2) == 0
+                and y1.stride() == y0.stride()
                 and torch.equal(y0, y1))
 print("TAIL", *tail)
 try:  # a strided (column-major) packed weight is refused, never read with the wrong strides

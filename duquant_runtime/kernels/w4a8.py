@@ -815,25 +815,27 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     if rs is not None and k % (2 * bk) == 0:  # the register-operand Gluon GEMM, then the restore launch
         yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk})
         return restore(yt, r_out, bias, out, pdl=True)  # sm_90 (`_rs_module`): PDL is there
-    tail = tail_tokens(m, cfg) if split == 1 else 0
-    parts = [(slice(0, m - tail), cfg), (slice(m - tail, m), {**cfg, "BMT": cfg["TAIL_BMT"]})] if tail \
-        else [(slice(0, m), cfg)]  # whole BMT-token tiles, then the last tokens in narrower tiles
-    for rows, c in parts:
+    tail = tail_tokens(m, cfg, split)
+    if not tail:
+        _gemm_launch(a, tok_scale, qweight, w_scale, r_out, bias, out, bk, split, cfg)
+        return out
+    for rows, c in ((slice(0, m - tail), cfg), (slice(m - tail, m), {**cfg, "BMT": cfg["TAIL_BMT"]})):
         _gemm_launch(a[rows], tok_scale[rows] if tok_scale is not None else None, qweight, w_scale, r_out, bias,
                      out[rows], bk, split, c)
     return out
 
 
-def tail_tokens(m: int, cfg: dict) -> int:
+def tail_tokens(m: int, cfg: dict, split: int = 1) -> int:
     """Tokens past the last whole BMT-token tile that `w4_gemm` leaves to a second launch with
-    cfg["TAIL_BMT"]-token tiles (0: none). At M = 800 with 128-token tiles: 32 tokens, which would
+    cfg["TAIL_BMT"]-token tiles (0: none; never with split-K, whose launches would share the tile
+    counters and workspace, `_counters`). At M = 800 with 128-token tiles: 32 tokens, which would
     otherwise take a whole row of 128-token tiles. Measured on the linked gate/up GEMM alone
     (H200, benchmarks/probe_tail.py): 115.5 us at M = 768, 135.8 at M = 800, 132.7-133.4 with the
     tail launch; a 32-token tile costs nearly as much as a 128-token one, each program's time
     being mostly its weight tile's."""
     bmt, tb = cfg["BMT"], cfg.get("TAIL_BMT", 0)
     rem = m % bmt
-    return rem if tb and m > bmt and 0 < rem <= tb else 0
+    return rem if tb and split == 1 and m > bmt and 0 < rem <= tb else 0
 
 
 def _gemm_launch(a, tok_scale, qweight, w_scale, r_out, bias, out, bk: int, split: int, cfg: dict) -> None:
