@@ -109,7 +109,7 @@ def compile_act(pass_: int, bm: int = 128, warps: int = 4, k: int = 16384, areg:
     types = {"xt_ptr": "*bf16", "ld": "i32", "M": "i32", "perm_ptr": "*i64", "r_ptr": "*fp16", "tokmax_ptr": "*fp32",
              "codes_ptr": "*i8", "tok_scale_ptr": "*fp32", "rs_ptr": "*bf16"}
     consts = {"K": k, "TT": 1, "BM": bm, "B": 64, "BKD": 256, "STAGES": 1, "PASS": pass_, "HAS_PERM": True,
-              "QMIN": -128, "QMAX": 127, "FASTDIV": True, "AREG": areg, "PDL": False, "RCACHE": rcache,
+              "QMIN": -128, "QMAX": 127, "FASTDIV": True, "AREG": areg, "PDL": False, "RCACHE": rcache, "SATCVT": True,
               "num_warps": warps}
     return compile_sm90(GluonASTSource, fn, types, consts, {"num_warps": warps}, divisible=("ld", "M"))
 
@@ -125,6 +125,7 @@ def act_report(pass_: int, bm: int = 128, warps: int = 4, areg: bool = False) ->
             "cp_async_bytes": sorted({int(x.split(",")[2].strip(), 0) for x in lines if x.startswith("cp.async.cg")}),
             "global_stores": sorted({x.split()[1] for x in lines if x.startswith("@") and " st.global" in x}),
             "atomics": sorted({x.split()[1] for x in lines if x.startswith("@") and " atom." in x}),
+            "conversions": sorted({x.split()[0] for x in lines if x.startswith("cvt.rni")}),
             "registers": registers(ptx), "shared_bytes": ck.metadata.shared}
 
 
@@ -138,7 +139,7 @@ def compile_cluster(k: int = 2048, xt: bool = False, cl: int = 8, bm: int = 64, 
     types = {"x_ptr": "*bf16", "sxm": "i32", "sxk": "i32", "M": "i32", "MP": "i32", "xt_ptr": "*bf16",
              "part_ptr": "*fp32", "perm_ptr": "*i64", "r_ptr": "*fp16", "codes_ptr": "*i8", "tok_scale_ptr": "*fp32"}
     consts = {"K": k, "CL": cl, "BM": bm, "B": 64, "BKD": 256, "CHK": min(w4a8_cluster.CH, k // cl), "XT": xt, "HAS_PERM": True, "QMIN": -128,
-              "QMAX": 127, "PDL": True, "num_warps": warps, ("sxm" if xt else "sxk"): 1}
+              "QMAX": 127, "PDL": True, "SATCVT": True, "num_warps": warps, ("sxm" if xt else "sxk"): 1}
     return compile_sm90(GluonASTSource, fn, types, consts, {"num_warps": warps},
                         divisible=("MP", "sxk" if xt else "sxm"))
 

@@ -122,13 +122,19 @@ x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g) * 
 x[0] = 0.0  # an all-zero row: scale 1
 x[1] = torch.randn(k, generator=g) * 1e-37  # scales below 2^-128: the 2^64 operand scaling
 x[2, :4] = 3.0e4  # an outlier row
+halves = torch.arange(-127, 127) + 0.5  # quotients exactly halfway between two codes (scale 2^-3 below)
+x[3] = torch.cat([torch.tensor([127.0, -127.0]), halves, torch.zeros(k - 2 - halves.numel())]) / 8
 r_in = torch.eye(64).repeat(nb, 1, 1).half()  # identity rotations: the values reach the quantizer as given
 x = x.to(dev, torch.bfloat16)
 cfg = dict(G=1, BMP=16, prep_warps=4, BK=128, BMQ=4, QCH=1, BKQ=128)
+# div.rn + rint/clamp first; then Markstein's quotient, the saturating conversion (SATCVT) and both
 outs = [K.prepare_activation(x, r_in=r_in.to(dev), perm=None, smooth=None, mode=K.MODE_DYNAMIC,
-                             cfg={**cfg, "QFASTDIV": fast}) for fast in (False, True)]
-print("SAME", torch.equal(outs[0][0], outs[1][0]), torch.equal(outs[0][1], outs[1][1]),
-      int((outs[0][0] != 0).sum()) > m * k // 2)
+                             cfg={**cfg, "QFASTDIV": fast, "SATCVT": sat})
+        for fast, sat in ((False, False), (True, False), (False, True), (True, True))]
+cols = torch.arange(k).reshape(-1, 64, 2).transpose(1, 2).reshape(-1)  # stored column order (`_deint`, BK 128)
+ties = outs[-1][0][3].cpu()[torch.argsort(cols)][2:2 + halves.numel()].float()
+print("SAME", all(torch.equal(outs[0][0], o[0]) for o in outs), all(torch.equal(outs[0][1], o[1]) for o in outs),
+      int((outs[0][0] != 0).sum()) > m * k // 2, torch.equal(ties, torch.round(halves)))
 """
 
 
@@ -144,14 +150,15 @@ def _quotient_check(dev: str) -> list[str]:
 @needs_triton
 def test_fast_quotient_gives_the_same_codes_in_interpreter():
     """The quantize launch's codes and scales with QFASTDIV (one reciprocal per row + Markstein's
-    correction) equal those with div.rn, bit for bit: rows over many octaves, an all-zero row,
-    a row whose scale is below 2^-128, an outlier row."""
-    assert _quotient_check("cpu") == ["True", "True", "True"]
+    correction) and with SATCVT (rint and clamp as one saturating conversion) equal those with
+    div.rn and rint/clamp, bit for bit: rows over many octaves, an all-zero row, a row whose scale
+    is below 2^-128, an outlier row; quotients exactly halfway between codes round half to even."""
+    assert _quotient_check("cpu") == ["True", "True", "True", "True"]
 
 
 @pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")
 def test_fast_quotient_gives_the_same_codes_on_gpu():
-    assert _quotient_check("cuda") == ["True", "True", "True"]
+    assert _quotient_check("cuda") == ["True", "True", "True", "True"]
 
 
 @needs_triton

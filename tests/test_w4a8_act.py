@@ -79,6 +79,31 @@ def test_launch_variants_give_the_same_codes(tt, bm, stages, warps, areg):
 
 
 @needs_act
+@pytest.mark.parametrize(("act", "m", "k"), [("wgmma", 800, 16384), ("wgmma", 208, 2048), ("cluster", 800, 2048)])
+def test_saturating_conversion_gives_the_same_codes(act, m, k):
+    """SATCVT (one cvt.rni.sat.s8 per code) against rint, max, min and the conversion, bit for bit, in
+    both Gluon kernels; with identity rotations, a row of quotients exactly halfway between two
+    codes rounds half to even."""
+    from duquant_runtime.kernels import w4a8 as K
+    x, perm, _ = w4a8_operands(m, k, act == "wgmma" and k > 4096, 9)
+    halves = torch.arange(-127, 127) + 0.5
+    row = torch.zeros(k)
+    row[:2] = torch.tensor([127.0, -127.0])
+    row[2:2 + halves.numel()] = halves
+    x = x.clone()
+    x[3] = (row / 8).to(x.device, x.dtype)  # scale 1/8: the quotients are the values times 8, exactly
+    r_in = torch.eye(64).repeat(k // 64, 1, 1).half().to(x.device)
+    cfg = dict(K.pick_config(m, 2048, k, K.MODE_DYNAMIC), XLOAD="transpose", ACT=act)
+    kw = dict(r_in=r_in, perm=None, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
+    ref, s0 = K.prepare_activation(x, cfg={**cfg, "SATCVT": False}, **kw)
+    codes, s = K.prepare_activation(x, cfg={**cfg, "SATCVT": True}, **kw)
+    assert torch.equal(s, s0) and torch.equal(codes, ref)
+    bkd = K.gemm_tiling(k, cfg)[0]
+    cols = torch.arange(k).reshape(-1, bkd // 2, 2).transpose(1, 2).reshape(-1)  # stored column order (`_deint`)
+    assert torch.equal(codes[3].cpu()[torch.argsort(cols)][2:2 + halves.numel()].float(), torch.round(halves))
+
+
+@needs_act
 @pytest.mark.parametrize(("m", "k", "token_minor", "tt"), [(800, 16384, True, 1), (800, 2048, False, 1),
                                                           (300, 4096, True, 2)])
 def test_cached_rotation_terms_give_the_same_codes(m, k, token_minor, tt):
@@ -158,3 +183,4 @@ def test_offline_sm90_code_of_both_passes():
     assert one["atomics"] and all(".relaxed." in a for a in one["atomics"]), one  # no fence per atomic
     assert not one["global_stores"] and not two["atomics"]
     assert "st.global.v4.b32" in two["global_stores"], two  # the codes in 16-byte vectors
+    assert two["conversions"] == ["cvt.rni.sat.s8.f32"], two  # SATCVT: one saturating conversion per code

@@ -110,6 +110,23 @@ _fma = _fma_sw if _INTERPRET else _fma_hw
 
 
 @triton.jit
+def _code8_sw(q):
+    """int8 code of float32 quotient q: rint, clamped to [-128, 127] (the CPU interpreter)."""
+    return tl.minimum(tl.maximum(_rint(q), -128.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _code8_hw(q):
+    """int8 code of float32 quotient q: one cvt.rni.sat.s8 (round half to even, saturated) instead
+    of rint, max, min and the conversion; the same codes (NaN gives 0)."""
+    c = tl.inline_asm_elementwise("cvt.rni.sat.s8.f32 $0, $1;", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+    return c.to(tl.int8)
+
+
+_code8 = _code8_sw if _INTERPRET else _code8_hw
+
+
+@triton.jit
 def _unpack_sw(wb, INT8: tl.constexpr):
     """(low, high) int4 codes of int8 bytes wb (BN, BK/2), in plain arithmetic (the CPU
     interpreter): int8 16 * q for the int8 dot (INT8), else int8 q."""
@@ -260,12 +277,13 @@ def _scale_of_max(mx, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _codes(v, s, QMIN: tl.constexpr, QMAX: tl.constexpr, FASTDIV: tl.constexpr = False):
+def _codes(v, s, QMIN: tl.constexpr, QMAX: tl.constexpr, FASTDIV: tl.constexpr = False, SATCVT: tl.constexpr = False):
     """int8 codes of float32 values v (R, W) with per-row scales s (R,) > 0: clamp(rint(v / s)),
     v / s correctly rounded: div.rn, or (FASTDIV) Markstein's correction of v' r with one
     reciprocal per row, as `w4a8_act._quotient`: v' = v f, s' = s f (f = 2^64 where s < 2^-60,
     else 1: exact, and s' has a finite reciprocal), r = RN(1 / s'), q0 = v' r, e = v' - q0 s'
-    (exact, fma), v / s = RN(q0 + e r)."""
+    (exact, fma), v / s = RN(q0 + e r). SATCVT with the int8 range: rint and clamp as one saturating
+    conversion (`_code8`)."""
     if FASTDIV:
         f = tl.where(s < TINY_SCALE, SCALE_UP, 1.0)
         sf = s * f
@@ -275,6 +293,8 @@ def _codes(v, s, QMIN: tl.constexpr, QMAX: tl.constexpr, FASTDIV: tl.constexpr =
         q = _fma(_fma(-q0, sf[:, None], vf), r[:, None], q0)
     else:
         q = tl.math.div_rn(v, s[:, None])
+    if SATCVT and QMIN == -128 and QMAX == 127:
+        return _code8(q)
     return tl.minimum(tl.maximum(_rint(q), QMIN), QMAX).to(tl.int8)
 
 
@@ -295,7 +315,7 @@ def _store_code_runs(out_ptr, offs_m, row_ok, q, c0, K: tl.constexpr, BKD: tl.co
 def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, NB: tl.constexpr,
                   NB_P2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BMQ: tl.constexpr,
                   BKQ: tl.constexpr, QCH: tl.constexpr, PDL: tl.constexpr, BKD: tl.constexpr, RUNS: tl.constexpr,
-                  FASTDIV: tl.constexpr):
+                  FASTDIV: tl.constexpr, SATCVT: tl.constexpr):
     """Dynamic per-token codes: int8 (M, K) of float32 rotated values with the row scale from the
     per-(token, block) absmax (M, NB), stored in the GEMM's column order (`_deint`). Program
     (i, j): BMQ rows, QCH chunks of BKQ columns; program column 0 also writes the scales (M,).
@@ -313,7 +333,7 @@ def _quant_kernel(v_ptr, part_ptr, out_ptr, tok_scale_ptr, M, K: tl.constexpr, N
     for c in tl.range(0, QCH):
         offs_k = (pid_k * QCH + c) * BKQ + tl.arange(0, BKQ)
         v = tl.load(v_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        q = _codes(v, s, QMIN, QMAX, FASTDIV)
+        q = _codes(v, s, QMIN, QMAX, FASTDIV, SATCVT)
         if RUNS:  # the chunk's even and odd columns as two contiguous runs (BKQ <= BKD)
             _store_code_runs(out_ptr, offs_m, row_ok, q, (pid_k * QCH + c) * BKQ, K, BKD)
         else:
@@ -619,6 +639,10 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         # token-minor input 99.4 vs 108.9 us; pass 2 copying the R_in terms pass 1 wrote (ACT_RCACHE):
         # 96.2-96.8 vs 97.0-99.0 us in three same-run A/Bs
         cfg.update(ACT="wgmma", ACT_RCACHE=True)
+        # 64-token tiles, two per program through a 2-stage ring (R_in's terms split or copied once per 128
+        # tokens, half the accumulator registers): down_proj (token-minor) 95.1 / 95.3 / 95.2 vs 97.0 / 97.3 / 97.9 us
+        # in three same-run A/Bs; 128-token tiles two per program 100.3-100.4, 64-token tiles 3-13 per program 96.0-102.9
+        cfg.update(ACT_BM=64, ACT_TT=2, ACT_STAGES=2)
     elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
         if n < 8192:  # linked q/k/v after the cluster activation launch: 64-token tiles 23.6 vs 25.5-25.9 us
@@ -753,7 +777,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     _quant_kernel[(triton.cdiv(m, bmq), k // (bkq * qch))](
         a, part, codes, tok_scale, m, K=k, NB=nb, NB_P2=triton.next_power_of_2(nb), QMIN=qmin, QMAX=qmax,
         BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, RUNS=cfg.get("QRUNS", True),
-        FASTDIV=bool(cfg.get("QFASTDIV", False)), num_warps=4, **_pdl(pdl))
+        FASTDIV=bool(cfg.get("QFASTDIV", False)), SATCVT=bool(cfg.get("SATCVT", True)), num_warps=4, **_pdl(pdl))
     return codes, tok_scale
 
 

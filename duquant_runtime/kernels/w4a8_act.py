@@ -43,6 +43,19 @@ def _rint(v):
 
 
 @gluon.jit
+def _codes(q, QMIN: gl.constexpr, QMAX: gl.constexpr, SATCVT: gl.constexpr):
+    """int8 codes of float32 quotients q: rint, clamped to [QMIN, QMAX]. SATCVT with the int8
+    range (-128, 127): one cvt.rni.sat.s8 (round half to even, saturated) per code instead of
+    rint, max, min and the conversion; the same codes (NaN gives 0 instead of an unspecified code)."""
+    if SATCVT and QMIN == -128 and QMAX == 127:
+        c = gl.inline_asm_elementwise("cvt.rni.sat.s8.f32 $0, $1;", "=r,r", [q], dtype=gl.int32, is_pure=True,
+                                      pack=1)
+        return c.to(gl.int8)
+    else:
+        return gl.minimum(gl.maximum(_rint(q), QMIN), QMAX).to(gl.int8)
+
+
+@gluon.jit
 def _r_halves(r_ptr, kb, B: gl.constexpr, num_warps: gl.constexpr):
     """R_in block kb (float16 in memory, read in 16-byte vectors) as float32: its even and its odd
     columns, (B, B/2) each."""
@@ -159,7 +172,7 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
                 TT: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, BKD: gl.constexpr, STAGES: gl.constexpr,
                 PASS: gl.constexpr, HAS_PERM: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr,
                 FASTDIV: gl.constexpr, AREG: gl.constexpr, PDL: gl.constexpr, RCACHE: gl.constexpr,
-                num_warps: gl.constexpr):
+                SATCVT: gl.constexpr, num_warps: gl.constexpr):
     """Program (i, j): rotation block i of the token tiles j*TT .. j*TT+TT-1 (BM tokens each), so
     that its reads are runs along each permuted row of x^T and R_in is split once. PASS 1: atomic
     max of each tile's absmax per token into tokmax (M,) float32 (zeroed before); PASS 2: the codes
@@ -240,7 +253,7 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
         else:
             if kb == 0:
                 gl.store(tok_scale_ptr + toks, s, mask=row_ok)
-            q = gl.minimum(gl.maximum(_rint(_quotient(acc, s, rcp, FASTDIV)), QMIN), QMAX).to(gl.int8)
+            q = _codes(_quotient(acc, s, rcp, FASTDIV), QMIN, QMAX, SATCVT)
             orow = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ol))
             gl.store(codes_ptr + orow[:, None] * K + ocol[None, :], gl.convert_layout(q, ol),
                      mask=(orow < M)[:, None])
@@ -280,7 +293,8 @@ def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.T
     args = (xt, xt.stride(0), m, perm if perm is not None else r_in, r_in, tokmax, codes, tok_scale, rs)
     consts = dict(K=k, TT=tt, BM=bm, B=b, BKD=bkd, STAGES=max(1, min(tt, cfg.get("ACT_STAGES", 3))),
                   HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, AREG=cfg.get("ACT_AREG", False),
-                  FASTDIV=cfg.get("ACT_FASTDIV", True), PDL=pdl, RCACHE=rcache, num_warps=cfg.get("ACT_WARPS", 4))
+                  FASTDIV=cfg.get("ACT_FASTDIV", True), PDL=pdl, RCACHE=rcache, SATCVT=cfg.get("SATCVT", True),
+                  num_warps=cfg.get("ACT_WARPS", 4))
     launch = {"launch_pdl": True} if pdl else {}
     if cfg.get("ACT_MAXNREG"):  # register cap per thread (more programs per SM), for tuning
         launch["maxnreg"] = cfg["ACT_MAXNREG"]

@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .w4a8 import is_token_minor
-from .w4a8_act import (_griddepcontrol, _quotient, _r_halves, _recip, _rint, _store_split, _tile_buffers,
+from .w4a8_act import (_codes, _griddepcontrol, _quotient, _r_halves, _recip, _store_split, _tile_buffers,
                        rotation_layout, tile_layout)
 
 CH = 128  # channels per phase-0 copy step
@@ -69,7 +69,7 @@ def _rotate(x_bufs, r_bufs, i, BM: gl.constexpr, B: gl.constexpr, mma: gl.conste
 def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, codes_ptr, tok_scale_ptr,
                     K: gl.constexpr, CL: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, BKD: gl.constexpr,
                     CHK: gl.constexpr, XT: gl.constexpr, HAS_PERM: gl.constexpr, QMIN: gl.constexpr,
-                    QMAX: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
+                    QMAX: gl.constexpr, PDL: gl.constexpr, SATCVT: gl.constexpr, num_warps: gl.constexpr):
     """Program p = cluster p // CL, rank p % CL (clusters of CL consecutive programs). x (M, K)
     with strides (sxm, sxk): rows contiguous (XT False) or token-minor (XT: sxm 1). xt_ptr: the
     (K, MP) bf16 scratch, MP = tiles * BM; part_ptr: (programs, BM) float32; codes (M, K) int8;
@@ -149,7 +149,7 @@ def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, c
         run = gl.multiple_of(c0 - c0 % BKD + (c0 % BKD) // 2, B // 2)
         ocol = run + oc % (B // 2) + (oc // (B // 2)) * (BKD // 2)
         acc = _rotate(x_bufs, r_bufs, i, BM, B, mma)
-        q = gl.minimum(gl.maximum(_rint(_quotient(acc, s, rcp, True)), QMIN), QMAX).to(gl.int8)
+        q = _codes(_quotient(acc, s, rcp, True), QMIN, QMAX, SATCVT)
         gl.store(codes_ptr + orow[:, None] * K + ocol[None, :], gl.convert_layout(q, ol), mask=(orow < M)[:, None])
 
 
@@ -207,7 +207,7 @@ def act_codes(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor, bk
     args = dict(x_ptr=x, sxm=x.stride(0), sxk=x.stride(1), M=m, MP=mp, xt_ptr=xt, part_ptr=part,
                 perm_ptr=perm if perm is not None else r_in, r_ptr=r_in, codes_ptr=codes, tok_scale_ptr=tok_scale,
                 K=k, CL=cl, BM=bm, B=r_in.shape[-1], BKD=bkd, CHK=min(CH, k // cl), XT=is_token_minor(x),
-                HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, PDL=pdl,
+                HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, PDL=pdl, SATCVT=cfg.get("SATCVT", True),
                 num_warps=cfg.get("CL_WARPS", 4))
     try:
         _launch_clusters(_cluster_kernel, tiles, cl, args, early)

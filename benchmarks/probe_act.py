@@ -1,0 +1,277 @@
+"""Where does pass 1 of `w4a8_act` spend its time? Ablations on LLM down_proj's codes (development aid).
+
+    PYTHONPATH=. python3 benchmarks/probe_act.py [--m 800] [--k 16384] [--repeats 7] [--out FILE]
+
+x^T (K, M) bf16 token-minor as the gate/up GEMM leaves it. Times, as CUDA-graph replays of
+--launches launches (median of --repeats), the production passes (`w4a8_act._act_kernel`, PASS
+1 and 2 with the picked tiles) and a copy of pass 1 with parts switched off (results wrong on
+purpose): the permutation gather (PERM), R_in's load and split (RLOAD), the two wgmma (MMA;
+else the absmax of the unrotated tile), the per-token atomics (ATOM 1; 2: a plain store per
+program; 0: none). --buffers N rotates the launches over N copies of x^T (3 exceed the L2 cache).
+Writes JSON with us per launch and the DRAM-equivalent GB/s of reading x^T once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from results_file import write_results  # noqa: E402
+from duquant_runtime.kernels import w4a8_act as A  # noqa: E402
+
+
+@gluon.jit
+def _pass1_ablation(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, part_ptr, BM: gl.constexpr, B: gl.constexpr,
+                    PERM: gl.constexpr, RLOAD: gl.constexpr, MMA: gl.constexpr, ATOM: gl.constexpr,
+                    num_warps: gl.constexpr):
+    kb = gl.program_id(0)
+    m0 = gl.program_id(1) * BM
+    xl: gl.constexpr = A.tile_layout(BM, num_warps)
+    mma: gl.constexpr = A.rotation_layout(B, num_warps)
+    x_bufs, r_bufs = A._tile_buffers(1, 2, BM, B)
+    cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
+    if PERM:
+        src = gl.load(perm_ptr + kb * B + cb)
+    else:
+        src = kb * B + cb
+    if RLOAD:
+        r_e, r_o = A._r_halves(r_ptr, kb, B, num_warps)
+    A._issue(x_bufs, 0, xt_ptr, ld, src, m0, M, BM, xl)
+    async_copy.commit_group()
+    if RLOAD:
+        A._store_split(r_e, r_bufs.index(0).slice(0, B // 2, dim=1), r_bufs.index(1).slice(0, B // 2, dim=1))
+        A._store_split(r_o, r_bufs.index(0).slice(B // 2, B // 2, dim=1), r_bufs.index(1).slice(B // 2, B // 2, dim=1))
+    async_copy.wait_group(0)
+    fence_async_shared()
+    gl.thread_barrier()
+    toks = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+    if MMA:
+        a = x_bufs.index(0).permute((1, 0))
+        acc = warpgroup_mma(a, r_bufs.index(0), gl.zeros([BM, B], gl.float32, layout=mma), is_async=True)
+        acc = warpgroup_mma(a, r_bufs.index(1), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mx = gl.max(gl.abs(acc), axis=1)
+    else:
+        v = x_bufs.index(0).load(xl).to(gl.float32)
+        mx = gl.convert_layout(gl.max(gl.abs(v), axis=0), gl.SliceLayout(1, mma))
+    if ATOM == 1:
+        gl.atomic_max(tokmax_ptr + toks, mx, mask=toks < M, sem="relaxed")
+    elif ATOM == 2:
+        gl.store(part_ptr + kb * M + toks, mx, mask=toks < M)
+    else:  # never true: keeps the work alive
+        gl.store(part_ptr + toks, mx, mask=mx < -1.0)
+
+
+@gluon.jit
+def _load_probe(xt_ptr, ld, M, perm_ptr, part_ptr, TT: gl.constexpr, BM: gl.constexpr, B: gl.constexpr,
+                STAGES: gl.constexpr, LOADER: gl.constexpr, num_warps: gl.constexpr):
+    """Only the loads of pass 1: TT token tiles of one permuted block per program. LOADER 0:
+    cp.async through a ring of STAGES tiles; 1: plain loads into registers (no shared memory)."""
+    kb = gl.program_id(0)
+    m0 = gl.program_id(1) * TT * BM
+    xl: gl.constexpr = A.tile_layout(BM, num_warps)
+    cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
+    src = gl.load(perm_ptr + kb * B + cb)
+    mx = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(0, xl))
+    if LOADER == 0:
+        x_bufs, r_bufs = A._tile_buffers(STAGES, 1, BM, B)
+        for p in gl.static_range(STAGES - 1):
+            if p < TT:
+                A._issue(x_bufs, p, xt_ptr, ld, src, m0 + p * BM, M, BM, xl)
+            async_copy.commit_group()
+        for t in range(TT):
+            if t > 0:
+                gl.thread_barrier()
+            j = t + STAGES - 1
+            if j < TT:
+                A._issue(x_bufs, j % STAGES, xt_ptr, ld, src, m0 + j * BM, M, BM, xl)
+            async_copy.commit_group()
+            async_copy.wait_group(STAGES - 1)
+            gl.thread_barrier()
+            v = x_bufs.index(t % STAGES).load(xl).to(gl.float32)
+            mx = gl.maximum(mx, gl.max(gl.abs(v), axis=0))
+        async_copy.wait_group(0)
+    else:
+        for t in gl.static_range(TT):
+            toks = m0 + t * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, xl))
+            v = gl.load(xt_ptr + src[:, None] * ld + toks[None, :], mask=(toks < M)[None, :], other=0.0)
+            mx = gl.maximum(mx, gl.max(gl.abs(v.to(gl.float32)), axis=0))
+    toks = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, xl))
+    gl.store(part_ptr + toks, mx, mask=mx < -1.0)
+
+
+@gluon.jit
+def _pass2_ablation(xt_ptr, ld, M, perm_ptr, rs_ptr, tokmax_ptr, codes_ptr, K: gl.constexpr, BM: gl.constexpr,
+                    B: gl.constexpr, BKD: gl.constexpr, QUANT: gl.constexpr, STORE: gl.constexpr,
+                    num_warps: gl.constexpr):
+    """Pass 2 (one tile per program, R_in's terms copied from pass 1's cache) with parts switched off:
+    QUANT 0 casts the rotated values instead of dividing by the token scale; STORE 0 stores nothing,
+    1 stores the codes through a layout change (production), 2 straight from the wgmma layout."""
+    kb = gl.program_id(0)
+    m0 = gl.program_id(1) * BM
+    xl: gl.constexpr = A.tile_layout(BM, num_warps)
+    mma: gl.constexpr = A.rotation_layout(B, num_warps)
+    x_bufs, r_bufs = A._tile_buffers(1, 2, BM, B)
+    cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
+    src = gl.load(perm_ptr + kb * B + cb)
+    tl_: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    ri = gl.arange(0, B, layout=gl.SliceLayout(1, tl_))
+    rc = gl.arange(0, B, layout=gl.SliceLayout(0, tl_))
+    for term in gl.static_range(2):
+        async_copy.async_copy_global_to_shared(r_bufs.index(term), rs_ptr + (kb * 2 + term) * B * B + ri[:, None] * B
+                                               + rc[None, :])
+    A._issue(x_bufs, 0, xt_ptr, ld, src, m0, M, BM, xl)
+    async_copy.commit_group()
+    toks = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+    row_ok = toks < M
+    s = gl.div_rn(gl.load(tokmax_ptr + toks, mask=row_ok, other=0.0),
+                  gl.full([BM], 127.0, gl.float32, layout=gl.SliceLayout(1, mma)))
+    s = gl.where(s > 0, s, 1.0)
+    rcp = A._recip(s)
+    async_copy.wait_group(0)
+    fence_async_shared()
+    gl.thread_barrier()
+    a = x_bufs.index(0).permute((1, 0))
+    acc = warpgroup_mma(a, r_bufs.index(0), gl.zeros([BM, B], gl.float32, layout=mma), is_async=True)
+    acc = warpgroup_mma(a, r_bufs.index(1), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    if QUANT:
+        q = gl.minimum(gl.maximum(A._rint(A._quotient(acc, s, rcp, True)), -128.0), 127.0).to(gl.int8)
+    else:
+        q = acc.to(gl.int8)
+    c0 = kb * B
+    run = gl.multiple_of(c0 - c0 % BKD + (c0 % BKD) // 2, B // 2)
+    if STORE == 1:
+        ol: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // B, B // 16], [num_warps, 1], [1, 0])
+        ocol = gl.arange(0, B, layout=gl.SliceLayout(0, ol))
+        ocol = run + ocol % (B // 2) + (ocol // (B // 2)) * (BKD // 2)
+        orow = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, ol))
+        gl.store(codes_ptr + orow[:, None] * K + ocol[None, :], gl.convert_layout(q, ol), mask=(orow < M)[:, None])
+    elif STORE == 2:
+        ocol = gl.arange(0, B, layout=gl.SliceLayout(0, mma))
+        ocol = run + ocol % (B // 2) + (ocol // (B // 2)) * (BKD // 2)
+        gl.store(codes_ptr + toks[:, None] * K + ocol[None, :], q, mask=row_ok[:, None])
+    else:
+        gl.store(codes_ptr + toks[:, None] * K + run + 0 * q, q, mask=row_ok[:, None] & (q == 99))
+
+
+def graph_us(fns, repeats: int) -> float:
+    """Median us per call of a CUDA graph of fns (called in order), warm."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    out = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(5):
+            g.replay()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) * 1e3 / 5 / len(fns))
+    return statistics.median(out)
+
+
+VARIANTS = {  # name: (PERM, RLOAD, MMA, ATOM)
+    "full": (1, 1, 1, 1), "store_not_atomic": (1, 1, 1, 2), "no_result": (1, 1, 1, 0), "no_perm": (0, 1, 1, 1),
+    "no_rload": (1, 0, 1, 1), "no_mma": (1, 1, 0, 1), "load_only": (1, 0, 0, 0), "load_only_no_perm": (0, 0, 0, 0),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", type=int, default=800)
+    ap.add_argument("--k", type=int, default=16384)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--launches", type=int, default=12)
+    ap.add_argument("--buffers", type=int, default=1)
+    ap.add_argument("--bm", default="128,64", help="token tiles to try for the ablations")
+    ap.add_argument("--warps", default="4")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/probe_act.json"))
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    m, k, b = args.m, args.k, 64
+    g = torch.Generator(device="cpu").manual_seed(0)
+    xts = [torch.randn(k, m, generator=g).to(dev, torch.bfloat16) for _ in range(args.buffers)]
+    perm = torch.randperm(k, generator=g).to(dev)
+    r_in = torch.linalg.qr(torch.randn(k // b, b, b, generator=g, dtype=torch.float64))[0].to(dev, torch.float16)
+    tokmax = torch.zeros(m, device=dev)
+    part = torch.zeros(k // b * m + 256, device=dev)
+    gbs = lambda us: k * m * 2 / (us * 1e-6) / 1e9  # noqa: E731
+    rows = []
+
+    def record(name, us, **kw):
+        rows.append({"variant": name, "us": us, "x_read_GBps": gbs(us), **kw})
+        print(f"{name:28s} {kw} {us:7.2f} us  ({gbs(us):6.0f} GB/s of x^T)", flush=True)
+
+    # production passes, as act_codes launches them for LLM down_proj (pick_config's ACT_* keys)
+    from duquant_runtime.kernels import w4a8 as K
+    cfg = K.pick_config(m, 2048, k, K.MODE_DYNAMIC)
+    bm = cfg.get("ACT_BM", 128)
+    codes = torch.empty((m, k), device=dev, dtype=torch.int8)
+    tok_scale = torch.empty((m,), device=dev)
+    rs = torch.empty((k // b, 2, b, b), device=dev, dtype=torch.bfloat16)
+    grid = (k // b, triton.cdiv(m, bm))
+    for p in (1, 2):
+        fns = [lambda i=i, p=p: A._act_kernel[grid](xts[i % len(xts)], m, m, perm, r_in, tokmax, codes, tok_scale, rs,
+                                                    K=k, TT=1, BM=bm, B=b, BKD=cfg["BK"], STAGES=1, PASS=p,
+                                                    HAS_PERM=True, QMIN=-128, QMAX=127, FASTDIV=True, AREG=False,
+                                                    PDL=False, RCACHE=bool(cfg.get("ACT_RCACHE")), SATCVT=True,
+                                                    num_warps=4)
+               for i in range(args.launches)]
+        record(f"production_pass{p}", graph_us(fns, args.repeats), bm=bm)
+    for warps in map(int, args.warps.split(",")):
+        for bm in map(int, args.bm.split(",")):
+            grid = (k // b, triton.cdiv(m, bm))
+            for name, (pm, rl, mm, at) in VARIANTS.items():
+                fns = [lambda i=i, pm=pm, rl=rl, mm=mm, at=at: _pass1_ablation[grid](
+                    xts[i % len(xts)], m, m, perm, r_in, tokmax, part, BM=bm, B=b, PERM=pm, RLOAD=rl, MMA=mm,
+                    ATOM=at, num_warps=warps) for i in range(args.launches)]
+                record(name, graph_us(fns, args.repeats), bm=bm, warps=warps)
+    bm = 128
+    grid = (k // b, triton.cdiv(m, bm))
+    tokmax.fill_(3.0)
+    for quant, store in ((1, 1), (1, 2), (1, 0), (0, 1), (0, 0)):
+        fns = [lambda i=i, quant=quant, store=store: _pass2_ablation[grid](
+            xts[i % len(xts)], m, m, perm, rs, tokmax, codes, K=k, BM=bm, B=b, BKD=cfg["BK"], QUANT=quant,
+            STORE=store, num_warps=4) for i in range(args.launches)]
+        record("pass2", graph_us(fns, args.repeats), quant=quant, store=store)
+    for loader, tt, stages in ((1, 1, 1), (1, 2, 1), (0, 1, 1), (0, 7, 2), (0, 7, 3), (0, 7, 4), (1, 7, 1)):
+        grid = (k // b, triton.cdiv(triton.cdiv(m, bm), tt))
+        fns = [lambda i=i, loader=loader, tt=tt, stages=stages: _load_probe[grid](
+            xts[i % len(xts)], m, m, perm, part, TT=tt, BM=bm, B=b, STAGES=stages, LOADER=loader, num_warps=4)
+            for i in range(args.launches)]
+        record("loads_only", graph_us(fns, args.repeats), loader="cp.async" if loader == 0 else "ldg", tt=tt,
+               stages=stages)
+    # reference: torch reading x^T once (a reduction) and copying it
+    x0 = xts[0]
+    record("torch_amax_dim0", graph_us([lambda: torch.amax(x0, dim=0)] * args.launches, args.repeats))
+    record("torch_clone(read+write)", graph_us([lambda: x0.clone()] * args.launches, args.repeats))
+    write_results(args.out, {"benchmark": "probe_act", "device": torch.cuda.get_device_name(), "M": m, "K": k,
+                             "buffers": args.buffers, "rows": rows}, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
