@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_file import write_results  # noqa: E402
 from duquant_runtime.kernels import w4a8_act as A  # noqa: E402
+from duquant_runtime.kernels import w4a8_cluster as C  # noqa: E402
 
 
 @gluon.jit
@@ -112,13 +113,23 @@ def _load_probe(xt_ptr, ld, M, perm_ptr, part_ptr, TT: gl.constexpr, BM: gl.cons
     gl.store(part_ptr + toks, mx, mask=mx < -1.0)
 
 
+@triton.constexpr_function
+def _columns_first(layout):
+    """The same distribution with each thread's column registers first (register order only)."""
+    regs = sorted(layout.reg_bases, key=lambda b: b[1] == 0)
+    return gl.DistributedLinearLayout(regs, layout.lane_bases, layout.warp_bases, layout.block_bases, layout.shape)
+
+
 @gluon.jit
 def _pass2_ablation(xt_ptr, ld, M, perm_ptr, rs_ptr, tokmax_ptr, codes_ptr, K: gl.constexpr, BM: gl.constexpr,
                     B: gl.constexpr, BKD: gl.constexpr, QUANT: gl.constexpr, STORE: gl.constexpr,
                     num_warps: gl.constexpr):
     """Pass 2 (one tile per program, R_in's terms copied from pass 1's cache) with parts switched off:
-    QUANT 0 casts the rotated values instead of dividing by the token scale; STORE 0 stores nothing,
-    1 stores the codes through a layout change (production), 2 straight from the wgmma layout."""
+    QUANT 0 casts the rotated values instead of dividing by the token scale (1: rint and clamp, 2: the
+    saturating conversion, SATCVT); STORE 0 stores nothing, 1 stores the codes through a layout
+    change (production), 2 straight from the wgmma layout (2-byte stores), 3 as each thread's
+    16 columns regrouped into one contiguous run (a register-only reshape; the addresses are not
+    those of the production order: timing only)."""
     kb = gl.program_id(0)
     m0 = gl.program_id(1) * BM
     xl: gl.constexpr = A.tile_layout(BM, num_warps)
@@ -148,7 +159,7 @@ def _pass2_ablation(xt_ptr, ld, M, perm_ptr, rs_ptr, tokmax_ptr, codes_ptr, K: g
     acc = warpgroup_mma(a, r_bufs.index(1), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     if QUANT:
-        q = gl.minimum(gl.maximum(A._rint(A._quotient(acc, s, rcp, True)), -128.0), 127.0).to(gl.int8)
+        q = A._codes(A._quotient(acc, s, rcp, True), -128, 127, QUANT == 2)
     else:
         q = acc.to(gl.int8)
     c0 = kb * B
@@ -163,8 +174,92 @@ def _pass2_ablation(xt_ptr, ld, M, perm_ptr, rs_ptr, tokmax_ptr, codes_ptr, K: g
         ocol = gl.arange(0, B, layout=gl.SliceLayout(0, mma))
         ocol = run + ocol % (B // 2) + (ocol // (B // 2)) * (BKD // 2)
         gl.store(codes_ptr + toks[:, None] * K + ocol[None, :], q, mask=row_ok[:, None])
+    elif STORE == 3:  # each thread's 16 codes of a row as one contiguous run: (g, c, e) -> (c, g, e)
+        q2 = gl.reshape(gl.permute(gl.reshape(q, [BM, 8, 4, 2]), [0, 2, 1, 3]), [BM, B])
+        lay: gl.constexpr = _columns_first(q2.type.layout)
+        q2 = gl.convert_layout(q2, lay)
+        p = gl.arange(0, B, layout=gl.SliceLayout(0, lay))
+        ocol = run + p % (B // 2) + (p // (B // 2)) * (BKD // 2)
+        orow = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, lay))
+        gl.store(codes_ptr + orow[:, None] * K + ocol[None, :], q2, mask=(orow < M)[:, None])
     else:
         gl.store(codes_ptr + toks[:, None] * K + run + 0 * q, q, mask=row_ok[:, None] & (q == 99))
+
+
+@gluon.jit
+def _cluster_ablation(x_ptr, sxm, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, codes_ptr, K: gl.constexpr,
+                      CL: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, BKD: gl.constexpr, CHK: gl.constexpr,
+                      P0: gl.constexpr, B1: gl.constexpr, PH1: gl.constexpr, B2: gl.constexpr, PH2: gl.constexpr,
+                      num_warps: gl.constexpr):
+    """`w4a8_cluster._cluster_kernel` (row-major x, no PDL) with its phases switched off: P0 the copy
+    into the x^T scratch, B1 / B2 the two cluster barriers, PH1 the first rotation and the partial
+    maxima, PH2 the second rotation, the codes and their stores."""
+    pid = gl.program_id(0)
+    tile = pid // CL
+    rank = pid % CL
+    off_m = tile * BM
+    KC: gl.constexpr = K // CL
+    NBC: gl.constexpr = KC // B
+    xl: gl.constexpr = A.tile_layout(BM, num_warps)
+    mma: gl.constexpr = A.rotation_layout(B, num_warps)
+    x_bufs, r_bufs = A._tile_buffers(NBC, 2 * NBC, BM, B)
+    one: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    sync = gl.zeros([32 * num_warps], gl.int32, layout=one)
+    for i in gl.static_range(NBC):
+        kb = rank * NBC + i
+        r_e, r_o = A._r_halves(r_ptr, kb, B, num_warps)
+        A._store_split(r_e, r_bufs.index(2 * i).slice(0, B // 2, dim=1), r_bufs.index(2 * i + 1).slice(0, B // 2, dim=1))
+        A._store_split(r_o, r_bufs.index(2 * i).slice(B // 2, B // 2, dim=1),
+                       r_bufs.index(2 * i + 1).slice(B // 2, B // 2, dim=1))
+    rl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // CHK, CHK // 8], [num_warps, 1], [1, 0])
+    ks = gl.arange(0, CHK, layout=gl.SliceLayout(1, xl))
+    ts = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, xl))
+    if P0:
+        for c in gl.static_range(KC // CHK):
+            k0 = rank * KC + c * CHK
+            tr = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, rl))
+            kr = k0 + gl.arange(0, CHK, layout=gl.SliceLayout(0, rl))
+            v = gl.load(x_ptr + tr[:, None] * sxm + kr[None, :], mask=(tr < M)[:, None], other=0.0)
+            v = gl.convert_layout(gl.permute(v, (1, 0)), xl)
+            gl.store(xt_ptr + (k0 + ks)[:, None] * MP + ts[None, :], v)
+    if B1:
+        sync = C._cluster_barrier(sync)
+    cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
+    for i in gl.static_range(NBC):
+        src = gl.load(perm_ptr + (rank * NBC + i) * B + cb)
+        async_copy.async_copy_global_to_shared(x_bufs.index(i), xt_ptr + src[:, None] * MP + ts[None, :])
+    async_copy.commit_group()
+    async_copy.wait_group(0)
+    fence_async_shared()
+    gl.thread_barrier()
+    tl_ = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+    mx = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, mma)) + 1.0
+    if PH1:
+        for i in gl.static_range(NBC):
+            mx = gl.maximum(mx, gl.max(gl.abs(C._rotate(x_bufs, r_bufs, i, BM, B, mma)), axis=1))
+        gl.store(part_ptr + pid * BM + tl_, mx)
+    if B2:
+        sync = C._cluster_barrier(sync)
+    if PH2:
+        pl: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+        jj = gl.arange(0, CL, layout=gl.SliceLayout(1, pl))
+        tt = gl.arange(0, BM, layout=gl.SliceLayout(0, pl))
+        z = gl.max(sync, axis=0)
+        pm = gl.load(part_ptr + z + (tile * CL + jj)[:, None] * BM + tt[None, :], cache_modifier=".cg")
+        tmax = gl.convert_layout(gl.max(pm, axis=0), gl.SliceLayout(1, mma))
+        sc = gl.div_rn(tmax, gl.full([BM], 127.0, gl.float32, layout=gl.SliceLayout(1, mma)))
+        sc = gl.where(sc > 0, sc, 1.0)
+        rcp = A._recip(sc)
+        ol: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // B, B // 16], [num_warps, 1], [1, 0])
+        orow = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ol))
+        oc = gl.arange(0, B, layout=gl.SliceLayout(0, ol))
+        for i in gl.static_range(NBC):
+            c0 = (rank * NBC + i) * B
+            run = gl.multiple_of(c0 - c0 % BKD + (c0 % BKD) // 2, B // 2)
+            ocol = run + oc % (B // 2) + (oc // (B // 2)) * (BKD // 2)
+            acc = C._rotate(x_bufs, r_bufs, i, BM, B, mma)
+            q = A._codes(A._quotient(acc, sc, rcp, True), -128, 127, True)
+            gl.store(codes_ptr + orow[:, None] * K + ocol[None, :], gl.convert_layout(q, ol), mask=(orow < M)[:, None])
 
 
 def graph_us(fns, repeats: int) -> float:
@@ -206,7 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--launches", type=int, default=12)
     ap.add_argument("--buffers", type=int, default=1)
-    ap.add_argument("--bm", default="128,64", help="token tiles to try for the ablations")
+    ap.add_argument("--bm", default="128,64", help="token tiles to try for the pass-1 ablations (empty: none)")
     ap.add_argument("--warps", default="4")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/probe_act.json"))
     args = ap.parse_args(argv)
@@ -242,7 +337,7 @@ def main(argv=None) -> int:
                for i in range(args.launches)]
         record(f"production_pass{p}", graph_us(fns, args.repeats), bm=bm)
     for warps in map(int, args.warps.split(",")):
-        for bm in map(int, args.bm.split(",")):
+        for bm in map(int, filter(None, args.bm.split(","))):
             grid = (k // b, triton.cdiv(m, bm))
             for name, (pm, rl, mm, at) in VARIANTS.items():
                 fns = [lambda i=i, pm=pm, rl=rl, mm=mm, at=at: _pass1_ablation[grid](
@@ -252,11 +347,25 @@ def main(argv=None) -> int:
     bm = 128
     grid = (k // b, triton.cdiv(m, bm))
     tokmax.fill_(3.0)
-    for quant, store in ((1, 1), (1, 2), (1, 0), (0, 1), (0, 0)):
+    for quant, store in ((1, 1), (2, 1), (2, 3), (2, 0), (1, 0), (0, 1), (0, 0)):
         fns = [lambda i=i, quant=quant, store=store: _pass2_ablation[grid](
             xts[i % len(xts)], m, m, perm, rs, tokmax, codes, K=k, BM=bm, B=b, BKD=cfg["BK"], QUANT=quant,
             STORE=store, num_warps=4) for i in range(args.launches)]
         record("pass2", graph_us(fns, args.repeats), quant=quant, store=store)
+    # the cluster kernel (K = 2048 layers at M = 800: q/o, the q/k/v and gate/up groups), phases switched off
+    kc, cl, cbm = 2048, 16, 64
+    xr = torch.randn(m, kc, generator=g).to(dev, torch.bfloat16)
+    tiles = triton.cdiv(m, cbm)
+    cargs = dict(x_ptr=xr, sxm=kc, M=m, MP=tiles * cbm, xt_ptr=torch.empty((kc, tiles * cbm), device=dev,
+                 dtype=torch.bfloat16), part_ptr=torch.zeros((tiles * cl, cbm), device=dev),
+                 perm_ptr=torch.randperm(kc, generator=g).to(dev), r_ptr=r_in[:kc // b].contiguous(),
+                 codes_ptr=torch.empty((m, kc), device=dev, dtype=torch.int8), K=kc, CL=cl, BM=cbm, B=b, BKD=256,
+                 CHK=min(C.CH, kc // cl), num_warps=4)
+    for flags in ((1, 1, 1, 1, 1), (0, 1, 1, 1, 1), (1, 0, 1, 0, 1), (1, 1, 0, 1, 1), (1, 1, 1, 1, 0), (1, 1, 1, 0, 0),
+                  (0, 0, 0, 0, 0), (0, 0, 1, 0, 0), (0, 0, 0, 0, 1)):
+        fl = dict(zip(("P0", "B1", "PH1", "B2", "PH2"), flags))
+        fns = [lambda fl=fl: C._launch_clusters(_cluster_ablation, tiles, cl, {**cargs, **fl}, False)] * args.launches
+        record("cluster", graph_us(fns, args.repeats), **fl)
     for loader, tt, stages in ((1, 1, 1), (1, 2, 1), (0, 1, 1), (0, 7, 2), (0, 7, 3), (0, 7, 4), (1, 7, 1)):
         grid = (k // b, triton.cdiv(triton.cdiv(m, bm), tt))
         fns = [lambda i=i, loader=loader, tt=tt, stages=stages: _load_probe[grid](

@@ -580,17 +580,21 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register operand), SPLIT
     (split-K), num_warps, num_stages, RESTORE (the R_out restore dot, `_restore`), PART_RESTORE
     (split-K programs restore their partial sums), TAIL_BMT (the last M % BMT tokens in a second
-    launch of that many tokens per tile, `tail_tokens`), EPI_EARLY (the epilogue's weight-side operands
-    loaded before the main loop and the PDL wait); QFASTDIV (the quantize launch's quotients by
-    one reciprocal per row, `_codes`); GEMM "rs" (`w4a8_rs`), ACT "wgmma" (`w4a8_act`,
-    ACT_BM / ACT_TT / ACT_STAGES / ACT_WARPS) or "cluster" (`w4a8_cluster`, CL / CL_BM / CL_WARPS) on sm_90; PDL
-    (programmatic dependent launch), PREP_PDL (the first activation launch launched with PDL too)."""
+    launch of that many tokens per tile, `tail_tokens`), EPI_EARLY (the epilogue's weight-side
+    operands loaded before the main loop and the PDL wait); SATCVT (the codes by one saturating
+    conversion, `_code8`); QFASTDIV (the quantize launch's quotients by one reciprocal per row,
+    `_codes`); GEMM "rs" (`w4a8_rs`; RS_TRIGGER: its restore launch may start during the GEMM),
+    ACT "wgmma" (`w4a8_act`, ACT_BM / ACT_TT / ACT_STAGES / ACT_WARPS) or "cluster" (`w4a8_cluster`,
+    CL / CL_BM / CL_WARPS) on sm_90; PDL (programmatic dependent launch), PREP_PDL (the first
+    activation launch launched with PDL too)."""
     dynamic = mode == MODE_DYNAMIC
     # PREP_PDL: with PDL, the first activation launch starts early too and waits for x's producer
     # (measured against it off, sweep_w4a8.py --ab: expert layers at M = 50 0.3-0.4 us each, M = 1 0.7 us)
     # QFASTDIV: the quantize launch's quotients by one reciprocal per row (the same codes). Same-run A/B at
     # M = 50 (sweep_w4a8.py --ab, us; neither / EPI_EARLY off / both): expert o 9.6 / 9.2 / 9.0, q/k/v group
     # 8.5 / 7.9 / 7.6, gate/up group 10.2 / 9.8 / 9.6, down 11.7 / 11.9 / 11.7
+    # SATCVT (the kernels' default): the codes by one cvt.rni.sat.s8 instead of rint, max, min, cvt. Same-run A/B
+    # (us, on / off): LLM down_proj 91.7 / 94.6, q/o 20.2 / 20.6, q/k/v group 23.2 / 23.7; expert layers unchanged
     cfg = dict(G=1, BMP=16, prep_warps=4, GROUP=8, SWAP=True, BMQ=4, QCH=4 if k > 4096 else 1, PDL=True,
                PREP_PDL=True, QFASTDIV=True)
     if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
@@ -624,8 +628,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     # x^T first: the prep then reads whole runs of tokens per permuted channel (no 16x sector gather)
     cfg.update(XLOAD="transpose", BMP=128 if k <= 4096 else 64, prep_warps=8 if k <= 4096 else 4,
                TILES=4 if dynamic and k > 4096 else 1, prep_stages=3)
-    if k > 4096 or n < 1024 or n >= 16384:  # measured: PDL slower for the LLM down, k/v and gate/up
-        cfg.update(PDL=False)  # projections (gate/up 108.1 -> 106.6 us, linked gate/up 201.5 -> 196.9 us)
+    if k > 4096 or n < 1024 or n >= 16384:  # measured: PDL slower for the k/v and gate/up projections (gate/up
+        cfg.update(PDL=False)  # 108.1 -> 106.6 us, linked gate/up 201.5 -> 196.9 us); LLM down_proj: below
     # GEMM tiles (sweep_w4a8.py, H200). The int8 loop waits for each wgmma (Triton 3.6 keeps none in
     # flight with a register operand), so programs per SM hide the latency: fewer pipeline stages
     # where the grid is large (offline ptxas: BN64/BMT128/BK128 at 3 stages is 127 registers and
@@ -643,6 +647,10 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         # tokens, half the accumulator registers): down_proj (token-minor) 95.1 / 95.3 / 95.2 vs 97.0 / 97.3 / 97.9 us
         # in three same-run A/Bs; 128-token tiles two per program 100.3-100.4, 64-token tiles 3-13 per program 96.0-102.9
         cfg.update(ACT_BM=64, ACT_TT=2, ACT_STAGES=2)
+        # the restore launch starts on the SMs the GEMM's 112 tiles leave free (RS_TRIGGER), and PDL between the
+        # activation passes: 90.2 / 89.9 vs 92.7 / 91.4 us (two same-run A/Bs; RS_TRIGGER alone 90.6 / 90.5,
+        # PDL alone 91.3 / 91.1)
+        cfg.update(PDL=True, RS_TRIGGER=True)
     elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
         if n < 8192:  # linked q/k/v after the cluster activation launch: 64-token tiles 23.6 vs 25.5-25.9 us

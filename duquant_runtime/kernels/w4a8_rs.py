@@ -31,6 +31,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .w4a8_act import _griddepcontrol
+
 
 @gluon.jit
 def grouped_tile(pid, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP: gl.constexpr):
@@ -107,14 +109,17 @@ def rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma: gl.constexpr, 
 @gluon.jit
 def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, out_ptr, M, N, K,
                     STAGES: gl.constexpr, GROUP: gl.constexpr, WAIT: gl.constexpr, BARRIER: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    TRIGGER: gl.constexpr, num_warps: gl.constexpr):
     """y'^T (N, M) bf16, token-minor = scaled sums of one (BN, BMT) tile; no shared memory after
-    the main loop (C7515)."""
+    the main loop (C7515). TRIGGER: the restore launch (PDL, it waits for this grid's results) may
+    start at once, on the SMs this grid leaves free."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BMT: gl.constexpr = alo_desc.block_type.shape[0]
     off_m, off_n = grouped_tile(gl.program_id(0), M, N, BMT, BN, GROUP)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, 128 if BMT % 128 == 0 else 64, 32])
+    if TRIGGER:
+        _griddepcontrol(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), "launch_dependents")
     acc = rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma, STAGES, WAIT, BARRIER)
     rows = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
     toks = off_m + gl.arange(0, BMT, layout=gl.SliceLayout(0, mma))
@@ -144,6 +149,7 @@ def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor,
     _rs_gemm_kernel[(triton.cdiv(n, bn) * triton.cdiv(m, bmt),)](
         descriptor(qweight.view(torch.int8), [bn, bk // 2]), descriptor(codes, [bmt, bk // 2]),
         descriptor(codes, [bmt, bk // 2]), tok_scale, w_scale, out, m, n, k, STAGES=cfg.get("RS_STAGES", 4),
-        GROUP=cfg.get("GROUP", 8), WAIT=2, BARRIER=True, num_warps=cfg["num_warps"])
+        GROUP=cfg.get("GROUP", 8), WAIT=2, BARRIER=True, TRIGGER=cfg.get("RS_TRIGGER", False),
+        num_warps=cfg["num_warps"])
     return out
 
