@@ -1,14 +1,23 @@
-"""Where does pass 1 of `w4a8_act` spend its time? Ablations on LLM down_proj's codes (development aid).
+"""Where do the Gluon activation launches spend their time? Ablations on pi0.5 shapes (development aid).
 
-    PYTHONPATH=. python3 benchmarks/probe_act.py [--m 800] [--k 16384] [--repeats 7] [--out FILE]
+    PYTHONPATH=. python3 benchmarks/probe_act.py [--m 800] [--k 16384] [--repeats 7] [--buffers 1]
+                                                 [--bm 128,64] [--out FILE]
 
-x^T (K, M) bf16 token-minor as the gate/up GEMM leaves it. Times, as CUDA-graph replays of
---launches launches (median of --repeats), the production passes (`w4a8_act._act_kernel`, PASS
-1 and 2 with the picked tiles) and a copy of pass 1 with parts switched off (results wrong on
-purpose): the permutation gather (PERM), R_in's load and split (RLOAD), the two wgmma (MMA;
-else the absmax of the unrotated tile), the per-token atomics (ATOM 1; 2: a plain store per
-program; 0: none). --buffers N rotates the launches over N copies of x^T (3 exceed the L2 cache).
-Writes JSON with us per launch and the DRAM-equivalent GB/s of reading x^T once.
+Each row is timed as CUDA-graph replays of --launches launches (median of --repeats; --buffers N
+rotates them over N copies of the input, 3 exceed the L2 cache). Copies of the kernels with parts
+switched off give wrong results on purpose; only their time is of interest.
+- LLM down_proj's codes (`w4a8_act`, x^T (K, M) bf16 token-minor as the gate/up GEMM leaves it):
+  the production passes 1 and 2 with the picked tiles; pass 1 (one tile per program, --bm tokens)
+  without the permutation gather (PERM), R_in's load and split (RLOAD), the two wgmma (MMA; else
+  the absmax of the unrotated tile), the per-token atomics (ATOM 1; 2: a plain store per program;
+  0: none); pass 2 without the quotients (QUANT 0; 1: rint and clamp, 2: SATCVT) and with other
+  code stores (STORE); the loads alone (cp.async through a ring, or plain loads; token tiles per
+  program).
+- The cluster kernel (`w4a8_cluster`, K = 2048 at M tokens, row-major x): without the copy into
+  the x^T scratch (P0), the two cluster barriers (B1, B2), the first rotation and partial maxima
+  (PH1), the second rotation with the codes (PH2).
+- torch references reading x^T (a reduction; a copy, which also writes it).
+Writes JSON: us per launch and the DRAM-equivalent GB/s of reading x^T once.
 """
 
 from __future__ import annotations
@@ -305,6 +314,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", default="4")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/probe_act.json"))
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("probe_act: needs a CUDA GPU (sm_90, Gluon)", file=sys.stderr)
+        return 2
     dev = torch.device("cuda")
     m, k, b = args.m, args.k, 64
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -324,18 +336,20 @@ def main(argv=None) -> int:
     from duquant_runtime.kernels import w4a8 as K
     cfg = K.pick_config(m, 2048, k, K.MODE_DYNAMIC)
     bm = cfg.get("ACT_BM", 128)
+    tt = max(1, min(triton.cdiv(m, bm), cfg.get("ACT_TT", 1)))  # as act_codes derives them
+    stages = max(1, min(tt, cfg.get("ACT_STAGES", 3)))
     codes = torch.empty((m, k), device=dev, dtype=torch.int8)
     tok_scale = torch.empty((m,), device=dev)
     rs = torch.empty((k // b, 2, b, b), device=dev, dtype=torch.bfloat16)
-    grid = (k // b, triton.cdiv(m, bm))
+    grid = (k // b, triton.cdiv(triton.cdiv(m, bm), tt))
     for p in (1, 2):
         fns = [lambda i=i, p=p: A._act_kernel[grid](xts[i % len(xts)], m, m, perm, r_in, tokmax, codes, tok_scale, rs,
-                                                    K=k, TT=1, BM=bm, B=b, BKD=cfg["BK"], STAGES=1, PASS=p,
+                                                    K=k, TT=tt, BM=bm, B=b, BKD=cfg["BK"], STAGES=stages, PASS=p,
                                                     HAS_PERM=True, QMIN=-128, QMAX=127, FASTDIV=True, AREG=False,
-                                                    PDL=False, RCACHE=bool(cfg.get("ACT_RCACHE")), SATCVT=True,
-                                                    num_warps=4)
+                                                    PDL=False, RCACHE=bool(cfg.get("ACT_RCACHE")),
+                                                    SATCVT=cfg.get("SATCVT", True), num_warps=4)
                for i in range(args.launches)]
-        record(f"production_pass{p}", graph_us(fns, args.repeats), bm=bm)
+        record(f"production_pass{p}", graph_us(fns, args.repeats), bm=bm, tt=tt, stages=stages)
     for warps in map(int, args.warps.split(",")):
         for bm in map(int, filter(None, args.bm.split(","))):
             grid = (k // b, triton.cdiv(m, bm))

@@ -1,6 +1,6 @@
 """The kernel development tools in benchmarks/ that run without a GPU: the shapes, instance
-counts and command-line overrides they share (w4a8_cases.py) and profile_w4a8.py's argument checks and
-launch grouping. (Their GPU runs are what docs/benchmarks.md reports; compile_w4a8.py is
+counts and command-line overrides they share (w4a8_cases.py), profile_w4a8.py's argument checks and
+launch grouping, probe_act.py's refusal without a GPU. (Their GPU runs are what docs/benchmarks.md reports; compile_w4a8.py is
 tested in test_kernels.py.)"""
 
 from __future__ import annotations
@@ -62,6 +62,14 @@ def test_profile_refuses_bad_arguments_with_one_line(argv, message, capsys):
 def test_profile_without_cuda_says_so(capsys):
     assert profile_w4a8.main(["--only", "llm:down:800"]) == 2
     assert capsys.readouterr().err.strip() == "profile_w4a8: needs a CUDA GPU"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_activation_probe_without_cuda_says_so(capsys):
+    pytest.importorskip("triton.experimental.gluon")
+    import probe_act
+    assert probe_act.main([]) == 2
+    assert capsys.readouterr().err.strip() == "probe_act: needs a CUDA GPU (sm_90, Gluon)"
 
 
 def test_launches_group_by_position_across_layers():
