@@ -46,7 +46,8 @@ first launch (transpose or prep) is launched the same way and waits for x's prod
 Launch configurations: `pick_config` (measured: benchmarks/stages_w4a8.py, sweep_w4a8.py,
 docs/benchmarks.md; the causes of the remaining cost: benchmarks/notes_runtime_gpu.md).
 Rounding: torch.round's half-to-even (rint) and correctly rounded divisions (div_rn, or the
-reciprocal with Markstein's correction, which gives the same quotients), as the reference path.
+reciprocal with Markstein's correction, which gives the same quotients), as the reference path;
+8-bit codes by one saturating conversion that rounds half to even (`SATCVT`, `_code8`).
 Differences to the float32 reference: x P BD(R_in) in tf32, rotations stored in 16 bits, static
 activations q*s rounded to bf16, R_out restore in tf32 (bf16 on the dynamic path without
 split-K), output in x's dtype.
@@ -115,11 +116,14 @@ def _code8_sw(q):
     return tl.minimum(tl.maximum(_rint(q), -128.0), 127.0).to(tl.int8)
 
 
+SATCVT_ASM = tl.constexpr("cvt.rni.sat.s8.f32 $0, $1;")  # round half to even, saturated to [-128, 127] (NaN: 0)
+
+
 @triton.jit
 def _code8_hw(q):
-    """int8 code of float32 quotient q: one cvt.rni.sat.s8 (round half to even, saturated) instead
-    of rint, max, min and the conversion; the same codes (NaN gives 0)."""
-    c = tl.inline_asm_elementwise("cvt.rni.sat.s8.f32 $0, $1;", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+    """int8 code of float32 quotient q: one cvt.rni.sat.s8 (`SATCVT_ASM`) instead of rint, max, min
+    and the conversion; the same codes."""
+    c = tl.inline_asm_elementwise(SATCVT_ASM, "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
     return c.to(tl.int8)
 
 

@@ -18,8 +18,8 @@ terms to a scratch buffer and pass 2 copies them instead of splitting R_in again
 The B operand's columns are a block's even channels, then its odd ones (one N = 64 wgmma per
 R_in term), so the codes leave as two contiguous runs in the GEMM's column order
 (`w4a8._deint`) with vector stores. Pass 1's token maxima are relaxed atomics (Triton's default
-is acq_rel, a fence per atomic), and the quotient is Markstein's (`_quotient`; with div.rn,
-pass 2 took twice as long). Used by `w4a8.prepare_activation` where `pick_config` asks for it
+is acq_rel, a fence per atomic), the quotient is Markstein's (`_quotient`; with div.rn, pass 2
+took twice as long) and the code one saturating conversion (`_codes`, SATCVT). Used by `w4a8.prepare_activation` where `pick_config` asks for it
 (ACT="wgmma") on sm_90 with Gluon; the GPU tests compare its codes and scales with the Triton
 launches (tests/test_w4a8_act.py)."""
 
@@ -32,7 +32,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .w4a8 import SCALE_UP, TINY_SCALE
+from .w4a8 import SATCVT_ASM, SCALE_UP, TINY_SCALE
 
 
 @gluon.jit
@@ -45,11 +45,10 @@ def _rint(v):
 @gluon.jit
 def _codes(q, QMIN: gl.constexpr, QMAX: gl.constexpr, SATCVT: gl.constexpr):
     """int8 codes of float32 quotients q: rint, clamped to [QMIN, QMAX]. SATCVT with the int8
-    range (-128, 127): one cvt.rni.sat.s8 (round half to even, saturated) per code instead of
-    rint, max, min and the conversion; the same codes (NaN gives 0 instead of an unspecified code)."""
+    range (-128, 127): one cvt.rni.sat.s8 (`w4a8.SATCVT_ASM`) per code instead of rint, max, min
+    and the conversion; the same codes."""
     if SATCVT and QMIN == -128 and QMAX == 127:
-        c = gl.inline_asm_elementwise("cvt.rni.sat.s8.f32 $0, $1;", "=r,r", [q], dtype=gl.int32, is_pure=True,
-                                      pack=1)
+        c = gl.inline_asm_elementwise(SATCVT_ASM, "=r,r", [q], dtype=gl.int32, is_pure=True, pack=1)
         return c.to(gl.int8)
     else:
         return gl.minimum(gl.maximum(_rint(q), QMIN), QMAX).to(gl.int8)

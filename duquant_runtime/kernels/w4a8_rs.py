@@ -139,7 +139,8 @@ def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor,
             cfg: dict) -> torch.Tensor:
     """y'^T (N, M) bfloat16 = ((codes @ W_q^T) x tok_scale x w_scale)^T for int8 codes (M, K) in the
     `_deint` order of K tiles cfg["BK"] (16 * q), tok_scale float32 (M,), packed int4 qweight uint8
-    (N, K/2), w_scale float32 (N,). cfg: BN, BMT, BK, num_warps, RS_STAGES, GROUP."""
+    (N, K/2), w_scale float32 (N,). cfg: BN, BMT, BK, num_warps, RS_STAGES, GROUP, RS_TRIGGER (the
+    next launch, if launched with PDL, may start while this one runs)."""
     m, k = codes.shape
     n = qweight.shape[0]
     bn, bmt, bk = cfg["BN"], cfg["BMT"], cfg["BK"]
