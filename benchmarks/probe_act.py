@@ -43,19 +43,26 @@ from duquant_runtime.kernels import w4a8_cluster as C  # noqa: E402
 
 
 @gluon.jit
-def _pass1_ablation(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, part_ptr, BM: gl.constexpr, B: gl.constexpr,
-                    PERM: gl.constexpr, RLOAD: gl.constexpr, MMA: gl.constexpr, ATOM: gl.constexpr,
-                    num_warps: gl.constexpr):
+def _one_tile(perm_ptr, PERM: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, xl: gl.constexpr):
+    """(block, first token, one x^T tile buffer, two R_in term buffers, the block's source rows (B,)
+    through the permutation or not) of a one-tile-per-program pass."""
     kb = gl.program_id(0)
-    m0 = gl.program_id(1) * BM
-    xl: gl.constexpr = A.tile_layout(BM, num_warps)
-    mma: gl.constexpr = A.rotation_layout(B, num_warps)
     x_bufs, r_bufs = A._tile_buffers(1, 2, BM, B)
     cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
     if PERM:
         src = gl.load(perm_ptr + kb * B + cb)
     else:
         src = kb * B + cb
+    return kb, gl.program_id(1) * BM, x_bufs, r_bufs, src
+
+
+@gluon.jit
+def _pass1_ablation(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, part_ptr, BM: gl.constexpr, B: gl.constexpr,
+                    PERM: gl.constexpr, RLOAD: gl.constexpr, MMA: gl.constexpr, ATOM: gl.constexpr,
+                    num_warps: gl.constexpr):
+    xl: gl.constexpr = A.tile_layout(BM, num_warps)
+    mma: gl.constexpr = A.rotation_layout(B, num_warps)
+    kb, m0, x_bufs, r_bufs, src = _one_tile(perm_ptr, PERM, BM, B, xl)
     if RLOAD:
         r_e, r_o = A._r_halves(r_ptr, kb, B, num_warps)
     A._issue(x_bufs, 0, xt_ptr, ld, src, m0, M, BM, xl)
@@ -139,13 +146,9 @@ def _pass2_ablation(xt_ptr, ld, M, perm_ptr, rs_ptr, tokmax_ptr, codes_ptr, K: g
     change (production), 2 straight from the wgmma layout (2-byte stores), 3 as each thread's
     16 columns regrouped into one contiguous run (a register-only reshape; the addresses are not
     those of the production order: timing only)."""
-    kb = gl.program_id(0)
-    m0 = gl.program_id(1) * BM
     xl: gl.constexpr = A.tile_layout(BM, num_warps)
     mma: gl.constexpr = A.rotation_layout(B, num_warps)
-    x_bufs, r_bufs = A._tile_buffers(1, 2, BM, B)
-    cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
-    src = gl.load(perm_ptr + kb * B + cb)
+    kb, m0, x_bufs, r_bufs, src = _one_tile(perm_ptr, True, BM, B, xl)
     tl_: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     ri = gl.arange(0, B, layout=gl.SliceLayout(1, tl_))
     rc = gl.arange(0, B, layout=gl.SliceLayout(0, tl_))
@@ -204,9 +207,7 @@ def _cluster_ablation(x_ptr, sxm, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, code
     into the x^T scratch, B1 / B2 the two cluster barriers, PH1 the first rotation and the partial
     maxima, PH2 the second rotation, the codes and their stores."""
     pid = gl.program_id(0)
-    tile = pid // CL
-    rank = pid % CL
-    off_m = tile * BM
+    tile, rank, off_m = C._program_tile(CL, BM)
     KC: gl.constexpr = K // CL
     NBC: gl.constexpr = KC // B
     xl: gl.constexpr = A.tile_layout(BM, num_warps)

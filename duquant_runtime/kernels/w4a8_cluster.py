@@ -66,6 +66,14 @@ def _rotate(x_bufs, r_bufs, i, BM: gl.constexpr, B: gl.constexpr, mma: gl.conste
 
 
 @gluon.jit
+def _program_tile(CL: gl.constexpr, BM: gl.constexpr):
+    """(token tile, rank in its cluster, first token) of this program: clusters of CL consecutive
+    programs, one BM-token tile each."""
+    pid = gl.program_id(0)
+    return pid // CL, pid % CL, (pid // CL) * BM
+
+
+@gluon.jit
 def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, codes_ptr, tok_scale_ptr,
                     K: gl.constexpr, CL: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, BKD: gl.constexpr,
                     CHK: gl.constexpr, XT: gl.constexpr, HAS_PERM: gl.constexpr, QMIN: gl.constexpr,
@@ -75,9 +83,7 @@ def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, c
     (K, MP) bf16 scratch, MP = tiles * BM; part_ptr: (programs, BM) float32; codes (M, K) int8;
     tok_scale (M,) float32. PDL: R_in and the permutation are read before waiting for x."""
     pid = gl.program_id(0)
-    tile = pid // CL
-    rank = pid % CL
-    off_m = tile * BM
+    tile, rank, off_m = _program_tile(CL, BM)
     KC: gl.constexpr = K // CL
     NBC: gl.constexpr = KC // B
     xl: gl.constexpr = tile_layout(BM, num_warps)
