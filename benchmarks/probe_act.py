@@ -234,14 +234,7 @@ def _cluster_ablation(x_ptr, sxm, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, code
             gl.store(xt_ptr + (k0 + ks)[:, None] * MP + ts[None, :], v)
     if B1:
         sync = C._cluster_barrier(sync)
-    cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
-    for i in gl.static_range(NBC):
-        src = gl.load(perm_ptr + (rank * NBC + i) * B + cb)
-        async_copy.async_copy_global_to_shared(x_bufs.index(i), xt_ptr + src[:, None] * MP + ts[None, :])
-    async_copy.commit_group()
-    async_copy.wait_group(0)
-    fence_async_shared()
-    gl.thread_barrier()
+    C._copy_blocks(x_bufs, xt_ptr, MP, perm_ptr, rank * NBC, ts, NBC, B, True, xl)
     tl_ = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
     mx = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, mma)) + 1.0
     if PH1:

@@ -66,6 +66,25 @@ def _rotate(x_bufs, r_bufs, i, BM: gl.constexpr, B: gl.constexpr, mma: gl.conste
 
 
 @gluon.jit
+def _copy_blocks(x_bufs, xt_ptr, MP, perm_ptr, kb0, ts, NB: gl.constexpr, B: gl.constexpr, HAS_PERM: gl.constexpr,
+                 xl: gl.constexpr):
+    """Blocks kb0 .. kb0 + NB - 1 of the tile's tokens ts (BM,) into x_bufs (NB, B, BM): cp.async of
+    the x^T scratch rows (K, MP) they read through the permutation (or not); returns once every
+    thread's copies have landed and are visible to wgmma."""
+    cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
+    for i in gl.static_range(NB):
+        if HAS_PERM:
+            src = gl.load(perm_ptr + (kb0 + i) * B + cb)
+        else:
+            src = (kb0 + i) * B + cb
+        async_copy.async_copy_global_to_shared(x_bufs.index(i), xt_ptr + src[:, None] * MP + ts[None, :])
+    async_copy.commit_group()
+    async_copy.wait_group(0)
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
 def _program_tile(CL: gl.constexpr, BM: gl.constexpr):
     """(token tile, rank in its cluster, first token) of this program: clusters of CL consecutive
     programs, one BM-token tile each."""
@@ -116,18 +135,7 @@ def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, c
         gl.store(xt_ptr + (k0 + ks)[:, None] * MP + ts[None, :], v)
     sync = _cluster_barrier(sync)
     # phase 1: this program's blocks, rotated; their per-token absmax
-    cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
-    for i in gl.static_range(NBC):
-        kb = rank * NBC + i
-        if HAS_PERM:
-            src = gl.load(perm_ptr + kb * B + cb)
-        else:
-            src = kb * B + cb
-        async_copy.async_copy_global_to_shared(x_bufs.index(i), xt_ptr + src[:, None] * MP + ts[None, :])
-    async_copy.commit_group()
-    async_copy.wait_group(0)
-    fence_async_shared()
-    gl.thread_barrier()
+    _copy_blocks(x_bufs, xt_ptr, MP, perm_ptr, rank * NBC, ts, NBC, B, HAS_PERM, xl)
     tl_ = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
     mx = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, mma))
     for i in gl.static_range(NBC):
