@@ -841,7 +841,7 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     m, k = a.shape
     n = qweight.shape[0]
     bo = r_out.shape[-1] if r_out is not None else 16
-    bn, bmt = cfg["BN"], cfg["BMT"]
+    bn = cfg["BN"]
     bk, split = gemm_tiling(k, cfg)
     if bn % bo or n % bn:
         raise ValueError(f"GEMM config {cfg} does not fit N={n}, output block {bo}")
