@@ -10,7 +10,8 @@ switched off give wrong results on purpose; only their time is of interest.
   the production passes 1 and 2 with the picked tiles; pass 1 (one tile per program, --bm tokens)
   without the permutation gather (PERM), R_in's load and split (RLOAD), the two wgmma (MMA; else
   the absmax of the unrotated tile), the per-token atomics (ATOM 1; 2: a plain store per program;
-  0: none); pass 2 without the quotients (QUANT 0; 1: rint and clamp, 2: SATCVT) and with other
+  0: none), or with the tile as one float16 operand times R_in's float16 block copied as it is
+  (one wgmma, no split: RLOAD 2, MMA 2); pass 2 without the quotients (QUANT 0; 1: rint and clamp, 2: SATCVT) and with other
   code stores (STORE); the loads alone (cp.async through a ring, or plain loads; token tiles per
   program).
 - The cluster kernel (`w4a8_cluster`, K = 2048 at M tokens, row-major x): without the copy into
@@ -63,19 +64,35 @@ def _pass1_ablation(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, part_ptr, BM: gl
     xl: gl.constexpr = A.tile_layout(BM, num_warps)
     mma: gl.constexpr = A.rotation_layout(B, num_warps)
     kb, m0, x_bufs, r_bufs, src = _one_tile(perm_ptr, PERM, BM, B, xl)
-    if RLOAD:
+    if RLOAD == 1:
         r_e, r_o = A._r_halves(r_ptr, kb, B, num_warps)
+    elif RLOAD == 2:  # R_in's block as it is (float16), copied: the B operand of one float16 wgmma
+        r16 = gl.allocate_shared_memory(gl.float16, [B, B], gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                                                                element_bitwidth=16, rank=2))
+        rl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        ri = gl.arange(0, B, layout=gl.SliceLayout(1, rl))
+        rc = gl.arange(0, B, layout=gl.SliceLayout(0, rl))
+        async_copy.async_copy_global_to_shared(r16, r_ptr + kb * B * B + ri[:, None] * B + rc[None, :])
     A._issue(x_bufs, 0, xt_ptr, ld, src, m0, M, BM, xl)
     async_copy.commit_group()
-    if RLOAD:
+    if RLOAD == 1:
         A._store_split(r_e, r_bufs.index(0).slice(0, B // 2, dim=1), r_bufs.index(1).slice(0, B // 2, dim=1))
         A._store_split(r_o, r_bufs.index(0).slice(B // 2, B // 2, dim=1), r_bufs.index(1).slice(B // 2, B // 2, dim=1))
     async_copy.wait_group(0)
     fence_async_shared()
     gl.thread_barrier()
     toks = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
-    if MMA:
-        a = x_bufs.index(0).permute((1, 0))
+    a_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    if MMA == 2:  # the tile as a float16 register operand, one wgmma with R_in's float16 block
+        a = x_bufs.index(0).permute((1, 0)).load(a_reg).to(gl.float16)
+        acc = warpgroup_mma(a, r16, gl.zeros([BM, B], gl.float32, layout=mma), is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mx = gl.max(gl.abs(acc), axis=1)
+    elif MMA:  # 1: the tile read by both bf16 dots from shared memory; 3: once, as their register operand
+        if MMA == 3:
+            a = x_bufs.index(0).permute((1, 0)).load(a_reg)
+        else:
+            a = x_bufs.index(0).permute((1, 0))
         acc = warpgroup_mma(a, r_bufs.index(0), gl.zeros([BM, B], gl.float32, layout=mma), is_async=True)
         acc = warpgroup_mma(a, r_bufs.index(1), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
@@ -294,7 +311,9 @@ def graph_us(fns, repeats: int) -> float:
 VARIANTS = {  # name: (PERM, RLOAD, MMA, ATOM)
     "full": (1, 1, 1, 1), "store_not_atomic": (1, 1, 1, 2), "no_result": (1, 1, 1, 0), "no_perm": (0, 1, 1, 1),
     "no_rload": (1, 0, 1, 1), "no_mma": (1, 1, 0, 1), "load_only": (1, 0, 0, 0), "load_only_no_perm": (0, 0, 0, 0),
-}
+    "register_operand": (1, 1, 3, 1),  # the tile read once, as both bf16 dots' register operand (ACT_AREG)
+    "one_float16_term": (1, 2, 2, 1),  # not measured yet: x converted to float16 (exact for 2^-17 <= |x| <= 65504),
+}                                      # R_in copied as it is, one wgmma instead of the split and two
 
 
 def main(argv=None) -> int:
