@@ -312,7 +312,7 @@ VARIANTS = {  # name: (PERM, RLOAD, MMA, ATOM)
     "full": (1, 1, 1, 1), "store_not_atomic": (1, 1, 1, 2), "no_result": (1, 1, 1, 0), "no_perm": (0, 1, 1, 1),
     "no_rload": (1, 0, 1, 1), "no_mma": (1, 1, 0, 1), "load_only": (1, 0, 0, 0), "load_only_no_perm": (0, 0, 0, 0),
     "register_operand": (1, 1, 3, 1),  # the tile read once, as both bf16 dots' register operand (ACT_AREG)
-    "one_float16_term": (1, 2, 2, 1),  # not measured yet: x converted to float16 (exact for 2^-17 <= |x| <= 65504),
+    "one_float16_term": (1, 2, 2, 1),  # x converted to float16 (exact for 2^-17 <= |x| <= 65504, timing only),
 }                                      # R_in copied as it is, one wgmma instead of the split and two
 
 
