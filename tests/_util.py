@@ -113,3 +113,21 @@ def assert_codes_within_ties(codes, s, ref_codes, ref_s) -> None:
     print(f"M={m} K={k}: codes differing {int((diff > 0).sum())} of {m * k}, max {int(diff.max())}")
     assert int(diff.max()) <= 1
     assert float((diff > 0).float().mean()) < 1e-3
+
+
+def halfway_row(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row (K,) float32, halves (254,)): a token row whose dynamic scale is exactly 1/8 (absmax
+    127/8) and whose columns 2 .. 255 are halves / 8, so that with identity rotations their
+    quotients lie exactly halfway between two codes (-126.5 .. 126.5); bf16 holds them exactly."""
+    halves = torch.arange(-127, 127) + 0.5
+    row = torch.zeros(k)
+    row[:2] = torch.tensor([127.0, -127.0])
+    row[2:2 + halves.numel()] = halves
+    return row / 8, halves
+
+
+def natural_columns(codes_row: torch.Tensor, bkd: int) -> torch.Tensor:
+    """A row of codes stored in the GEMM's column order (`w4a8._deint`: within each bkd-wide tile
+    the even columns, then the odd ones) back in natural column order, on the CPU."""
+    stored = torch.arange(codes_row.numel()).reshape(-1, bkd // 2, 2).transpose(1, 2).reshape(-1)
+    return codes_row.cpu()[torch.argsort(stored)]

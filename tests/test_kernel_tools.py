@@ -1,7 +1,7 @@
 """The kernel development tools in benchmarks/ that run without a GPU: the shapes, instance
-counts and command-line overrides they share (w4a8_cases.py), profile_w4a8.py's argument checks and
-launch grouping, probe_act.py's refusal without a GPU. (Their GPU runs are what docs/benchmarks.md reports; compile_w4a8.py is
-tested in test_kernels.py.)"""
+counts and command-line overrides they share (w4a8_cases.py), profile_w4a8.py's argument checks
+and launch grouping, probe_act.py's refusal without a GPU. (Their GPU runs are what
+docs/benchmarks.md reports; compile_w4a8.py is tested in test_kernels.py.)"""
 
 from __future__ import annotations
 

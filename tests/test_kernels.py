@@ -113,6 +113,7 @@ except ValueError as err:
 QUOTIENT_SCRIPT = r"""
 import sys
 import torch
+from _util import halfway_row, natural_columns
 from duquant_runtime.kernels import w4a8 as K
 dev = sys.argv[1]
 g = torch.Generator().manual_seed(5)
@@ -122,8 +123,7 @@ x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g) * 
 x[0] = 0.0  # an all-zero row: scale 1
 x[1] = torch.randn(k, generator=g) * 1e-37  # scales below 2^-128: the 2^64 operand scaling
 x[2, :4] = 3.0e4  # an outlier row
-halves = torch.arange(-127, 127) + 0.5  # quotients exactly halfway between two codes (scale 2^-3 below)
-x[3] = torch.cat([torch.tensor([127.0, -127.0]), halves, torch.zeros(k - 2 - halves.numel())]) / 8
+x[3], halves = halfway_row(k)  # quotients exactly halfway between two codes
 r_in = torch.eye(64).repeat(nb, 1, 1).half()  # identity rotations: the values reach the quantizer as given
 x = x.to(dev, torch.bfloat16)
 cfg = dict(G=1, BMP=16, prep_warps=4, BK=128, BMQ=4, QCH=1, BKQ=128)
@@ -131,8 +131,7 @@ cfg = dict(G=1, BMP=16, prep_warps=4, BK=128, BMQ=4, QCH=1, BKQ=128)
 outs = [K.prepare_activation(x, r_in=r_in.to(dev), perm=None, smooth=None, mode=K.MODE_DYNAMIC,
                              cfg={**cfg, "QFASTDIV": fast, "SATCVT": sat})
         for fast, sat in ((False, False), (True, False), (False, True), (True, True))]
-cols = torch.arange(k).reshape(-1, 64, 2).transpose(1, 2).reshape(-1)  # stored column order (`_deint`, BK 128)
-ties = outs[-1][0][3].cpu()[torch.argsort(cols)][2:2 + halves.numel()].float()
+ties = natural_columns(outs[-1][0][3], 128)[2:2 + halves.numel()].float()
 print("SAME", all(torch.equal(outs[0][0], o[0]) for o in outs), all(torch.equal(outs[0][1], o[1]) for o in outs),
       int((outs[0][0] != 0).sum()) > m * k // 2, torch.equal(ties, torch.round(halves)))
 """
@@ -140,7 +139,8 @@ print("SAME", all(torch.equal(outs[0][0], o[0]) for o in outs), all(torch.equal(
 
 def _quotient_check(dev: str) -> list[str]:
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "TRITON_INTERPRET": "1" if dev == "cpu" else "0"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]),
+           "TRITON_INTERPRET": "1" if dev == "cpu" else "0"}
     res = subprocess.run([sys.executable, "-c", QUOTIENT_SCRIPT, dev], env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _util import assert_codes_within_ties, layer_err_vs_triton_launches, w4a8_operands
+from _util import (assert_codes_within_ties, halfway_row, layer_err_vs_triton_launches, natural_columns,
+                   w4a8_operands)
 from duquant_runtime.kernels import device_capability, fast_path_available, triton_available
 
 
@@ -86,21 +87,17 @@ def test_saturating_conversion_gives_the_same_codes(act, m, k):
     codes rounds half to even."""
     from duquant_runtime.kernels import w4a8 as K
     x, perm, _ = w4a8_operands(m, k, act == "wgmma" and k > 4096, 9)
-    halves = torch.arange(-127, 127) + 0.5
-    row = torch.zeros(k)
-    row[:2] = torch.tensor([127.0, -127.0])
-    row[2:2 + halves.numel()] = halves
+    row, halves = halfway_row(k)
     x = x.clone()
-    x[3] = (row / 8).to(x.device, x.dtype)  # scale 1/8: the quotients are the values times 8, exactly
+    x[3] = row.to(x.device, x.dtype)  # scale 1/8: the quotients are the values times 8, exactly
     r_in = torch.eye(64).repeat(k // 64, 1, 1).half().to(x.device)
     cfg = dict(K.pick_config(m, 2048, k, K.MODE_DYNAMIC), XLOAD="transpose", ACT=act)
     kw = dict(r_in=r_in, perm=None, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
     ref, s0 = K.prepare_activation(x, cfg={**cfg, "SATCVT": False}, **kw)
     codes, s = K.prepare_activation(x, cfg={**cfg, "SATCVT": True}, **kw)
     assert torch.equal(s, s0) and torch.equal(codes, ref)
-    bkd = K.gemm_tiling(k, cfg)[0]
-    cols = torch.arange(k).reshape(-1, bkd // 2, 2).transpose(1, 2).reshape(-1)  # stored column order (`_deint`)
-    assert torch.equal(codes[3].cpu()[torch.argsort(cols)][2:2 + halves.numel()].float(), torch.round(halves))
+    ties = natural_columns(codes[3], K.gemm_tiling(k, cfg)[0])[2:2 + halves.numel()].float()
+    assert torch.equal(ties, torch.round(halves))
 
 
 @needs_act
