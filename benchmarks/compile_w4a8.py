@@ -98,7 +98,7 @@ def report(int8: bool, tile: tuple[int, ...], k: int) -> dict:
 
 
 def compile_act(pass_: int, bm: int = 128, warps: int = 4, k: int = 16384, areg: bool = False,
-                rcache: bool = False):
+                rcache: bool = False, f16: bool = False):
     """The compiled `w4a8_act._act_kernel` (triton CompiledKernel) for sm_90, one pass (1: token
     maxima, 2: codes) of one token tile per program, as `act_codes` launches it on the LLM
     down_proj (x^T row stride and M divisible by 16, no PDL)."""
@@ -110,17 +110,17 @@ def compile_act(pass_: int, bm: int = 128, warps: int = 4, k: int = 16384, areg:
              "codes_ptr": "*i8", "tok_scale_ptr": "*fp32", "rs_ptr": "*bf16"}
     consts = {"K": k, "TT": 1, "BM": bm, "B": 64, "BKD": 256, "STAGES": 1, "PASS": pass_, "HAS_PERM": True,
               "QMIN": -128, "QMAX": 127, "FASTDIV": True, "AREG": areg, "PDL": False, "RCACHE": rcache, "SATCVT": True,
-              "num_warps": warps}
+              "num_warps": warps, "F16": f16}
     return compile_sm90(GluonASTSource, fn, types, consts, {"num_warps": warps}, divisible=("ld", "M"))
 
 
-def act_report(pass_: int, bm: int = 128, warps: int = 4, areg: bool = False) -> dict:
+def act_report(pass_: int, bm: int = 128, warps: int = 4, areg: bool = False, f16: bool = False) -> dict:
     """What the generated code of one `_act_kernel` pass does: wgmma shapes, cp.async widths
     (bytes), global store and atomic forms, registers per thread, shared bytes per program."""
-    ck = compile_act(pass_, bm, warps, areg=areg)
+    ck = compile_act(pass_, bm, warps, areg=areg, f16=f16)
     ptx = ck.asm["ptx"]
     lines = [line.strip() for line in ptx.splitlines()]
-    return {"pass": pass_, "BM": bm, "num_warps": warps, "AREG": areg,
+    return {"pass": pass_, "BM": bm, "num_warps": warps, "AREG": areg, "F16": f16,
             "wgmma": wgmma_shapes(ptx),
             "cp_async_bytes": sorted({int(x.split(",")[2].strip(), 0) for x in lines if x.startswith("cp.async.cg")}),
             "global_stores": sorted({x.split()[1] for x in lines if x.startswith("@") and " st.global" in x}),
@@ -129,7 +129,7 @@ def act_report(pass_: int, bm: int = 128, warps: int = 4, areg: bool = False) ->
             "registers": registers(ptx), "shared_bytes": ck.metadata.shared}
 
 
-def compile_cluster(k: int = 2048, xt: bool = False, cl: int = 8, bm: int = 64, warps: int = 4):
+def compile_cluster(k: int = 2048, xt: bool = False, cl: int = 8, bm: int = 64, warps: int = 4, f16: bool = False):
     """The compiled `w4a8_cluster._cluster_kernel` (triton CompiledKernel) for sm_90: x (M, K)
     row-major (xt False) or token-minor, clusters of cl programs over bm tokens, with PDL."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -139,18 +139,18 @@ def compile_cluster(k: int = 2048, xt: bool = False, cl: int = 8, bm: int = 64, 
     types = {"x_ptr": "*bf16", "sxm": "i32", "sxk": "i32", "M": "i32", "MP": "i32", "xt_ptr": "*bf16",
              "part_ptr": "*fp32", "perm_ptr": "*i64", "r_ptr": "*fp16", "codes_ptr": "*i8", "tok_scale_ptr": "*fp32"}
     consts = {"K": k, "CL": cl, "BM": bm, "B": 64, "BKD": 256, "CHK": min(w4a8_cluster.CH, k // cl), "XT": xt, "HAS_PERM": True, "QMIN": -128,
-              "QMAX": 127, "PDL": True, "SATCVT": True, "num_warps": warps, ("sxm" if xt else "sxk"): 1}
+              "QMAX": 127, "PDL": True, "SATCVT": True, "num_warps": warps, ("sxm" if xt else "sxk"): 1, "F16": f16}
     return compile_sm90(GluonASTSource, fn, types, consts, {"num_warps": warps},
                         divisible=("MP", "sxk" if xt else "sxm"))
 
 
-def cluster_report(k: int = 2048, xt: bool = False, cl: int = 8) -> dict:
+def cluster_report(k: int = 2048, xt: bool = False, cl: int = 8, f16: bool = False) -> dict:
     """What the generated code of `_cluster_kernel` does: wgmma shapes, cluster barriers, cp.async
     widths (bytes), global store forms, registers per thread, shared bytes per program."""
-    ck = compile_cluster(k, xt, cl)
+    ck = compile_cluster(k, xt, cl, f16=f16)
     ptx = ck.asm["ptx"]
     lines = [line.strip() for line in ptx.splitlines()]
-    return {"K": k, "token_minor": xt, "CL": cl, "wgmma": wgmma_shapes(ptx),
+    return {"K": k, "token_minor": xt, "CL": cl, "F16": f16, "wgmma": wgmma_shapes(ptx),
             "cluster_barriers": sum(line.startswith("barrier.cluster.arrive") for line in lines),
             "cp_async_bytes": sorted({int(x.split(",")[2].strip(), 0) for x in lines if x.startswith("cp.async.cg")}),
             "global_stores": sorted({x.split()[1] for x in lines if x.startswith("@") and " st.global" in x}

@@ -156,22 +156,28 @@ def _columns_first(layout):
 @gluon.jit
 def _pass2_ablation(xt_ptr, ld, M, perm_ptr, rs_ptr, tokmax_ptr, codes_ptr, K: gl.constexpr, BM: gl.constexpr,
                     B: gl.constexpr, BKD: gl.constexpr, QUANT: gl.constexpr, STORE: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    num_warps: gl.constexpr, F16: gl.constexpr = 0, r16_ptr=None):
     """Pass 2 (one tile per program, R_in's terms copied from pass 1's cache) with parts switched off:
     QUANT 0 casts the rotated values instead of dividing by the token scale (1: rint and clamp, 2: the
     saturating conversion, SATCVT); STORE 0 stores nothing, 1 stores the codes through a layout
     change (production), 2 straight from the wgmma layout (2-byte stores), 3 as each thread's
     16 columns regrouped into one contiguous run (a register-only reshape; the addresses are not
-    those of the production order: timing only)."""
+    those of the production order: timing only). F16 1: the tile as one float16 register operand
+    times R_in's float16 block (r16_ptr) copied as it is, one wgmma (timing only)."""
     xl: gl.constexpr = A.tile_layout(BM, num_warps)
     mma: gl.constexpr = A.rotation_layout(B, num_warps)
     kb, m0, x_bufs, r_bufs, src = _one_tile(perm_ptr, True, BM, B, xl)
     tl_: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     ri = gl.arange(0, B, layout=gl.SliceLayout(1, tl_))
     rc = gl.arange(0, B, layout=gl.SliceLayout(0, tl_))
-    for term in gl.static_range(2):
-        async_copy.async_copy_global_to_shared(r_bufs.index(term), rs_ptr + (kb * 2 + term) * B * B + ri[:, None] * B
-                                               + rc[None, :])
+    if F16:
+        r16 = gl.allocate_shared_memory(gl.float16, [B, B], gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                                                                element_bitwidth=16, rank=2))
+        async_copy.async_copy_global_to_shared(r16, r16_ptr + kb * B * B + ri[:, None] * B + rc[None, :])
+    else:
+        for term in gl.static_range(2):
+            async_copy.async_copy_global_to_shared(r_bufs.index(term), rs_ptr + (kb * 2 + term) * B * B
+                                                   + ri[:, None] * B + rc[None, :])
     A._issue(x_bufs, 0, xt_ptr, ld, src, m0, M, BM, xl)
     async_copy.commit_group()
     toks = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
@@ -183,9 +189,14 @@ def _pass2_ablation(xt_ptr, ld, M, perm_ptr, rs_ptr, tokmax_ptr, codes_ptr, K: g
     async_copy.wait_group(0)
     fence_async_shared()
     gl.thread_barrier()
-    a = x_bufs.index(0).permute((1, 0))
-    acc = warpgroup_mma(a, r_bufs.index(0), gl.zeros([BM, B], gl.float32, layout=mma), is_async=True)
-    acc = warpgroup_mma(a, r_bufs.index(1), acc, is_async=True)
+    if F16:
+        a_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        a16 = x_bufs.index(0).permute((1, 0)).load(a_reg).to(gl.float16)
+        acc = warpgroup_mma(a16, r16, gl.zeros([BM, B], gl.float32, layout=mma), is_async=True)
+    else:
+        a = x_bufs.index(0).permute((1, 0))
+        acc = warpgroup_mma(a, r_bufs.index(0), gl.zeros([BM, B], gl.float32, layout=mma), is_async=True)
+        acc = warpgroup_mma(a, r_bufs.index(1), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     if QUANT:
         q = A._codes(A._quotient(acc, s, rcp, True), -128, 127, QUANT == 2)
@@ -374,11 +385,18 @@ def main(argv=None) -> int:
     bm = 128
     grid = (k // b, triton.cdiv(m, bm))
     tokmax.fill_(3.0)
-    for quant, store in ((1, 1), (2, 1), (2, 3), (2, 0), (1, 0), (0, 1), (0, 0)):
-        fns = [lambda i=i, quant=quant, store=store: _pass2_ablation[grid](
-            xts[i % len(xts)], m, m, perm, rs, tokmax, codes, K=k, BM=bm, B=b, BKD=cfg["BK"], QUANT=quant,
-            STORE=store, num_warps=4) for i in range(args.launches)]
-        record("pass2", graph_us(fns, args.repeats), quant=quant, store=store)
+    for bm in (128, 64):
+        grid = (k // b, triton.cdiv(m, bm))
+        for quant, store, f16 in ((1, 1, 0), (2, 1, 0), (2, 1, 1), (2, 3, 0), (2, 0, 0), (2, 0, 1), (1, 0, 0), (0, 1, 0),
+                                  (0, 0, 0)):
+            if bm == 64 and (quant, store) not in ((2, 1), (2, 0)):
+                continue
+            fns = [lambda i=i, quant=quant, store=store, f16=f16: _pass2_ablation[grid](
+                xts[i % len(xts)], m, m, perm, rs, tokmax, codes, K=k, BM=bm, B=b, BKD=cfg["BK"], QUANT=quant,
+                STORE=store, F16=f16, r16_ptr=r_in, num_warps=4) for i in range(args.launches)]
+            record("pass2", graph_us(fns, args.repeats), quant=quant, store=store, float16=f16, bm=bm)
+    bm = 128
+    grid = (k // b, triton.cdiv(m, bm))
     # the cluster kernel (K = 2048 layers at M = 800: q/o, the q/k/v and gate/up groups), phases switched off
     kc, cl, cbm = 2048, 16, 64
     xr = torch.randn(m, kc, generator=g).to(dev, torch.bfloat16)

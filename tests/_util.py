@@ -115,6 +115,21 @@ def assert_codes_within_ties(codes, s, ref_codes, ref_s) -> None:
     assert float((diff > 0).float().mean()) < 1e-3
 
 
+def hard_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with rows float16 cannot hold as they are: values past 65504 (up to 3e5), a row of tiny
+    values (1e-7, some 1e-30: float16 subnormal or zero), a zero row, large and tiny values mixed."""
+    x = x.clone()
+    m, k = x.shape
+    g = torch.Generator().manual_seed(m + k)
+    r = torch.randn(4, k, generator=g)
+    x[1] = (r[0] * 1e5).to(x.device, x.dtype)
+    x[2] = (r[1] * 1e-7).to(x.device, x.dtype)
+    x[2, ::7] = (r[2, ::7] * 1e-30).to(x.device, x.dtype)
+    x[4] = 0
+    x[5] = (r[3] * torch.where(torch.arange(k) % 3 == 0, 1e4, 1e-6)).to(x.device, x.dtype)
+    return x
+
+
 def halfway_row(k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(row (K,) float32, halves (254,)): a token row whose dynamic scale is exactly 1/8 (absmax
     127/8) and whose columns 2 .. 255 are halves / 8, so that with identity rotations their

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _util import (assert_codes_within_ties, halfway_row, layer_err_vs_triton_launches, natural_columns,
+from _util import (assert_codes_within_ties, halfway_row, hard_rows, layer_err_vs_triton_launches, natural_columns,
                    w4a8_operands)
 from duquant_runtime.kernels import device_capability, fast_path_available, triton_available
 
@@ -74,7 +74,7 @@ def test_launch_variants_give_the_same_codes(tt, bm, stages, warps, areg):
     kw = dict(r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
     base, s0 = K.prepare_activation(x, cfg=cfg, **kw)
     codes, s = K.prepare_activation(x, cfg={**cfg, "ACT_TT": tt, "ACT_BM": bm, "ACT_STAGES": stages,
-                                             "ACT_WARPS": warps, "ACT_AREG": areg}, **kw)
+                                             "ACT_WARPS": warps, "ACT_AREG": areg, "ACT_F16": not areg}, **kw)
     assert torch.equal(s, s0)
     assert float((codes != base).float().mean()) < 1e-4
 
@@ -104,16 +104,60 @@ def test_saturating_conversion_gives_the_same_codes(act, m, k):
 @pytest.mark.parametrize(("m", "k", "token_minor", "tt"), [(800, 16384, True, 1), (800, 2048, False, 1),
                                                           (300, 4096, True, 2)])
 def test_cached_rotation_terms_give_the_same_codes(m, k, token_minor, tt):
-    """ACT_RCACHE: pass 2 copies R_in's bf16 terms that pass 1 wrote instead of splitting R_in
-    itself; the shared-memory contents, so the codes and scales, are the same bit for bit."""
+    """ACT_RCACHE (the bf16-terms path, ACT_F16 off): pass 2 copies R_in's bf16 terms that pass 1
+    wrote instead of splitting R_in itself; the shared-memory contents, so the codes and scales,
+    are the same bit for bit."""
     from duquant_runtime.kernels import w4a8 as K
     x, perm, r_in = w4a8_operands(m, k, token_minor, 5 * m + k)
-    cfg = dict(K.pick_config(m, 2048, k, K.MODE_DYNAMIC), XLOAD="transpose", ACT="wgmma", ACT_TT=tt)
+    cfg = dict(K.pick_config(m, 2048, k, K.MODE_DYNAMIC), XLOAD="transpose", ACT="wgmma", ACT_TT=tt, ACT_F16=False)
     kw = dict(r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
     base, s0 = K.prepare_activation(x, cfg={**cfg, "ACT_RCACHE": False}, **kw)
     for _ in range(2):
         codes, s = K.prepare_activation(x, cfg={**cfg, "ACT_RCACHE": True}, **kw)
         assert torch.equal(s, s0) and torch.equal(codes, base)
+
+
+@needs_act
+@pytest.mark.parametrize(("m", "k", "token_minor", "tt", "bm"), [(800, 16384, True, 1, 64), (800, 16384, True, 2, 64),
+                                                                (800, 2048, False, 1, 128), (304, 4096, True, 3, 64)])
+def test_float16_operand_gives_the_codes_of_the_split_terms(m, k, token_minor, tt, bm):
+    """ACT_F16 (rows scaled by powers of two, one float16 wgmma) against the bf16 hi + lo terms and
+    the Triton launches: the same scales (the same exact products), codes up to ties moved by the
+    order of float32 sums, also on rows past float16's range, tiny, zero and mixed; repeated
+    calls bit for bit."""
+    from duquant_runtime.kernels import w4a8 as K
+    x, perm, r_in = w4a8_operands(m, k, token_minor, 13 * m + k)
+    x = hard_rows(x)
+    if token_minor:
+        x = x.t().contiguous().t()
+    cfg = dict(K.pick_config(m, 2048, k, K.MODE_DYNAMIC), XLOAD="transpose", ACT="wgmma", ACT_TT=tt, ACT_BM=bm)
+    kw = dict(r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
+    split, s0 = K.prepare_activation(x, cfg={**cfg, "ACT_F16": False}, **kw)
+    ref, ref_s = K.prepare_activation(x, cfg={**cfg, "ACT": None}, **kw)
+    codes, s = K.prepare_activation(x, cfg={**cfg, "ACT_F16": True}, **kw)
+    assert float(s[1]) > 65504 / 127 and 0 < float(s[2]) < 1e-8 and float(s[4]) == 1.0  # the rows are there
+    assert_codes_within_ties(codes, s, split, s0)
+    assert_codes_within_ties(codes, s, ref, ref_s)
+    assert int((codes[4] != 0).sum()) == 0 and float((codes[2] != 0).float().mean()) > 0.9
+    again, s2 = K.prepare_activation(x, cfg={**cfg, "ACT_F16": True}, **kw)
+    assert torch.equal(s2, s) and torch.equal(again, codes)
+
+
+@needs_act
+def test_float16_operand_rounds_halfway_quotients_to_even():
+    from duquant_runtime.kernels import w4a8 as K
+    m, k = 800, 16384
+    x, _, _ = w4a8_operands(m, k, True, 9)
+    row, halves = halfway_row(k)
+    x = x.t().contiguous()
+    x[:, 3] = row.to(x.device, x.dtype)
+    x = x.t()
+    r_in = torch.eye(64).repeat(k // 64, 1, 1).half().to(x.device)
+    cfg = dict(K.pick_config(m, 2048, k, K.MODE_DYNAMIC), ACT="wgmma", ACT_F16=True)
+    codes, s = K.prepare_activation(x, cfg=cfg, r_in=r_in, perm=None, smooth=None, mode=K.MODE_DYNAMIC)
+    assert float(s[3]) == 1 / 8
+    ties = natural_columns(codes[3], K.gemm_tiling(k, cfg)[0])[2:2 + halves.numel()].float()
+    assert torch.equal(ties, torch.round(halves))
 
 
 @needs_act
@@ -181,3 +225,6 @@ def test_offline_sm90_code_of_both_passes():
     assert not one["global_stores"] and not two["atomics"]
     assert "st.global.v4.b32" in two["global_stores"], two  # the codes in 16-byte vectors
     assert two["conversions"] == ["cvt.rni.sat.s8.f32"], two  # SATCVT: one saturating conversion per code
+    for r in (compile_w4a8.act_report(1, 64, f16=True), compile_w4a8.act_report(2, 64, f16=True)):
+        assert r["wgmma"] == ["m64n64k16.f32.f16.f16"], r  # ACT_F16: one float16 dot, no split terms
+        assert r["cp_async_bytes"] == [16] and r["registers"] <= 128, r

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _util import assert_codes_within_ties, layer_err_vs_triton_launches, w4a8_operands
+from _util import assert_codes_within_ties, hard_rows, layer_err_vs_triton_launches, w4a8_operands
 from duquant_runtime.kernels import device_capability, fast_path_available, triton_available
 
 
@@ -58,11 +58,18 @@ def test_codes_and_scales_match_the_triton_launches(m, k, token_minor):
 
 
 @needs_cluster
-@pytest.mark.parametrize(("m", "k", "token_minor"), [(800, 2048, False), (128, 4096, True), (64, 1024, False)])
-def test_codes_are_bit_identical_to_the_two_pass_kernel(m, k, token_minor):
+@pytest.mark.parametrize(("m", "k", "token_minor", "f16"), [(800, 2048, False, False), (128, 4096, True, False),
+                                                           (64, 1024, False, False), (800, 2048, False, True),
+                                                           (128, 4096, True, True), (64, 1024, False, True)])
+def test_codes_are_bit_identical_to_the_two_pass_kernel(m, k, token_minor, f16):
+    """The same sums as `w4a8_act` with the same R_in operand form (bf16 terms, or ACT_F16's
+    scaled float16 rows, here also on rows float16 cannot hold as they are)."""
     from duquant_runtime.kernels import w4a8 as K
     x, perm, r_in = w4a8_operands(m, k, token_minor, 3 * m + k)
-    cfg = dict(K.pick_config(max(m, 65), 2048, k, K.MODE_DYNAMIC), XLOAD="transpose")
+    if f16:
+        x = hard_rows(x)
+        x = x.t().contiguous().t() if token_minor else x.contiguous()
+    cfg = dict(K.pick_config(max(m, 65), 2048, k, K.MODE_DYNAMIC), XLOAD="transpose", ACT_F16=f16)
     codes, s = K.prepare_activation(x, cfg={**cfg, "ACT": "cluster"}, **_kw(r_in, perm))
     two, s2 = K.prepare_activation(x, cfg={**cfg, "ACT": "wgmma"}, **_kw(r_in, perm))
     assert torch.equal(s, s2)
@@ -142,9 +149,9 @@ def test_offline_sm90_code():
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import compile_w4a8
-    for xt, k in ((False, 2048), (True, 4096)):
-        r = compile_w4a8.cluster_report(k, xt)
-        assert r["wgmma"] == ["m64n64k16.f32.bf16.bf16"], r
+    for xt, k, f16 in ((False, 2048, False), (True, 4096, False), (False, 2048, True)):
+        r = compile_w4a8.cluster_report(k, xt, f16=f16)
+        assert r["wgmma"] == ["m64n64k16.f32.f16.f16" if f16 else "m64n64k16.f32.bf16.bf16"], r
         assert r["cluster_barriers"] == 2, r  # after the transpose, after the partial maxima
         assert r["cp_async_bytes"] == [16], r
         assert r["registers"] and r["shared_bytes"] > 0, r

@@ -588,8 +588,9 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     operands loaded before the main loop and the PDL wait); SATCVT (the codes by one saturating
     conversion, `_code8`); QFASTDIV (the quantize launch's quotients by one reciprocal per row,
     `_codes`); GEMM "rs" (`w4a8_rs`; RS_TRIGGER: its restore launch may start during the GEMM),
-    ACT "wgmma" (`w4a8_act`, ACT_BM / ACT_TT / ACT_STAGES / ACT_WARPS) or "cluster" (`w4a8_cluster`,
-    CL / CL_BM / CL_WARPS) on sm_90; PDL (programmatic dependent launch), PREP_PDL (the first
+    ACT "wgmma" (`w4a8_act`, ACT_BM / ACT_TT / ACT_STAGES / ACT_WARPS; ACT_RCACHE on the bf16-terms path)
+    or "cluster" (`w4a8_cluster`, CL / CL_BM / CL_WARPS) on sm_90, both with ACT_F16 (one float16 dot per
+    block on rows scaled by powers of two instead of R_in's bf16 hi + lo terms); PDL (programmatic dependent launch), PREP_PDL (the first
     activation launch launched with PDL too)."""
     dynamic = mode == MODE_DYNAMIC
     # PREP_PDL: with PDL, the first activation launch starts early too and waits for x's producer
@@ -599,8 +600,13 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     # 8.5 / 7.9 / 7.6, gate/up group 10.2 / 9.8 / 9.6, down 11.7 / 11.9 / 11.7
     # SATCVT (the kernels' default): the codes by one cvt.rni.sat.s8 instead of rint, max, min, cvt. Same-run A/B
     # (us, on / off): LLM down_proj 91.7 / 94.6, q/o 20.2 / 20.6, q/k/v group 23.2 / 23.7; expert layers unchanged
+    # ACT_F16 (the Gluon activation kernels, `w4a8_act` and `w4a8_cluster`): one float16 wgmma per 64-wide block on
+    # rows scaled by powers of two, R_in's float16 block copied as it is, instead of its bf16 hi + lo split and two
+    # wgmma; the same exact products. Same-run A/Bs (us, on / off / on / off): LLM down_proj (token-minor) 87.1 /
+    # 89.1 / 87.2 / -, q/o 19.8 / 20.1 / 19.7 / 20.1, k/v 16.3 / 16.9 / 16.3 / 16.9, q/k/v group 22.4 / 23.2 / 22.5 /
+    # 23.2, gate/up group 144.9 / 146.1 / 144.9 / 146.1
     cfg = dict(G=1, BMP=16, prep_warps=4, GROUP=8, SWAP=True, BMQ=4, QCH=4 if k > 4096 else 1, PDL=True,
-               PREP_PDL=True, QFASTDIV=True)
+               PREP_PDL=True, QFASTDIV=True, ACT_F16=True)
     if m <= 16:  # memory bound: split-K spreads the weight stream over every SM
         if dynamic:
             cfg.update(BN=64, BMT=16, BK=256, SPLIT=4, SWAP=False, num_warps=4, num_stages=3)

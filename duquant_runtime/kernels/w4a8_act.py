@@ -15,6 +15,18 @@ exact in the float32 accumulator, as are the tf32 products of `_prep_kernel`. On
 the float32 sums differs. With ACT_RCACHE (LLM down_proj), pass 1 also writes each block's two
 terms to a scratch buffer and pass 2 copies them instead of splitting R_in again.
 
+ACT_F16 (the default, `pick_config`): R_in's float16 block is copied as it is and each tile takes
+one float16 wgmma instead of two bf16 ones. x (bf16, 8 significant bits) is exact in float16
+only between 2^-17 and 65504, so each row is first multiplied by a power of two 2^e: in pass 1
+its maximum over the tile goes to [2^14, 2^15), in pass 2 its token maximum (pass 1's) to
+[2^11, 2^12), which bounds every |x 2^e| by 2^15 because max |x| <= 8 max |x R| for orthogonal
+64-wide blocks (packs are checked orthogonal). Values then lose bits only where |x 2^e| < 2^-14
+(float16 subnormals), by at most 2^-25: 2^-36 of the scaled row maximum or less, far under
+float32's own rounding of the sums. Float16 products are exact in float32, and scaling
+by 2^e is exact, so pass 1's maxima and pass 2's quotients (the scaled sums over the scaled
+scale) are those of the bf16-terms path up to the order of float32 sums (GPU tests: rows past
+65504, tiny, zero and mixed).
+
 The B operand's columns are a block's even channels, then its odd ones (one N = 64 wgmma per
 R_in term), so the codes leave as two contiguous runs in the GEMM's column order
 (`w4a8._deint`) with vector stores. Pass 1's token maxima are relaxed atomics (Triton's default
@@ -136,6 +148,75 @@ def _store_split(r, hi_buf, lo_buf):
     lo_buf.store(lo)
 
 
+@gluon.jit
+def _pow2_scale(m, TOP: gl.constexpr):
+    """(2^e, 2^-e) float32 per row for row magnitudes m (R,) float32: m 2^e in [2^TOP, 2^(TOP+1))
+    for normal m > 0; e = TOP + 112 for zero or subnormal m, e = TOP - 127 for inf or NaN (both
+    factors stay normal floats, so scaling by them is exact)."""
+    ex = (m.to(gl.int32, bitcast=True) >> 23) & 0xFF
+    fb = 254 + TOP - gl.minimum(gl.maximum(ex, TOP + 1), 254)  # 127 + e
+    return (fb << 23).to(gl.float32, bitcast=True), ((254 - fb) << 23).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _f16_operand(a, f):
+    """a bf16 (BM, B) register operand times f (BM,) powers of two, as float16: exact for
+    2^-24 <= |a f| <= 65504 with at most 8 significant bits (bf16's), and off by at most 2^-25
+    below that."""
+    return (a.to(gl.float32) * f[:, None]).to(gl.float16)
+
+
+@gluon.jit
+def _f16_rotation(a, f, r16, BM: gl.constexpr, B: gl.constexpr, mma: gl.constexpr):
+    """(a f) R float32 (BM, B), columns in R's order: a bf16 (BM, B) register operand scaled by
+    f (BM,) powers of two (`_f16_operand`), one float16 wgmma with R's (B, B) float16 block in
+    shared memory. Float16 products are exact in float32, as the bf16 terms' are."""
+    acc = warpgroup_mma(_f16_operand(a, f), r16, gl.zeros([BM, B], gl.float32, layout=mma), is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+
+
+@gluon.jit
+def _f16_absmax(x_buf, r16, BM: gl.constexpr, B: gl.constexpr, mma: gl.constexpr):
+    """max_c |(x R)[t, c]| float32 (BM,) (SliceLayout(1, mma)) of the x^T tile (B, BM) bf16 in
+    shared memory: each row scaled into [2^14, 2^15) by its own maximum first, so float16 holds
+    it (`_f16_operand`), and the maximum scaled back (exact: powers of two)."""
+    a = x_buf.permute((1, 0)).load(gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2))
+    f, fi = _pow2_scale(gl.max(gl.abs(a.to(gl.float32)), axis=1), 14)
+    mx = gl.max(gl.abs(_f16_rotation(a, f, r16, BM, B, mma)), axis=1)
+    return mx * gl.convert_layout(fi, gl.SliceLayout(1, mma))
+
+
+@gluon.jit
+def _f16_scaled(x_buf, r16, fs, BM: gl.constexpr, B: gl.constexpr, mma: gl.constexpr):
+    """(x R) fs float32 (BM, B) of the x^T tile (B, BM) bf16 in shared memory, fs (BM,)
+    (SliceLayout(1, mma)) the `_pow2_scale(token max, 11)` factors: |x fs| < 2^15, since
+    max |x| <= 8 max |x R| for 64-wide orthogonal blocks, so float16 holds the scaled rows."""
+    a_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    a = x_buf.permute((1, 0)).load(a_reg)
+    return _f16_rotation(a, gl.convert_layout(fs, gl.SliceLayout(1, a_reg)), r16, BM, B, mma)
+
+
+@gluon.jit
+def _f16_block(r_ptr, kb, r16, B: gl.constexpr, num_warps: gl.constexpr):
+    """cp.async of R_in's float16 block kb (B, B), as it is, into r16 (not committed)."""
+    cl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    ri = gl.arange(0, B, layout=gl.SliceLayout(1, cl))
+    rc = gl.arange(0, B, layout=gl.SliceLayout(0, cl))
+    async_copy.async_copy_global_to_shared(r16, r_ptr + kb * B * B + ri[:, None] * B + rc[None, :])
+
+
+@triton.constexpr_function
+def f16_layout():
+    """Shared layout of a float16 R_in block, wgmma's B operand."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+
+@gluon.jit
+def _even_odd(q, BM: gl.constexpr, B: gl.constexpr):
+    """(BM, B) with columns reordered: the even ones, then the odd ones (register relabelling)."""
+    return gl.reshape(gl.permute(gl.reshape(q, [BM, B // 2, 2]), [0, 2, 1]), [BM, B])
+
+
 @triton.constexpr_function
 def tile_layout(BM, num_warps):
     """Register layout of a (B, BM) x^T tile: 8 tokens (16 bytes) per thread, tokens fastest."""
@@ -152,10 +233,15 @@ def rotation_layout(B, num_warps):
 def _tile_buffers(NX: gl.constexpr, NR: gl.constexpr, BM: gl.constexpr, B: gl.constexpr):
     """Shared memory: NX x^T tiles (B, BM) bf16 (wgmma's MN-major A operand) and NR R_in terms
     (B, B) bf16 (its B operand)."""
-    x_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, 2 * BM), element_bitwidth=16, rank=2)
     r_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    return (gl.allocate_shared_memory(gl.bfloat16, [NX, B, BM], x_layout),
-            gl.allocate_shared_memory(gl.bfloat16, [NR, B, B], r_layout))
+    return _x_buffers(NX, BM, B), gl.allocate_shared_memory(gl.bfloat16, [NR, B, B], r_layout)
+
+
+@gluon.jit
+def _x_buffers(NX: gl.constexpr, BM: gl.constexpr, B: gl.constexpr):
+    """Shared memory: NX x^T tiles (B, BM) bf16 (wgmma's MN-major A operand)."""
+    x_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, 2 * BM), element_bitwidth=16, rank=2)
+    return gl.allocate_shared_memory(gl.bfloat16, [NX, B, BM], x_layout)
 
 
 @gluon.jit
@@ -171,7 +257,7 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
                 TT: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, BKD: gl.constexpr, STAGES: gl.constexpr,
                 PASS: gl.constexpr, HAS_PERM: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr,
                 FASTDIV: gl.constexpr, AREG: gl.constexpr, PDL: gl.constexpr, RCACHE: gl.constexpr,
-                SATCVT: gl.constexpr, num_warps: gl.constexpr):
+                SATCVT: gl.constexpr, num_warps: gl.constexpr, F16: gl.constexpr = False):
     """Program (i, j): rotation block i of the token tiles j*TT .. j*TT+TT-1 (BM tokens each), so
     that its reads are runs along each permuted row of x^T and R_in is split once. PASS 1: atomic
     max of each tile's absmax per token into tokmax (M,) float32 (zeroed before); PASS 2: the codes
@@ -179,25 +265,36 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
     PDL: launched early; the permutation and R_in (weights) are read before waiting for the
     previous launch's results. RCACHE: pass 1's program row 0 also writes R_in's bf16 terms, as
     they lie in shared memory, to rs (K/B, 2, B, B); pass 2 copies them from there (cp.async with
-    its first x^T tile) instead of loading and splitting R_in again."""
+    its first x^T tile) instead of loading and splitting R_in again. F16: one float16 wgmma per
+    tile with R_in's block copied as it is (no split, no cache): the tile's rows scaled by powers
+    of two (pass 1: its own row maxima to [2^14, 2^15); pass 2: the token maxima to [2^11, 2^12),
+    so |x 2^e| < 2^15 since max |x| <= 8 max |x R| for 64-wide orthogonal blocks) then converted,
+    exactly where float16 holds them; the sums are the split path's up to those powers of two and
+    float32 order."""
     kb = gl.program_id(0)
     m0 = gl.program_id(1) * TT * BM
     xl: gl.constexpr = tile_layout(BM, num_warps)
     mma: gl.constexpr = rotation_layout(B, num_warps)
     # a ring of x^T tiles; R_in's hi and lo terms, columns in the codes' order: the block's even
     # channels, then its odd ones
-    x_bufs, r_bufs = _tile_buffers(STAGES, 2, BM, B)
+    if F16:
+        x_bufs = _x_buffers(STAGES, BM, B)
+    else:
+        x_bufs, r_bufs = _tile_buffers(STAGES, 2, BM, B)
     cb = gl.arange(0, B, layout=gl.SliceLayout(1, xl))
     if HAS_PERM:
         src = gl.load(perm_ptr + kb * B + cb)
     else:
         src = kb * B + cb
-    if not (RCACHE and PASS == 2):
+    if F16:  # R_in's block as it is, in the first copy group (a weight: before the PDL wait)
+        r16 = gl.allocate_shared_memory(gl.float16, [B, B], f16_layout())
+        _f16_block(r_ptr, kb, r16, B, num_warps)
+    elif not (RCACHE and PASS == 2):
         r_e, r_o = _r_halves(r_ptr, kb, B, num_warps)
     if PDL:
         _griddepcontrol(cb, "wait")
         _griddepcontrol(cb, "launch_dependents")
-    if RCACHE and PASS == 2:  # pass 1's terms, in the first copy group (written by the previous launch)
+    if RCACHE and PASS == 2 and not F16:  # pass 1's terms, in the first copy group (written by the previous launch)
         tl_: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         ri = gl.arange(0, B, layout=gl.SliceLayout(1, tl_))
         rc = gl.arange(0, B, layout=gl.SliceLayout(0, tl_))
@@ -208,10 +305,10 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
         if p < TT:
             _issue(x_bufs, p, xt_ptr, ld, src, m0 + p * BM, M, BM, xl)
         async_copy.commit_group()
-    if not (RCACHE and PASS == 2):
+    if not (RCACHE and PASS == 2) and not F16:
         _store_split(r_e, r_bufs.index(0).slice(0, B // 2, dim=1), r_bufs.index(1).slice(0, B // 2, dim=1))
         _store_split(r_o, r_bufs.index(0).slice(B // 2, B // 2, dim=1), r_bufs.index(1).slice(B // 2, B // 2, dim=1))
-    if RCACHE and PASS == 1:
+    if RCACHE and PASS == 1 and not F16:
         if gl.program_id(1) == 0:  # one program per block: the terms for pass 2
             _cache_terms(r_e, r_o, rs_ptr, kb, B, num_warps)
     if PASS == 2:  # codes of column j go to run + j % (B/2) + (j // (B/2)) * BKD/2 (`_deint`)
@@ -236,23 +333,38 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
             s = gl.div_rn(gl.load(tokmax_ptr + toks, mask=row_ok, other=0.0),
                           gl.full([BM], QMAX, gl.float32, layout=gl.SliceLayout(1, mma)))
             s = gl.where(s > 0, s, 1.0)
-            rcp = _recip(s)
+            if F16:  # the quotient of the scaled sums by the scaled scale: the same, exactly
+                fs, _ = _pow2_scale(gl.load(tokmax_ptr + toks, mask=row_ok, other=0.0), 11)
+                rcp = _recip(s * fs)
+            else:
+                rcp = _recip(s)
         async_copy.wait_group(STAGES - 1)  # tile t has landed (this thread's copies)
         fence_async_shared()
         gl.thread_barrier()  # ... and every thread's (and, at t = 0, the R_in terms are stored)
-        if AREG:  # the tile read from shared memory once, as the register operand of both dots
-            a = x_bufs.index(t % STAGES).permute((1, 0)).load(a_reg)
-        else:  # (BM, B) MN-major, read by each dot
-            a = x_bufs.index(t % STAGES).permute((1, 0))
-        acc = warpgroup_mma(a, r_bufs.index(0), gl.zeros([BM, B], gl.float32, layout=mma), is_async=True)
-        acc = warpgroup_mma(a, r_bufs.index(1), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        if F16:  # rows scaled by powers of two, one float16 dot (columns in R_in's order)
+            if PASS == 1:
+                mx = _f16_absmax(x_bufs.index(t % STAGES), r16, BM, B, mma)
+            else:
+                acc = _f16_scaled(x_bufs.index(t % STAGES), r16, fs, BM, B, mma)
+        else:
+            if AREG:  # the tile read from shared memory once, as the register operand of both dots
+                a = x_bufs.index(t % STAGES).permute((1, 0)).load(a_reg)
+            else:  # (BM, B) MN-major, read by each dot
+                a = x_bufs.index(t % STAGES).permute((1, 0))
+            acc = warpgroup_mma(a, r_bufs.index(0), gl.zeros([BM, B], gl.float32, layout=mma), is_async=True)
+            acc = warpgroup_mma(a, r_bufs.index(1), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            if PASS == 1:
+                mx = gl.max(gl.abs(acc), axis=1)
         if PASS == 1:
-            gl.atomic_max(tokmax_ptr + toks, gl.max(gl.abs(acc), axis=1), mask=row_ok, sem="relaxed")
+            gl.atomic_max(tokmax_ptr + toks, mx, mask=row_ok, sem="relaxed")
         else:
             if kb == 0:
                 gl.store(tok_scale_ptr + toks, s, mask=row_ok)
-            q = _codes(_quotient(acc, s, rcp, FASTDIV), QMIN, QMAX, SATCVT)
+            if F16:
+                q = _even_odd(_codes(_quotient(acc, s * fs, rcp, FASTDIV), QMIN, QMAX, SATCVT), BM, B)
+            else:
+                q = _codes(_quotient(acc, s, rcp, FASTDIV), QMIN, QMAX, SATCVT)
             orow = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ol))
             gl.store(codes_ptr + orow[:, None] * K + ocol[None, :], gl.convert_layout(q, ol),
                      mask=(orow < M)[:, None])
@@ -282,7 +394,8 @@ def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.T
     bm = cfg.get("ACT_BM", 128)
     tiles = triton.cdiv(m, bm)
     tt = max(1, min(tiles, cfg.get("ACT_TT", 1)))
-    rcache = bool(cfg.get("ACT_RCACHE", False))
+    f16 = bool(cfg.get("ACT_F16", False))
+    rcache = bool(cfg.get("ACT_RCACHE", False)) and not f16
     rs = torch.empty((k // b, 2, b, b), device=xt.device, dtype=torch.bfloat16) if rcache else r_in
     if tokmax is None:
         tokmax = torch.zeros((m,), device=xt.device, dtype=torch.float32)
@@ -292,7 +405,7 @@ def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.T
     args = (xt, xt.stride(0), m, perm if perm is not None else r_in, r_in, tokmax, codes, tok_scale, rs)
     consts = dict(K=k, TT=tt, BM=bm, B=b, BKD=bkd, STAGES=max(1, min(tt, cfg.get("ACT_STAGES", 3))),
                   HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, AREG=cfg.get("ACT_AREG", False),
-                  FASTDIV=cfg.get("ACT_FASTDIV", True), PDL=pdl, RCACHE=rcache, SATCVT=cfg.get("SATCVT", True),
+                  FASTDIV=cfg.get("ACT_FASTDIV", True), PDL=pdl, RCACHE=rcache, SATCVT=cfg.get("SATCVT", True), F16=f16,
                   num_warps=cfg.get("ACT_WARPS", 4))
     launch = {"launch_pdl": True} if pdl else {}
     if cfg.get("ACT_MAXNREG"):  # register cap per thread (more programs per SM), for tuning

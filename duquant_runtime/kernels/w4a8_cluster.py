@@ -40,7 +40,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .w4a8 import is_token_minor
-from .w4a8_act import (_codes, _griddepcontrol, _quotient, _r_halves, _recip, _store_split, _tile_buffers,
+from .w4a8_act import (_codes, _even_odd, _f16_absmax, _f16_block, _f16_scaled, _griddepcontrol, _pow2_scale,
+                       _quotient, _r_halves, _recip, _store_split, _tile_buffers, _x_buffers, f16_layout,
                        rotation_layout, tile_layout)
 
 CH = 128  # channels per phase-0 copy step
@@ -96,26 +97,37 @@ def _program_tile(CL: gl.constexpr, BM: gl.constexpr):
 def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, codes_ptr, tok_scale_ptr,
                     K: gl.constexpr, CL: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, BKD: gl.constexpr,
                     CHK: gl.constexpr, XT: gl.constexpr, HAS_PERM: gl.constexpr, QMIN: gl.constexpr,
-                    QMAX: gl.constexpr, PDL: gl.constexpr, SATCVT: gl.constexpr, num_warps: gl.constexpr):
+                    QMAX: gl.constexpr, PDL: gl.constexpr, SATCVT: gl.constexpr, num_warps: gl.constexpr,
+                    F16: gl.constexpr = False):
     """Program p = cluster p // CL, rank p % CL (clusters of CL consecutive programs). x (M, K)
     with strides (sxm, sxk): rows contiguous (XT False) or token-minor (XT: sxm 1). xt_ptr: the
     (K, MP) bf16 scratch, MP = tiles * BM; part_ptr: (programs, BM) float32; codes (M, K) int8;
-    tok_scale (M,) float32. PDL: R_in and the permutation are read before waiting for x."""
+    tok_scale (M,) float32. PDL: R_in and the permutation are read before waiting for x. F16:
+    R_in's float16 blocks copied as they are and one float16 wgmma per block on rows scaled by
+    powers of two (`w4a8_act`'s F16, the same sums)."""
     pid = gl.program_id(0)
     tile, rank, off_m = _program_tile(CL, BM)
     KC: gl.constexpr = K // CL
     NBC: gl.constexpr = KC // B
     xl: gl.constexpr = tile_layout(BM, num_warps)
     mma: gl.constexpr = rotation_layout(B, num_warps)
-    x_bufs, r_bufs = _tile_buffers(NBC, 2 * NBC, BM, B)  # this program's x^T tiles; R_in's hi, lo terms
     one: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     sync = gl.zeros([32 * num_warps], gl.int32, layout=one)
-    for i in gl.static_range(NBC):  # R_in's terms first: under PDL this overlaps the previous launch
-        kb = rank * NBC + i
-        r_e, r_o = _r_halves(r_ptr, kb, B, num_warps)
-        _store_split(r_e, r_bufs.index(2 * i).slice(0, B // 2, dim=1), r_bufs.index(2 * i + 1).slice(0, B // 2, dim=1))
-        _store_split(r_o, r_bufs.index(2 * i).slice(B // 2, B // 2, dim=1),
-                     r_bufs.index(2 * i + 1).slice(B // 2, B // 2, dim=1))
+    if F16:  # this program's x^T tiles; R_in's blocks as they are (copies land by phase 1's wait)
+        x_bufs = _x_buffers(NBC, BM, B)
+        r16 = gl.allocate_shared_memory(gl.float16, [NBC, B, B], f16_layout())
+        for i in gl.static_range(NBC):
+            _f16_block(r_ptr, rank * NBC + i, r16.index(i), B, num_warps)
+        async_copy.commit_group()
+    else:
+        x_bufs, r_bufs = _tile_buffers(NBC, 2 * NBC, BM, B)  # this program's x^T tiles; R_in's hi, lo terms
+        for i in gl.static_range(NBC):  # R_in's terms first: under PDL this overlaps the previous launch
+            kb = rank * NBC + i
+            r_e, r_o = _r_halves(r_ptr, kb, B, num_warps)
+            _store_split(r_e, r_bufs.index(2 * i).slice(0, B // 2, dim=1),
+                         r_bufs.index(2 * i + 1).slice(0, B // 2, dim=1))
+            _store_split(r_o, r_bufs.index(2 * i).slice(B // 2, B // 2, dim=1),
+                         r_bufs.index(2 * i + 1).slice(B // 2, B // 2, dim=1))
     if PDL:
         _griddepcontrol(sync, "wait")
         _griddepcontrol(sync, "launch_dependents")
@@ -139,7 +151,10 @@ def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, c
     tl_ = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
     mx = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, mma))
     for i in gl.static_range(NBC):
-        mx = gl.maximum(mx, gl.max(gl.abs(_rotate(x_bufs, r_bufs, i, BM, B, mma)), axis=1))
+        if F16:
+            mx = gl.maximum(mx, _f16_absmax(x_bufs.index(i), r16.index(i), BM, B, mma))
+        else:
+            mx = gl.maximum(mx, gl.max(gl.abs(_rotate(x_bufs, r_bufs, i, BM, B, mma)), axis=1))
     gl.store(part_ptr + pid * BM + tl_, mx)
     sync = _cluster_barrier(sync)
     # phase 2: the tile's token maxima, scales, codes
@@ -151,7 +166,11 @@ def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, c
     tmax = gl.convert_layout(gl.max(pm, axis=0), gl.SliceLayout(1, mma))
     s = gl.div_rn(tmax, gl.full([BM], QMAX, gl.float32, layout=gl.SliceLayout(1, mma)))
     s = gl.where(s > 0, s, 1.0)
-    rcp = _recip(s)
+    if F16:  # the scaled sums over the scaled scale: the same quotients
+        fs, _ = _pow2_scale(tmax, 11)
+        rcp = _recip(s * fs)
+    else:
+        rcp = _recip(s)
     toks = off_m + tl_
     if rank == 0:
         gl.store(tok_scale_ptr + toks, s, mask=toks < M)
@@ -162,8 +181,12 @@ def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, c
         c0 = (rank * NBC + i) * B  # codes of column j go to run + j % (B/2) + (j // (B/2)) * BKD/2 (`_deint`)
         run = gl.multiple_of(c0 - c0 % BKD + (c0 % BKD) // 2, B // 2)
         ocol = run + oc % (B // 2) + (oc // (B // 2)) * (BKD // 2)
-        acc = _rotate(x_bufs, r_bufs, i, BM, B, mma)
-        q = _codes(_quotient(acc, s, rcp, True), QMIN, QMAX, SATCVT)
+        if F16:
+            acc = _f16_scaled(x_bufs.index(i), r16.index(i), fs, BM, B, mma)
+            q = _even_odd(_codes(_quotient(acc, s * fs, rcp, True), QMIN, QMAX, SATCVT), BM, B)
+        else:
+            acc = _rotate(x_bufs, r_bufs, i, BM, B, mma)
+            q = _codes(_quotient(acc, s, rcp, True), QMIN, QMAX, SATCVT)
         gl.store(codes_ptr + orow[:, None] * K + ocol[None, :], gl.convert_layout(q, ol), mask=(orow < M)[:, None])
 
 
@@ -188,13 +211,13 @@ def usable(x: torch.Tensor, r_in: torch.Tensor, smooth, qmax: int, bkd: int, cfg
     cl, bm = cluster_size(k, cfg), cfg.get("CL_BM", 64)
     return (x.dtype == torch.bfloat16 and (x.stride(1) == 1 or is_token_minor(x)) and r_in.dtype == torch.float16
             and r_in.shape[-1] == 64 and smooth is None and qmax <= 127 and bkd % 64 == 0 and cl >= 2
-            and shared_bytes(k, cl, bm) <= SHARED_LIMIT and bm >= 16 * cfg.get("CL_WARPS", 4))
+            and shared_bytes(k, cl, bm, bool(cfg.get("ACT_F16"))) <= SHARED_LIMIT and bm >= 16 * cfg.get("CL_WARPS", 4))
 
 
-def shared_bytes(k: int, cl: int, bm: int) -> int:
+def shared_bytes(k: int, cl: int, bm: int, f16: bool = False) -> int:
     """Shared memory of one program's tiles: per 64-wide block, x^T (64, bm) and R_in's two bf16
-    terms (64, 64)."""
-    return k // cl // 64 * (64 * bm * 2 + 2 * 64 * 64 * 2)
+    terms (64, 64), or its float16 block (f16)."""
+    return k // cl // 64 * (64 * bm * 2 + (1 if f16 else 2) * 64 * 64 * 2)
 
 
 def act_codes(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor, bkd: int, qmin: int, qmax: int,
@@ -202,7 +225,7 @@ def act_codes(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor, bk
     """(codes int8 (M, K) in the `_deint` order of BKD-wide K tiles, per-token scales float32 (M,)),
     or None when the GPU refuses the cluster launch (see the module docstring),
     for x (M, K) bf16 (rows contiguous, or token-minor), perm (K,) int or None, r_in float16
-    (K/64, 64, 64). cfg: CL (programs per cluster), CL_BM (tokens per cluster), CL_WARPS.
+    (K/64, 64, 64). cfg: CL (programs per cluster), CL_BM (tokens per cluster), CL_WARPS, ACT_F16.
     pdl: the next launch may start early (griddepcontrol.launch_dependents); early (implies pdl):
     this launch starts early itself and waits for x's producer."""
     m, k = x.shape
@@ -222,7 +245,7 @@ def act_codes(x: torch.Tensor, perm: torch.Tensor | None, r_in: torch.Tensor, bk
                 perm_ptr=perm if perm is not None else r_in, r_ptr=r_in, codes_ptr=codes, tok_scale_ptr=tok_scale,
                 K=k, CL=cl, BM=bm, B=r_in.shape[-1], BKD=bkd, CHK=min(CH, k // cl), XT=is_token_minor(x),
                 HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, PDL=pdl, SATCVT=cfg.get("SATCVT", True),
-                num_warps=cfg.get("CL_WARPS", 4))
+                F16=bool(cfg.get("ACT_F16", False)), num_warps=cfg.get("CL_WARPS", 4))
     try:
         _launch_clusters(_cluster_kernel, tiles, cl, args, early)
     except RuntimeError:  # e.g. CUDA_ERROR_CLUSTER_OUT_OF_RESOURCES: the caller's other paths run
