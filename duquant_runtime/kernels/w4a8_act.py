@@ -133,6 +133,15 @@ def _quotient(v, s, rcp, FASTDIV: gl.constexpr):
 
 
 @gluon.jit
+def _scaled_quotient(v, s, r):
+    """v (R, W) / s (R,) float32 correctly rounded, for normal s with r = RN(1 / s) (R,) normal, as
+    `_quotient`'s FASTDIV without its 2^64 factor: ACT_F16's scaled scales are normal (in
+    [16, 33) where the token maximum is a normal float, 2^123 / 127 for a zero row)."""
+    q0 = v * r[:, None]
+    return gl.fma(gl.fma(-q0, s[:, None], v), r[:, None], q0)
+
+
+@gluon.jit
 def _terms(r):
     """(hi, lo) bf16 with r == hi + lo exactly, for r float32 holding a float16 value:
     hi = bf16(r), lo = bf16(r - hi)."""
@@ -335,7 +344,7 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
             s = gl.where(s > 0, s, 1.0)
             if F16:  # the quotient of the scaled sums by the scaled scale: the same, exactly
                 fs, _ = _pow2_scale(gl.load(tokmax_ptr + toks, mask=row_ok, other=0.0), 11)
-                rcp = _recip(s * fs)
+                rcp = gl.div_rn(gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, mma)), s * fs)
             else:
                 rcp = _recip(s)
         async_copy.wait_group(STAGES - 1)  # tile t has landed (this thread's copies)
@@ -362,7 +371,7 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
             if kb == 0:
                 gl.store(tok_scale_ptr + toks, s, mask=row_ok)
             if F16:
-                q = _even_odd(_codes(_quotient(acc, s * fs, rcp, FASTDIV), QMIN, QMAX, SATCVT), BM, B)
+                q = _even_odd(_codes(_scaled_quotient(acc, s * fs, rcp), QMIN, QMAX, SATCVT), BM, B)
             else:
                 q = _codes(_quotient(acc, s, rcp, FASTDIV), QMIN, QMAX, SATCVT)
             orow = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ol))
