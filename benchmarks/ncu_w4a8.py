@@ -25,6 +25,8 @@ CASES = {  # name: (N, K, M, mode, config overrides, prep only)
     "llm-q-m800-static-prep": (2048, 2048, 800, K.MODE_STATIC, dict(XLOAD="index_select", BMP=128, prep_warps=8), True),
     "llm-down-m800-static-prep": (2048, 16384, 800, K.MODE_STATIC, dict(BMP=64, TILES=13, prep_stages=3), True),
     "llm-down-m800-dynamic-prep": (2048, 16384, 800, K.MODE_DYNAMIC, {}, True),  # sm_90: w4a8_act's two passes
+    "expert-down-m50-dynamic": (1024, 4096, 50, K.MODE_DYNAMIC, {}, False),  # against cuBLAS bf16, same loop
+    "expert-o-m50-dynamic": (1024, 2048, 50, K.MODE_DYNAMIC, {}, False),
 }
 for label in sys.argv[1:] or list(CASES):
     n, k, m, mode, over, prep_only = CASES[label]

@@ -15,8 +15,9 @@ a token tile. A software grid barrier measured slower than a launch boundary (do
 and a cluster is resident at once by construction. The partial maxima and the x^T scratch go
 through global memory (L2), which the barrier's release / acquire orders at cluster scope.
 
-Numerics: the products and sums of `w4a8_act` (R_in split exactly into bf16 hi + lo, the same
-wgmma order per block, Markstein's quotient), so the codes and scales are bit-identical to it.
+Numerics: the products and sums of `w4a8_act` with the same ACT_F16 setting (R_in's float16 block
+and rows scaled by powers of two, or R_in split exactly into bf16 hi + lo; the same wgmma order per
+block, Markstein's quotient), so the codes and scales are bit-identical to it.
 Launched by `act_codes` as a cluster launch of the compiled kernel (Triton's launcher, with the
 cluster size as its CTA count); used by `w4a8.prepare_activation` where `pick_config` asks for
 ACT="cluster" on sm_90 with Gluon (tests/test_w4a8_cluster.py). Measured (H200, docs/benchmarks.md
