@@ -7,7 +7,7 @@ Each row is timed as CUDA-graph replays of --launches launches (median of --repe
 rotates them over N copies of the input, 3 exceed the L2 cache). Copies of the kernels with parts
 switched off give wrong results on purpose; only their time is of interest.
 - LLM down_proj's codes (`w4a8_act`, x^T (K, M) bf16 token-minor as the gate/up GEMM leaves it):
-  the production passes 1 and 2 with the picked tiles; pass 1 (one tile per program, --bm tokens)
+  the production passes 1 and 2 with the picked tiles and operand form (ACT_F16); pass 1 (one tile per program, --bm tokens)
   without the permutation gather (PERM), R_in's load and split (RLOAD), the two wgmma (MMA; else
   the absmax of the unrotated tile), the per-token atomics (ATOM 1; 2: a plain store per program;
   0: none), or with the tile as one float16 operand times R_in's float16 block copied as it is
@@ -366,14 +366,16 @@ def main(argv=None) -> int:
     tok_scale = torch.empty((m,), device=dev)
     rs = torch.empty((k // b, 2, b, b), device=dev, dtype=torch.bfloat16)
     grid = (k // b, triton.cdiv(triton.cdiv(m, bm), tt))
+    f16 = bool(cfg.get("ACT_F16", False))  # as act_codes: the cache of R_in's terms only without ACT_F16
+    rcache = bool(cfg.get("ACT_RCACHE")) and not f16
     for p in (1, 2):
         fns = [lambda i=i, p=p: A._act_kernel[grid](xts[i % len(xts)], m, m, perm, r_in, tokmax, codes, tok_scale, rs,
                                                     K=k, TT=tt, BM=bm, B=b, BKD=cfg["BK"], STAGES=stages, PASS=p,
                                                     HAS_PERM=True, QMIN=-128, QMAX=127, FASTDIV=True, AREG=False,
-                                                    PDL=False, RCACHE=bool(cfg.get("ACT_RCACHE")),
-                                                    SATCVT=cfg.get("SATCVT", True), num_warps=4)
+                                                    PDL=False, RCACHE=rcache, SATCVT=cfg.get("SATCVT", True),
+                                                    F16=f16, num_warps=4)
                for i in range(args.launches)]
-        record(f"production_pass{p}", graph_us(fns, args.repeats), bm=bm, tt=tt, stages=stages)
+        record(f"production_pass{p}", graph_us(fns, args.repeats), bm=bm, tt=tt, stages=stages, float16=f16)
     for warps in map(int, args.warps.split(",")):
         for bm in map(int, filter(None, args.bm.split(","))):
             grid = (k // b, triton.cdiv(m, bm))
