@@ -7,12 +7,14 @@ Each row is timed as CUDA-graph replays of --launches launches (median of --repe
 rotates them over N copies of the input, 3 exceed the L2 cache). Copies of the kernels with parts
 switched off give wrong results on purpose; only their time is of interest.
 - LLM down_proj's codes (`w4a8_act`, x^T (K, M) bf16 token-minor as the gate/up GEMM leaves it):
-  the production passes 1 and 2 with the picked tiles and operand form (ACT_F16); pass 1 (one tile per program, --bm tokens)
+  the production passes 1 and 2 with the picked tiles and operand form (ACT_F16); pass 1 (one tile
+  per program, --bm tokens)
   without the permutation gather (PERM), R_in's load and split (RLOAD), the two wgmma (MMA; else
   the absmax of the unrotated tile), the per-token atomics (ATOM 1; 2: a plain store per program;
   0: none), or with the tile as one float16 operand times R_in's float16 block copied as it is
-  (one wgmma, no split: RLOAD 2, MMA 2); pass 2 without the quotients (QUANT 0; 1: rint and clamp, 2: SATCVT) and with other
-  code stores (STORE); the loads alone (cp.async through a ring, or plain loads; token tiles per
+  (one wgmma, no split: RLOAD 2, MMA 2); pass 2 (128- and 64-token tiles) without the quotients
+  (QUANT 0; 1: rint and clamp, 2: SATCVT), with other code stores (STORE) or with the float16
+  operand (float16 1); the loads alone (cp.async through a ring, or plain loads; token tiles per
   program).
 - The cluster kernel (`w4a8_cluster`, K = 2048 at M tokens, row-major x): without the copy into
   the x^T scratch (P0), the two cluster barriers (B1, B2), the first rotation and partial maxima
@@ -389,8 +391,8 @@ def main(argv=None) -> int:
     tokmax.fill_(3.0)
     for bm in (128, 64):
         grid = (k // b, triton.cdiv(m, bm))
-        for quant, store, f16 in ((1, 1, 0), (2, 1, 0), (2, 1, 1), (2, 3, 0), (2, 0, 0), (2, 0, 1), (1, 0, 0), (0, 1, 0),
-                                  (0, 0, 0)):
+        for quant, store, f16 in ((1, 1, 0), (2, 1, 0), (2, 1, 1), (2, 3, 0), (2, 0, 0), (2, 0, 1), (1, 0, 0),
+                                  (0, 1, 0), (0, 0, 0)):
             if bm == 64 and (quant, store) not in ((2, 1), (2, 0)):
                 continue
             fns = [lambda i=i, quant=quant, store=store, f16=f16: _pass2_ablation[grid](

@@ -72,9 +72,10 @@ def test_launch_variants_give_the_same_codes(tt, bm, stages, warps, areg):
     x, perm, r_in = w4a8_operands(m, k, True, 7)
     cfg = dict(K.pick_config(m, 1024, k, K.MODE_DYNAMIC), ACT="wgmma")
     kw = dict(r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
+    cfg["ACT_F16"] = not areg  # ACT_AREG is the bf16-terms path's option
     base, s0 = K.prepare_activation(x, cfg=cfg, **kw)
     codes, s = K.prepare_activation(x, cfg={**cfg, "ACT_TT": tt, "ACT_BM": bm, "ACT_STAGES": stages,
-                                             "ACT_WARPS": warps, "ACT_AREG": areg, "ACT_F16": not areg}, **kw)
+                                             "ACT_WARPS": warps, "ACT_AREG": areg}, **kw)
     assert torch.equal(s, s0)
     assert float((codes != base).float().mean()) < 1e-4
 

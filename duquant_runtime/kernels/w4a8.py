@@ -590,8 +590,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     `_codes`); GEMM "rs" (`w4a8_rs`; RS_TRIGGER: its restore launch may start during the GEMM),
     ACT "wgmma" (`w4a8_act`, ACT_BM / ACT_TT / ACT_STAGES / ACT_WARPS; ACT_RCACHE on the bf16-terms path)
     or "cluster" (`w4a8_cluster`, CL / CL_BM / CL_WARPS) on sm_90, both with ACT_F16 (one float16 dot per
-    block on rows scaled by powers of two instead of R_in's bf16 hi + lo terms); PDL (programmatic dependent launch), PREP_PDL (the first
-    activation launch launched with PDL too)."""
+    block on rows scaled by powers of two instead of R_in's bf16 hi + lo terms); PDL (programmatic
+    dependent launch), PREP_PDL (the first activation launch launched with PDL too)."""
     dynamic = mode == MODE_DYNAMIC
     # PREP_PDL: with PDL, the first activation launch starts early too and waits for x's producer
     # (measured against it off, sweep_w4a8.py --ab: expert layers at M = 50 0.3-0.4 us each, M = 1 0.7 us)

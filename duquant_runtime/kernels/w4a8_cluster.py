@@ -42,8 +42,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from .w4a8 import is_token_minor
 from .w4a8_act import (_codes, _even_odd, _f16_absmax, _f16_block, _f16_scaled, _griddepcontrol, _pow2_scale,
-                       _quotient, _r_halves, _recip, _scaled_quotient, _store_split, _tile_buffers, _x_buffers, f16_layout,
-                       rotation_layout, tile_layout)
+                       _quotient, _r_halves, _recip, _scaled_quotient, _store_split, _tile_buffers, _x_buffers,
+                       f16_layout, rotation_layout, tile_layout)
 
 CH = 128  # channels per phase-0 copy step
 
