@@ -69,12 +69,8 @@ def _pass1_ablation(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, part_ptr, BM: gl
     if RLOAD == 1:
         r_e, r_o = A._r_halves(r_ptr, kb, B, num_warps)
     elif RLOAD == 2:  # R_in's block as it is (float16), copied: the B operand of one float16 wgmma
-        r16 = gl.allocate_shared_memory(gl.float16, [B, B], gl.NVMMASharedLayout(swizzle_byte_width=128,
-                                                                                element_bitwidth=16, rank=2))
-        rl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-        ri = gl.arange(0, B, layout=gl.SliceLayout(1, rl))
-        rc = gl.arange(0, B, layout=gl.SliceLayout(0, rl))
-        async_copy.async_copy_global_to_shared(r16, r_ptr + kb * B * B + ri[:, None] * B + rc[None, :])
+        r16 = gl.allocate_shared_memory(gl.float16, [B, B], A.f16_layout())
+        A._f16_block(r_ptr, kb, r16, B, num_warps)
     A._issue(x_bufs, 0, xt_ptr, ld, src, m0, M, BM, xl)
     async_copy.commit_group()
     if RLOAD == 1:
@@ -173,9 +169,8 @@ def _pass2_ablation(xt_ptr, ld, M, perm_ptr, rs_ptr, tokmax_ptr, codes_ptr, K: g
     ri = gl.arange(0, B, layout=gl.SliceLayout(1, tl_))
     rc = gl.arange(0, B, layout=gl.SliceLayout(0, tl_))
     if F16:
-        r16 = gl.allocate_shared_memory(gl.float16, [B, B], gl.NVMMASharedLayout(swizzle_byte_width=128,
-                                                                                element_bitwidth=16, rank=2))
-        async_copy.async_copy_global_to_shared(r16, r16_ptr + kb * B * B + ri[:, None] * B + rc[None, :])
+        r16 = gl.allocate_shared_memory(gl.float16, [B, B], A.f16_layout())
+        A._f16_block(r16_ptr, kb, r16, B, num_warps)
     else:
         for term in gl.static_range(2):
             async_copy.async_copy_global_to_shared(r_bufs.index(term), rs_ptr + (kb * 2 + term) * B * B

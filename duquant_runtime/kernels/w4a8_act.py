@@ -125,9 +125,7 @@ def _quotient(v, s, rcp, FASTDIV: gl.constexpr):
     (exact, fma), q = RN(q0 + e r)."""
     if FASTDIV:
         f, sf, rsf = rcp
-        vf = v * f[:, None]
-        q0 = vf * rsf[:, None]
-        return gl.fma(gl.fma(-q0, sf[:, None], vf), rsf[:, None], q0)
+        return _scaled_quotient(v * f[:, None], sf, rsf)
     else:
         return gl.div_rn(v, s[:, None])
 
@@ -139,6 +137,16 @@ def _scaled_quotient(v, s, r):
     [16, 33) where the token maximum is a normal float, 2^123 / 127 for a zero row)."""
     q0 = v * r[:, None]
     return gl.fma(gl.fma(-q0, s[:, None], v), r[:, None], q0)
+
+
+@gluon.jit
+def _f16_scale(tmax, s):
+    """(fs, s fs, RN(1 / (s fs))) for token maxima tmax (R,) and their scales s (R,) float32: the
+    factors `_pow2_scale(tmax, 11)` that pass 2 of ACT_F16 scales the rows by, the scaled scales
+    (normal, `_scaled_quotient`) and their reciprocals."""
+    fs, _ = _pow2_scale(tmax, 11)
+    sf = s * fs
+    return fs, sf, gl.div_rn(gl.full(sf.shape, 1.0, gl.float32, layout=sf.type.layout), sf)
 
 
 @gluon.jit
@@ -343,8 +351,7 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
                           gl.full([BM], QMAX, gl.float32, layout=gl.SliceLayout(1, mma)))
             s = gl.where(s > 0, s, 1.0)
             if F16:  # the quotient of the scaled sums by the scaled scale: the same, exactly
-                fs, _ = _pow2_scale(gl.load(tokmax_ptr + toks, mask=row_ok, other=0.0), 11)
-                rcp = gl.div_rn(gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, mma)), s * fs)
+                fs, sf, rcp = _f16_scale(gl.load(tokmax_ptr + toks, mask=row_ok, other=0.0), s)
             else:
                 rcp = _recip(s)
         async_copy.wait_group(STAGES - 1)  # tile t has landed (this thread's copies)
@@ -371,7 +378,7 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
             if kb == 0:
                 gl.store(tok_scale_ptr + toks, s, mask=row_ok)
             if F16:
-                q = _even_odd(_codes(_scaled_quotient(acc, s * fs, rcp), QMIN, QMAX, SATCVT), BM, B)
+                q = _even_odd(_codes(_scaled_quotient(acc, sf, rcp), QMIN, QMAX, SATCVT), BM, B)
             else:
                 q = _codes(_quotient(acc, s, rcp, FASTDIV), QMIN, QMAX, SATCVT)
             orow = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ol))

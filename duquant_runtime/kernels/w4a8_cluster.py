@@ -41,7 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .w4a8 import is_token_minor
-from .w4a8_act import (_codes, _even_odd, _f16_absmax, _f16_block, _f16_scaled, _griddepcontrol, _pow2_scale,
+from .w4a8_act import (_codes, _even_odd, _f16_absmax, _f16_block, _f16_scale, _f16_scaled, _griddepcontrol,
                        _quotient, _r_halves, _recip, _scaled_quotient, _store_split, _tile_buffers, _x_buffers,
                        f16_layout, rotation_layout, tile_layout)
 
@@ -168,8 +168,7 @@ def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, c
     s = gl.div_rn(tmax, gl.full([BM], QMAX, gl.float32, layout=gl.SliceLayout(1, mma)))
     s = gl.where(s > 0, s, 1.0)
     if F16:  # the scaled sums over the scaled scale: the same quotients
-        fs, _ = _pow2_scale(tmax, 11)
-        rcp = gl.div_rn(gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, mma)), s * fs)
+        fs, sf, rcp = _f16_scale(tmax, s)
     else:
         rcp = _recip(s)
     toks = off_m + tl_
@@ -184,7 +183,7 @@ def _cluster_kernel(x_ptr, sxm, sxk, M, MP, xt_ptr, part_ptr, perm_ptr, r_ptr, c
         ocol = run + oc % (B // 2) + (oc // (B // 2)) * (BKD // 2)
         if F16:
             acc = _f16_scaled(x_bufs.index(i), r16.index(i), fs, BM, B, mma)
-            q = _even_odd(_codes(_scaled_quotient(acc, s * fs, rcp), QMIN, QMAX, SATCVT), BM, B)
+            q = _even_odd(_codes(_scaled_quotient(acc, sf, rcp), QMIN, QMAX, SATCVT), BM, B)
         else:
             acc = _rotate(x_bufs, r_bufs, i, BM, B, mma)
             q = _codes(_quotient(acc, s, rcp, True), QMIN, QMAX, SATCVT)
