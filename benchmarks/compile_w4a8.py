@@ -158,6 +158,52 @@ def cluster_report(k: int = 2048, xt: bool = False, cl: int = 8, f16: bool = Fal
             "registers": registers(ptx), "shared_bytes": ck.metadata.shared}
 
 
+def ptxas_output(ptx: str) -> str:
+    """ptxas -v's messages (sm_90a) for `ptx`: registers, spills, C7515 warnings."""
+    import triton
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        Path(src).write_text(ptx)
+        res = subprocess.run([str(ptxas), "--gpu-name", "sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=False)
+    return res.stderr + res.stdout
+
+
+def compile_rs(bn: int = 128, bmt: int = 128, bk: int = 256, warps: int = 8, stages: int = 4, restore: bool = True,
+               token_minor: bool = False, has_rout: bool = True, bias: bool = False):
+    """The compiled `w4a8_rs._rs_gemm_kernel` (triton CompiledKernel) for sm_90: one (bn, bmt) tile
+    with bk-wide K steps, its restore in the epilogue (restore) into a row-major or token-minor out."""
+    import triton.experimental.gluon.language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from duquant_runtime.kernels import w4a8_rs
+
+    def desc(blk):
+        return f"tensordesc<i8[{blk[0]}, {blk[1]}],{gl.NVMMASharedLayout.get_default_for(blk, gl.int8)!r}>"
+    fn = w4a8_rs._rs_gemm_kernel
+    types = {"w_desc": desc([bn, bk // 2]), "alo_desc": desc([bmt, bk // 2]), "ahi_desc": desc([bmt, bk // 2]),
+             "tok_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "rout_ptr": "*fp16", "bias_ptr": "*bf16",
+             "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "stride_on": "i32"}
+    consts = {"STAGES": stages, "GROUP": 8, "WAIT": 2, "BARRIER": True, "TRIGGER": False, "RESTORE": restore,
+              "HAS_ROUT": has_rout, "HAS_BIAS": bias, "BO": 64, "TOKEN_MINOR": token_minor, "num_warps": warps,
+              ("stride_om" if token_minor else "stride_on"): 1}
+    return compile_sm90(GluonASTSource, fn, types, consts, {"num_warps": warps}, divisible=("N", "K"))
+
+
+def rs_report(bn: int = 128, bmt: int = 128, bk: int = 256, warps: int = 8, stages: int = 4, restore: bool = True,
+              token_minor: bool = False) -> dict:
+    """What the generated code of one `_rs_gemm_kernel` variant does: wgmma shapes, the wait depths,
+    whether ptxas serializes its wgmma (C7515), registers, shared bytes."""
+    ck = compile_rs(bn, bmt, bk, warps, stages, restore, token_minor)
+    ptx = ck.asm["ptx"]
+    msgs = ptxas_output(ptx)
+    return {"BN": bn, "BMT": bmt, "BK": bk, "num_warps": warps, "stages": stages, "restore": restore,
+            "token_minor": token_minor, "wgmma": wgmma_shapes(ptx),
+            "waits": sorted({int(line.split()[-1].rstrip(";")) for line in ptx.splitlines() if "wgmma.wait_group" in line}),
+            "serialized": "C7515" in msgs, "registers": registers(ptx), "shared_bytes": ck.metadata.shared}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--k", type=int, default=2048, help="K (in_features)")

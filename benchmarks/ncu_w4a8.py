@@ -30,7 +30,7 @@ CASES = {  # name: (N, K, M, mode, config overrides, prep only)
 }
 for label in sys.argv[1:] or list(CASES):
     n, k, m, mode, over, prep_only = CASES[label]
-    cfg = {**K.pick_config(m, n, k, mode), **over}
+    cfg = K.resolve_config(m, n, k, mode, torch.device("cuda"), over)
     lay = make_layers(n, k, 1, "cuda")[0]
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     lin = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)

@@ -328,3 +328,44 @@ def test_offline_compile_report_reads_the_generated_code():
     assert any(".s32.s8.s8" in w for w in four["wgmma"]), four["wgmma"]
     assert four["registers"] and four["shared_bytes"] > three["shared_bytes"] > 0
     assert three["programs_per_sm"] >= four["programs_per_sm"] >= 1
+
+
+@needs_triton
+def test_offline_register_operand_gemm_keeps_its_wgmma_in_flight_with_the_restore():
+    """benchmarks/compile_w4a8.py `rs_report`: the register-operand GEMM with its R_out restore in the
+    epilogue (shared memory after the main loop) still keeps int8 wgmma in flight (wait depth 2) and
+    ptxas does not serialize them (C7515), for row-major and token-minor outputs and both tile widths;
+    the restore is one bf16 wgmma."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    compile_w4a8 = _compile_tool()
+    for kw in ({}, {"token_minor": True}, {"bn": 64, "warps": 4}, {"restore": False}):
+        r = compile_w4a8.rs_report(**kw)
+        assert not r["serialized"] and r["waits"] == [0, 2], (kw, r)
+        assert any(".s32.s8.s8" in w for w in r["wgmma"]), (kw, r)
+        assert any(".f32.bf16.bf16" in w for w in r["wgmma"]) == r["restore"], (kw, r)
+        assert r["registers"] and r["registers"] <= 255 and r["shared_bytes"] <= 232448, (kw, r)
+
+
+@needs_triton
+def test_register_operand_tiles_apply_only_where_that_gemm_runs(monkeypatch):
+    """`resolve_config`: the linked gate/up GEMM's RS_TILES (256-token tiles, 128-wide K steps, a
+    32-token tail launch) replace the Triton GEMM's tiles only where the register-operand GEMM runs
+    (sm_90 with Gluon, dynamic activations, GEMM "rs"); a config override of GEMM or RS_TILES wins,
+    and the activation launches store their codes in the K tiles the GEMM then reads."""
+    import torch
+    from duquant_runtime.kernels import w4a8 as K
+    picked = K.pick_config(800, 32768, 2048, K.MODE_DYNAMIC)
+    assert picked["GEMM"] == "rs" and picked["RS_RESTORE"] and picked["RS_TILES"]["BMT"] == 256
+    cpu = K.resolve_config(800, 32768, 2048, K.MODE_DYNAMIC, torch.device("cpu"))
+    assert "RS_TILES" not in cpu and (cpu["BN"], cpu["BMT"], cpu["BK"]) == (64, 128, 256)  # the Triton GEMM's
+    monkeypatch.setattr(K, "_rs_module", lambda device: object())  # as on an sm_90 GPU with Gluon
+    rs = K.resolve_config(800, 32768, 2048, K.MODE_DYNAMIC, torch.device("cpu"))
+    assert (rs["BN"], rs["BMT"], rs["BK"], rs["num_warps"], rs["RS_STAGES"], rs["TAIL_BMT"]) == (128, 256, 128, 8, 4, 32)
+    assert K.gemm_tiling(2048, rs) == (128, 1) and K.tail_tokens(800, rs) == 32
+    assert K.resolve_config(800, 32768, 2048, K.MODE_DYNAMIC, torch.device("cpu"), {"GEMM": None})["BMT"] == 128
+    assert K.resolve_config(800, 32768, 2048, K.MODE_DYNAMIC, torch.device("cpu"),
+                            {"RS_TILES": {"BMT": 128}})["BMT"] == 128
+    static = K.pick_config(800, 32768, 2048, K.MODE_STATIC)  # the rs GEMM multiplies int8 codes only
+    assert K.resolve_config(800, 32768, 2048, K.MODE_STATIC, torch.device("cpu")) == static and "RS_TILES" not in static
+    down = K.resolve_config(800, 2048, 16384, K.MODE_DYNAMIC, torch.device("cpu"))
+    assert down["GEMM"] == "rs" and down["RS_RESTORE"] and not down["RS_TRIGGER"]

@@ -21,10 +21,12 @@ def _rs_ready() -> bool:
 pytestmark = pytest.mark.skipif(not _rs_ready(), reason="needs an sm_90 GPU, Triton and Gluon")
 
 
+@pytest.mark.parametrize("in_epilogue", [False, True])
 @pytest.mark.parametrize(("m", "n", "k", "bias", "token_minor"),
                          [(800, 2048, 16384, False, False), (300, 512, 8192, True, False),
-                          (130, 256, 8192, True, True)])
-def test_register_operand_gemm_matches_triton_gemm_and_reference(m, n, k, bias, token_minor):
+                          (130, 256, 8192, True, True), (800, 2048, 2048, True, True)])
+def test_register_operand_gemm_matches_triton_gemm_and_reference(m, n, k, bias, token_minor, in_epilogue):
+    """in_epilogue: the restore in the GEMM's epilogue (RS_RESTORE) instead of its own launch."""
     from duquant_runtime.activation import fake_quantize_per_token
     from duquant_runtime.kernels import w4a8 as K
     from duquant_runtime.quant import pack_int4
@@ -43,7 +45,9 @@ def test_register_operand_gemm_matches_triton_gemm_and_reference(m, n, k, bias, 
     ref = output_restore((fake_quantize_per_token(input_transform(x, perm, r_in), 8) @ q.float().t()) * ws, r_out)
     if bias:
         ref = ref + b.float()
-    cfg = K.pick_config(m, n, k, K.MODE_DYNAMIC)
+    cfg = {**K.pick_config(m, n, k, K.MODE_DYNAMIC), "RS_RESTORE": in_epilogue}
+    if k <= 4096:  # the q/k/v/o and MLP-input shapes run the Triton GEMM by default
+        cfg.update(GEMM="rs", BN=128, BMT=128, BK=256, num_warps=8, RS_STAGES=4)
     assert cfg.get("GEMM") == "rs"
     kw = dict(qweight=pack_int4(q).cuda(), w_scale=ws.cuda(), r_in=r_in.half().cuda(), perm=perm.cuda(),  # noqa: C408
               r_out=r_out.half().cuda(), bias=b.cuda() if bias else None, smooth=None, mode=K.MODE_DYNAMIC,
@@ -60,4 +64,39 @@ def test_register_operand_gemm_matches_triton_gemm_and_reference(m, n, k, bias, 
     print(f"M={m} N={n} K={k}: vs Triton GEMM {err_tri:.2e}, vs float32 reference {err_ref:.2e}")
     assert err_tri < 2e-3, (err_tri, err_ref)  # the same roundings; only the order of float32 sums differs
     assert err_ref < 2e-2, (err_tri, err_ref)  # tf32 rotation and bf16 restore move quantization ties
+    if in_epilogue:  # the restore launch's numbers: y' rounded to bf16, bf16 R_out, float32 sums
+        sep = K.w4_linear(xc, config={**cfg, "RS_RESTORE": False}, **kw)
+        err_sep = float((rs.float() - sep.float()).norm() / sep.float().norm())
+        assert err_sep < 5e-4, err_sep  # only the order of the float32 sums differs
     # (the same bound as tests/test_linear_gpu.py; at K = 16384 with outliers the Triton GEMM is at 1.4e-2)
+
+
+@pytest.mark.parametrize(("tail", "token_minor"), [(32, True), (64, False), (0, True)])
+def test_wide_token_tiles_with_a_tail_launch(tail, token_minor):
+    """256-token tiles (two N = 128 wgmma per weight operand) over the first 768 of 800 tokens, the
+    last 32 in a second launch of `tail`-token tiles (TAIL_BMT; 0: none, a quarter-full last tile),
+    restore in the epilogue: the same values as 128-token tiles up to the order of float32 sums, and
+    within the Triton GEMM's roundings."""
+    from duquant_runtime.kernels import w4a8 as K
+    from duquant_runtime.quant import pack_int4
+
+    g = torch.Generator().manual_seed(tail + 7)
+    m, n, k = 800, 1024, 2048
+    orth = lambda nb: torch.linalg.qr(torch.randn(nb, 64, 64, generator=g, dtype=torch.float64))[0].half().contiguous().cuda()  # noqa: E731
+    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    kw = dict(qweight=pack_int4(q).cuda(), w_scale=(torch.rand(n, generator=g) * 0.01 + 0.001).cuda(),  # noqa: C408
+              r_in=orth(k // 64), perm=torch.randperm(k, generator=g).cuda(), r_out=orth(n // 64),
+              bias=torch.randn(n, generator=g).bfloat16().cuda(), smooth=None, mode=K.MODE_DYNAMIC,
+              token_minor_out=token_minor)
+    x = (torch.randn(m, k, generator=g) * torch.linspace(0.1, 3.0, k)).bfloat16().cuda()
+    base = {**K.pick_config(m, n, k, K.MODE_DYNAMIC), "GEMM": "rs", "RS_RESTORE": True, "BN": 128, "BK": 256,
+            "num_warps": 8}
+    wide = K.w4_linear(x, config={**base, "BMT": 256, "RS_STAGES": 2, "TAIL_BMT": tail}, **kw)
+    narrow = K.w4_linear(x, config={**base, "BMT": 128, "RS_STAGES": 4, "TAIL_BMT": 0}, **kw)
+    tri = K.w4_linear(x, config={**base, "GEMM": None}, **kw)
+    assert wide.stride() == ((1, m) if token_minor else (n, 1)) and torch.isfinite(wide).all()
+    assert K.tail_tokens(m, {"BMT": 256, "TAIL_BMT": tail}) == (32 if tail else 0)
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+    assert rel(wide, narrow) < 5e-4, rel(wide, narrow)  # only the order of float32 sums differs
+    assert rel(wide, tri) < 2e-3, rel(wide, tri)
+    assert torch.equal(K.w4_linear(x, config={**base, "BMT": 256, "RS_STAGES": 2, "TAIL_BMT": tail}, **kw), wide)

@@ -587,7 +587,9 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     launch of that many tokens per tile, `tail_tokens`), EPI_EARLY (the epilogue's weight-side
     operands loaded before the main loop and the PDL wait); SATCVT (the codes by one saturating
     conversion, `_code8`); QFASTDIV (the quantize launch's quotients by one reciprocal per row,
-    `_codes`); GEMM "rs" (`w4a8_rs`; RS_TRIGGER: its restore launch may start during the GEMM),
+    `_codes`); GEMM "rs" (`w4a8_rs`; RS_TRIGGER: its restore launch may start during the GEMM; RS_RESTORE:
+    the restore in its epilogue instead; RS_TILES: its tiles where they differ from the Triton GEMM's,
+    merged by `resolve_config`),
     ACT "wgmma" (`w4a8_act`, ACT_BM / ACT_TT / ACT_STAGES / ACT_WARPS; ACT_RCACHE on the bf16-terms path)
     or "cluster" (`w4a8_cluster`, CL / CL_BM / CL_WARPS) on sm_90, both with ACT_F16 (one float16 dot per
     block on rows scaled by powers of two instead of R_in's bf16 hi + lo terms); PDL (programmatic
@@ -661,12 +663,24 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         # activation passes: 90.2 / 89.9 vs 92.7 / 91.4 us (two same-run A/Bs; RS_TRIGGER alone 90.6 / 90.5,
         # PDL alone 91.3 / 91.1)
         cfg.update(PDL=True, RS_TRIGGER=True)
+        # the R_out restore in the register-operand GEMM's epilogue instead of its own launch (RS_RESTORE; ptxas keeps
+        # the wgmma in flight since the main loop's first steps are peeled, `w4a8_rs.rs_mainloop`), without letting
+        # the next launch start early: down_proj (token-minor) 86.3 / 85.9 vs 89.8 / 89.0 us (two same-run A/Bs;
+        # with RS_TRIGGER 87.1)
+        cfg.update(RS_RESTORE=True, RS_TRIGGER=False)
     elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
         if n < 8192:  # linked q/k/v after the cluster activation launch: 64-token tiles 23.6 vs 25.5-25.9 us
             cfg.update(BMT=64)  # (two runs); linked gate/up 165.2 vs 149.8 us with them
         else:  # the last M % 128 <= 32 tokens in a second launch of 32-token tiles (`tail_tokens`): linked
             cfg.update(TAIL_BMT=32)  # gate/up GEMM alone 132.7 vs 135.8 us, layer (token-minor) 146.8 vs 150.9
+            # sm_90: the register-operand Gluon GEMM with its restore in the epilogue, 256-token tiles (each unpacked
+            # weight operand feeds two N = 128 wgmma), 128-wide K steps through 4 stages, the last 32 tokens in a
+            # second launch (`w4_gemm`): linked gate/up 137.8 / 138.2 / 139.1 us vs 145.4 / 150.0 (three runs, 3-4
+            # stages), gate/up 79.1 vs 82.2; 128-token tiles 151.0, BK 256 163-164, BK 64 169-172, 64-row tiles
+            # 152.8-163.1. RS_TILES apply only where that GEMM runs (`resolve_config`)
+            cfg.update(GEMM="rs", RS_RESTORE=True,
+                       RS_TILES=dict(BN=128, BMT=256, BK=128, num_warps=8, RS_STAGES=4, TAIL_BMT=32))
         # sm_90: the activation codes in one cluster launch (`w4a8_cluster`), no transpose launch:
         # linked gate/up 148.3 vs 151.4 us, linked q/k/v 25.6 vs 26.6 us
         cfg.update(ACT="cluster", CL=16)
@@ -854,8 +868,15 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     out = (torch.empty((n, m), device=a.device, dtype=out_dtype).t() if token_minor
            else torch.empty((m, n), device=a.device, dtype=out_dtype))
     rs = _rs_module(a.device) if cfg.get("GEMM") == "rs" and tok_scale is not None and split == 1 else None
-    if rs is not None and k % (2 * bk) == 0:  # the register-operand Gluon GEMM, then the restore launch
-        yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk})
+    if rs is not None and k % (2 * bk) == 0:  # the register-operand Gluon GEMM
+        if cfg.get("RS_RESTORE"):  # the restore in its epilogue; the last tokens in a second launch (`tail_tokens`)
+            tail = tail_tokens(m, cfg)
+            for rows, c in (((slice(0, m - tail), cfg), (slice(m - tail, m), {**cfg, "BMT": cfg["TAIL_BMT"]}))
+                            if tail else ((slice(0, m), cfg), )):
+                rs.rs_gemm(a[rows], tok_scale[rows], qweight, w_scale, {**c, "BK": bk}, r_out=r_out, bias=bias,
+                           out=out[rows])
+            return out
+        yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk})  # then the restore launch
         return restore(yt, r_out, bias, out, pdl=True)  # sm_90 (`_rs_module`): PDL is there
     tail = tail_tokens(m, cfg, split)
     if not tail:
@@ -944,6 +965,18 @@ def restore(yt: torch.Tensor, r_out: torch.Tensor | None, bias: torch.Tensor | N
     return out
 
 
+def resolve_config(m: int, n: int, k: int, mode: int, device: torch.device, config: dict | None = None) -> dict:
+    """The launch configuration `w4_linear` runs: `pick_config`'s with `config`'s keys over it, then
+    its RS_TILES (the register-operand GEMM's BN, BMT, BK, num_warps, RS_STAGES, TAIL_BMT) over
+    those where that GEMM runs (GEMM "rs", dynamic activations, sm_90 with Gluon: `_rs_module`);
+    elsewhere the Triton GEMM keeps its own tiles. To change the rs tiles, override RS_TILES."""
+    cfg = {**pick_config(m, n, k, mode), **(config or {})}
+    tiles = cfg.pop("RS_TILES", None)
+    if tiles and cfg.get("GEMM") == "rs" and mode == MODE_DYNAMIC and _rs_module(device) is not None:
+        cfg.update(tiles)
+    return cfg
+
+
 def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, r_in: torch.Tensor,
               perm: torch.Tensor | None, r_out: torch.Tensor | None, bias: torch.Tensor | None,
               smooth: torch.Tensor | None, mode: int, qmin: int = -128, qmax: int = 127,
@@ -964,9 +997,7 @@ def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, 
             raise ValueError(f"w4_linear: {name} must be contiguous (strides {t.stride()})")
     if qweight.shape[1] * 2 != k:
         raise ValueError(f"w4_linear: qweight {tuple(qweight.shape)} does not pack K={k} int4 columns")
-    cfg = dict(pick_config(m, qweight.shape[0], k, mode))
-    if config:
-        cfg.update(config)
+    cfg = resolve_config(m, qweight.shape[0], k, mode, x.device, config)
     a, tok_scale = prepare_activation(x, r_in=r_in, perm=perm, smooth=smooth, mode=mode, qmin=qmin, qmax=qmax,
                                       act_scale=act_scale, cfg=cfg, rot_precision=rot_precision)
     return w4_gemm(a, tok_scale, qweight=qweight, w_scale=w_scale, r_out=r_out, bias=bias, out_dtype=x.dtype,

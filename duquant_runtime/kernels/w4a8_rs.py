@@ -28,10 +28,17 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .w4a8_act import _griddepcontrol
+
+
+@gluon.constexpr_function
+def _instr_n(bmt):
+    """The wgmma N of a BMT-token tile: 128 (Triton 3.6 has no int8 N = 256), 64 or 32."""
+    return 128 if bmt % 128 == 0 else (64 if bmt % 64 == 0 else 32)
 
 
 @gluon.jit
@@ -65,10 +72,35 @@ def fill_split(w_desc, alo_desc, ahi_desc, bar, w_buf, lo_buf, hi_buf, off_n, of
 
 
 @gluon.jit
+def rs_step(w_desc, alo_desc, ahi_desc, bars, w_bufs, lo_bufs, hi_bufs, acc, i, nk, off_n, off_m,
+            w_reg: gl.constexpr, STAGES: gl.constexpr, WAIT: gl.constexpr, BARRIER: gl.constexpr):
+    """K step i of `rs_mainloop`: wait for its stage, unpack the weight, two async wgmma (even and
+    odd k), keep WAIT groups in flight, refill the stage step i - 1 used with step i + STAGES - 1."""
+    st = i % STAGES
+    mbarrier.wait(bars.index(st), (i // STAGES) & 1)
+    lo, hi = unpack_int8x16(w_bufs.index(st).load(w_reg))
+    acc = warpgroup_mma(lo, lo_bufs.index(st).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(hi, hi_bufs.index(st).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=WAIT, deps=(acc, ))  # step i - 1 is done: its stage is free
+    j = i + STAGES - 1
+    if BARRIER:  # every warpgroup is past step i - 1 before its stage is refilled
+        gl.thread_barrier()
+    if j < nk:
+        sj = j % STAGES
+        fill_split(w_desc, alo_desc, ahi_desc, bars.index(sj), w_bufs.index(sj), lo_bufs.index(sj),
+                   hi_bufs.index(sj), off_n, off_m, j)
+    return acc
+
+
+@gluon.jit
 def rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma: gl.constexpr, STAGES: gl.constexpr,
                 WAIT: gl.constexpr, BARRIER: gl.constexpr):
-    """int32 sums (BN, BMT) in layout mma of 16 * W_q tile @ codes^T over all of K: the weight
-    unpacked in registers as the wgmma A operand, WAIT wgmma groups kept in flight."""
+    """int32 sums (BN, BMT) in layout mma of 16 * W_q tile @ codes^T over all of K (at least two
+    K steps): the weight unpacked in registers as the wgmma A operand, WAIT wgmma groups kept in
+    flight. The first two steps run before the loop: with a loop that might run zero times, the
+    zeroed sums reach its exit through plain moves, and ptxas then serializes every wgmma of a
+    kernel whose epilogue touches shared memory (C7515, "non wgmma instructions defining
+    accumulator registers"; checked offline, benchmarks/compile_w4a8.py `rs_report`)."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKH: gl.constexpr = w_desc.block_type.shape[1]  # BK / 2: packed bytes per row and K step
     BMT: gl.constexpr = alo_desc.block_type.shape[0]
@@ -84,22 +116,13 @@ def rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma: gl.constexpr, 
     for p in gl.static_range(STAGES - 1):
         fill_split(w_desc, alo_desc, ahi_desc, bars.index(p), w_bufs.index(p), lo_bufs.index(p), hi_bufs.index(p),
                    off_n, off_m, p)
-    for i0 in range(0, nk, 2):  # two K steps per iteration (distinct operand registers, see above)
+    for u in gl.static_range(2):  # peeled (see above)
+        acc = rs_step(w_desc, alo_desc, ahi_desc, bars, w_bufs, lo_bufs, hi_bufs, acc, u, nk, off_n, off_m, w_reg,
+                      STAGES, WAIT, BARRIER)
+    for i0 in range(2, nk, 2):  # two K steps per iteration (distinct operand registers, see above)
         for u in gl.static_range(2):
-            i = i0 + u
-            st = i % STAGES
-            mbarrier.wait(bars.index(st), (i // STAGES) & 1)
-            lo, hi = unpack_int8x16(w_bufs.index(st).load(w_reg))
-            acc = warpgroup_mma(lo, lo_bufs.index(st).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(hi, hi_bufs.index(st).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=WAIT, deps=(acc, ))  # step i - 1 is done: its stage is free
-            j = i + STAGES - 1
-            if BARRIER:  # every warpgroup is past step i - 1 before its stage is refilled
-                gl.thread_barrier()
-            if j < nk:
-                sj = j % STAGES
-                fill_split(w_desc, alo_desc, ahi_desc, bars.index(sj), w_bufs.index(sj), lo_bufs.index(sj),
-                           hi_bufs.index(sj), off_n, off_m, j)
+            acc = rs_step(w_desc, alo_desc, ahi_desc, bars, w_bufs, lo_bufs, hi_bufs, acc, i0 + u, nk, off_n, off_m,
+                          w_reg, STAGES, WAIT, BARRIER)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     for q in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(q))
@@ -107,27 +130,75 @@ def rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma: gl.constexpr, 
 
 
 @gluon.jit
-def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, out_ptr, M, N, K,
-                    STAGES: gl.constexpr, GROUP: gl.constexpr, WAIT: gl.constexpr, BARRIER: gl.constexpr,
-                    TRIGGER: gl.constexpr, num_warps: gl.constexpr):
-    """y'^T (N, M) bf16, token-minor = scaled sums of one (BN, BMT) tile; no shared memory after
-    the main loop (C7515). TRIGGER: the restore launch (PDL, it waits for this grid's results) may
-    start at once, on the SMs this grid leaves free."""
+def rout_smem(rout_ptr, off_n, N, BN: gl.constexpr, BO: gl.constexpr, num_warps: gl.constexpr):
+    """The tile's block-diagonal slice of R_out, BD (BN, BN) bf16 in shared memory (R_out's 16-bit
+    values rounded to bf16, zeros across blocks): the restore wgmma's A operand."""
+    rl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    i = gl.arange(0, BN, layout=gl.SliceLayout(1, rl))
+    c = gl.arange(0, BN, layout=gl.SliceLayout(0, rl))
+    gi = off_n + i
+    same = (i[:, None] // BO) == (c[None, :] // BO)
+    t = gl.load(rout_ptr + (gi[:, None] // BO) * (BO * BO) + (i[:, None] % BO) * BO + (c[None, :] % BO),
+                mask=same & (gi[:, None] < N), other=0.0)
+    r_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    r_smem = gl.allocate_shared_memory(gl.bfloat16, [BN, BN], r_layout)
+    r_smem.store(t.to(gl.bfloat16))
+    return r_smem
+
+
+@gluon.jit
+def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, K,
+                    stride_om, stride_on, STAGES: gl.constexpr, GROUP: gl.constexpr, WAIT: gl.constexpr,
+                    BARRIER: gl.constexpr, TRIGGER: gl.constexpr, RESTORE: gl.constexpr, HAS_ROUT: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, BO: gl.constexpr, TOKEN_MINOR: gl.constexpr, num_warps: gl.constexpr):
+    """One (BN, BMT) output tile. RESTORE False: y'^T (N, M) bf16, token-minor = the scaled sums
+    (the restore is the next launch). RESTORE True: out (M, N) with strides (stride_om,
+    stride_on) = y' BD(R_out)^T + bias, y' rounded to bf16 and multiplied by the tile's bf16
+    block-diagonal R_out slice in one more wgmma (float32 sums), as `w4a8._restore_kernel` does;
+    TOKEN_MINOR: stride_om is 1. TRIGGER: the next launch (PDL, it waits for this grid's results)
+    may start at once, on the SMs this grid leaves free."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BMT: gl.constexpr = alo_desc.block_type.shape[0]
     off_m, off_n = grouped_tile(gl.program_id(0), M, N, BMT, BN, GROUP)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, 128 if BMT % 128 == 0 else 64, 32])
+                                                  instr_shape=[16, _instr_n(BMT), 32])
     if TRIGGER:
         _griddepcontrol(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), "launch_dependents")
+    if RESTORE and HAS_ROUT:
+        r_smem = rout_smem(rout_ptr, off_n, N, BN, BO, num_warps)
     acc = rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma, STAGES, WAIT, BARRIER)
     rows = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
     toks = off_m + gl.arange(0, BMT, layout=gl.SliceLayout(0, mma))
     ts = gl.load(tok_scale_ptr + toks, mask=toks < M, other=0.0)
     y = (acc.to(gl.float32) * 0.0625) * ts[None, :]  # exact: the codes were 16 * q
     y = y * gl.load(w_scale_ptr + rows)[:, None]
-    mask = (rows[:, None] < N) & (toks[None, :] < M)
-    gl.store(out_ptr + rows[:, None] * M + toks[None, :], y.to(gl.bfloat16), mask=mask)
+    if not RESTORE:
+        mask = (rows[:, None] < N) & (toks[None, :] < M)
+        gl.store(out_ptr + rows[:, None] * M + toks[None, :], y.to(gl.bfloat16), mask=mask)
+    else:
+        if HAS_ROUT:
+            mma16: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                            instr_shape=[16, _instr_n(BMT), 16])
+            y_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, 2 * BMT), element_bitwidth=16,
+                                                          rank=2)
+            y_smem = gl.allocate_shared_memory(gl.bfloat16, [BN, BMT], y_layout)
+            y_smem.store(y.to(gl.bfloat16))
+            fence_async_shared()
+            z = warpgroup_mma(r_smem, y_smem, gl.zeros((BN, BMT), dtype=gl.float32, layout=mma16), use_acc=False)
+        else:
+            z = y.to(gl.bfloat16).to(gl.float32)
+        if TOKEN_MINOR:  # consecutive tokens are consecutive in memory: the accumulator layout stores them
+            ol: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
+        else:  # row-major out: channels consecutive
+            ol: gl.constexpr = gl.BlockedLayout([4, 1], [16, 2], [1, num_warps], [0, 1])
+        z = gl.convert_layout(z, ol)
+        ch = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
+        tk = off_m + gl.arange(0, BMT, layout=gl.SliceLayout(0, ol))
+        if HAS_BIAS:
+            z = z + gl.load(bias_ptr + ch).to(gl.float32)[:, None]
+        mask = (ch[:, None] < N) & (tk[None, :] < M)
+        gl.store(out_ptr + tk[None, :] * stride_om + ch[:, None] * stride_on, z.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 def descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
@@ -136,21 +207,33 @@ def descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
 
 
 def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-            cfg: dict) -> torch.Tensor:
-    """y'^T (N, M) bfloat16 = ((codes @ W_q^T) x tok_scale x w_scale)^T for int8 codes (M, K) in the
-    `_deint` order of K tiles cfg["BK"] (16 * q), tok_scale float32 (M,), packed int4 qweight uint8
-    (N, K/2), w_scale float32 (N,). cfg: BN, BMT, BK, num_warps, RS_STAGES, GROUP, RS_TRIGGER (the
-    next launch, if launched with PDL, may start while this one runs)."""
+            cfg: dict, r_out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """For int8 codes (M, K) in the `_deint` order of K tiles cfg["BK"] (16 * q), tok_scale float32
+    (M,), packed int4 qweight uint8 (N, K/2), w_scale float32 (N,):
+    - out None: y'^T (N, M) bfloat16 = ((codes @ W_q^T) x tok_scale x w_scale)^T, for the restore
+      launch (`w4a8.restore`);
+    - out (M, N), row-major or token-minor (strides (1, M)): out = y' BD(R_out)^T + bias in this
+      launch (r_out (N/Bo, Bo, Bo) 16-bit or None, bias (N,) or None); returns out.
+    cfg: BN, BMT, BK, num_warps, RS_STAGES, GROUP, RS_TRIGGER (the next launch, if launched with
+    PDL, may start while this one runs)."""
     m, k = codes.shape
     n = qweight.shape[0]
     bn, bmt, bk = cfg["BN"], cfg["BMT"], cfg["BK"]
-    if n % bn or k % (2 * bk):
-        raise ValueError(f"register-operand GEMM tiles {bn}/{bk} do not fit N={n}, K={k} (two K steps per iteration)")
-    out = torch.empty((n, m), device=codes.device, dtype=torch.bfloat16)
+    bo = r_out.shape[-1] if r_out is not None else bn
+    if n % bn or k % (2 * bk) or bn % bo:
+        raise ValueError(f"register-operand GEMM tiles {bn}/{bk} do not fit N={n}, K={k}, output block {bo} "
+                         "(two K steps per iteration)")
+    restore = out is not None
+    if restore and not (out.stride(1) == 1 or out.stride(0) == 1):
+        raise ValueError(f"register-operand GEMM: out strides {out.stride()} are neither row-major nor token-minor")
+    y = out if restore else torch.empty((n, m), device=codes.device, dtype=torch.bfloat16)
     _rs_gemm_kernel[(triton.cdiv(n, bn) * triton.cdiv(m, bmt),)](
         descriptor(qweight.view(torch.int8), [bn, bk // 2]), descriptor(codes, [bmt, bk // 2]),
-        descriptor(codes, [bmt, bk // 2]), tok_scale, w_scale, out, m, n, k, STAGES=cfg.get("RS_STAGES", 4),
-        GROUP=cfg.get("GROUP", 8), WAIT=2, BARRIER=True, TRIGGER=cfg.get("RS_TRIGGER", False),
+        descriptor(codes, [bmt, bk // 2]), tok_scale, w_scale, r_out if r_out is not None else w_scale,
+        bias if bias is not None else w_scale, y, m, n, k, y.stride(0), y.stride(1),
+        STAGES=cfg.get("RS_STAGES", 4), GROUP=cfg.get("GROUP", 8), WAIT=2, BARRIER=True,
+        TRIGGER=cfg.get("RS_TRIGGER", False), RESTORE=restore, HAS_ROUT=r_out is not None,
+        HAS_BIAS=bias is not None, BO=bo, TOKEN_MINOR=restore and out.stride(0) == 1 and m > 1,
         num_warps=cfg["num_warps"])
-    return out
-
+    return y
