@@ -140,8 +140,8 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
             ref = reference(x, layers[0], mode)
         rows = []
         cands = configs(m, n, k, mode_name)
-        if args.ab:  # A/B: the picked configuration against the same with the given keys changed
-            cands = [cands[0]] + [{**cands[0], **alt} for alt in args.ab]
+        if args.ab:  # A/B: the picked configuration (`resolve_config`) against the same with the given keys changed
+            cands = [K.resolve_config(m, n, k, mode, dev, alt) for alt in [{}] + args.ab]
         for cfg in cands:
             fns = [lambda a, lay=lay, cfg=cfg: K.w4_linear(a, qweight=lay["qweight"], w_scale=lay["w_scale"],
                                                            r_in=lay["r_in"], perm=lay["perm"], r_out=lay["r_out"],

@@ -348,24 +348,26 @@ def test_offline_register_operand_gemm_keeps_its_wgmma_in_flight_with_the_restor
 
 @needs_triton
 def test_register_operand_tiles_apply_only_where_that_gemm_runs(monkeypatch):
-    """`resolve_config`: the linked gate/up GEMM's RS_TILES (256-token tiles, 128-wide K steps, a
-    32-token tail launch) replace the Triton GEMM's tiles only where the register-operand GEMM runs
-    (sm_90 with Gluon, dynamic activations, GEMM "rs"); a config override of GEMM or RS_TILES wins,
+    """`resolve_config`: the linked gate/up GEMM's RS_CONFIG (256-token tiles, 128-wide K steps, a
+    32-token tail launch, PDL) replaces the Triton launches' keys only where the register-operand GEMM runs
+    (sm_90 with Gluon, dynamic activations, GEMM "rs"); a config's keys (GEMM, PDL, RS_CONFIG) win,
     and the activation launches store their codes in the K tiles the GEMM then reads."""
     import torch
     from duquant_runtime.kernels import w4a8 as K
     picked = K.pick_config(800, 32768, 2048, K.MODE_DYNAMIC)
-    assert picked["GEMM"] == "rs" and picked["RS_RESTORE"] and picked["RS_TILES"]["BMT"] == 256
+    assert picked["GEMM"] == "rs" and picked["RS_RESTORE"] and picked["RS_CONFIG"]["BMT"] == 256
     cpu = K.resolve_config(800, 32768, 2048, K.MODE_DYNAMIC, torch.device("cpu"))
-    assert "RS_TILES" not in cpu and (cpu["BN"], cpu["BMT"], cpu["BK"]) == (64, 128, 256)  # the Triton GEMM's
+    assert "RS_CONFIG" not in cpu and (cpu["BN"], cpu["BMT"], cpu["BK"]) == (64, 128, 256)  # the Triton GEMM's
     monkeypatch.setattr(K, "_rs_module", lambda device: object())  # as on an sm_90 GPU with Gluon
     rs = K.resolve_config(800, 32768, 2048, K.MODE_DYNAMIC, torch.device("cpu"))
     assert (rs["BN"], rs["BMT"], rs["BK"], rs["num_warps"], rs["RS_STAGES"], rs["TAIL_BMT"]) == (128, 256, 128, 8, 4, 32)
+    assert rs["PDL"] and rs["RS_PDL"] and not cpu["PDL"]  # PDL measured faster with the rs GEMM only
     assert K.gemm_tiling(2048, rs) == (128, 1) and K.tail_tokens(800, rs) == 32
     assert K.resolve_config(800, 32768, 2048, K.MODE_DYNAMIC, torch.device("cpu"), {"GEMM": None})["BMT"] == 128
+    assert not K.resolve_config(800, 32768, 2048, K.MODE_DYNAMIC, torch.device("cpu"), {"PDL": False})["PDL"]
     assert K.resolve_config(800, 32768, 2048, K.MODE_DYNAMIC, torch.device("cpu"),
-                            {"RS_TILES": {"BMT": 128}})["BMT"] == 128
+                            {"RS_CONFIG": {"BMT": 128}})["BMT"] == 128
     static = K.pick_config(800, 32768, 2048, K.MODE_STATIC)  # the rs GEMM multiplies int8 codes only
-    assert K.resolve_config(800, 32768, 2048, K.MODE_STATIC, torch.device("cpu")) == static and "RS_TILES" not in static
+    assert K.resolve_config(800, 32768, 2048, K.MODE_STATIC, torch.device("cpu")) == static and "RS_CONFIG" not in static
     down = K.resolve_config(800, 2048, 16384, K.MODE_DYNAMIC, torch.device("cpu"))
-    assert down["GEMM"] == "rs" and down["RS_RESTORE"] and not down["RS_TRIGGER"]
+    assert down["GEMM"] == "rs" and down["RS_RESTORE"] and down["RS_PDL"] and not down["RS_TRIGGER"]

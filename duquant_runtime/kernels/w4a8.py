@@ -588,8 +588,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     operands loaded before the main loop and the PDL wait); SATCVT (the codes by one saturating
     conversion, `_code8`); QFASTDIV (the quantize launch's quotients by one reciprocal per row,
     `_codes`); GEMM "rs" (`w4a8_rs`; RS_TRIGGER: its restore launch may start during the GEMM; RS_RESTORE:
-    the restore in its epilogue instead; RS_TILES: its tiles where they differ from the Triton GEMM's,
-    merged by `resolve_config`),
+    the restore in its epilogue instead; RS_PDL: launched with PDL; RS_CONFIG: keys that apply only
+    where it runs, e.g. its tiles, merged by `resolve_config`),
     ACT "wgmma" (`w4a8_act`, ACT_BM / ACT_TT / ACT_STAGES / ACT_WARPS; ACT_RCACHE on the bf16-terms path)
     or "cluster" (`w4a8_cluster`, CL / CL_BM / CL_WARPS) on sm_90, both with ACT_F16 (one float16 dot per
     block on rows scaled by powers of two instead of R_in's bf16 hi + lo terms); PDL (programmatic
@@ -668,6 +668,9 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         # the next launch start early: down_proj (token-minor) 86.3 / 85.9 vs 89.8 / 89.0 us (two same-run A/Bs;
         # with RS_TRIGGER 87.1)
         cfg.update(RS_RESTORE=True, RS_TRIGGER=False)
+        # the GEMM launched with PDL too (RS_PDL), its weight tiles requested before it waits for pass 2's codes:
+        # 82.4 / 82.1 vs 87.0 / 86.8 us (same-run A/B)
+        cfg.update(RS_PDL=True)
     elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
         if n < 8192:  # linked q/k/v after the cluster activation launch: 64-token tiles 23.6 vs 25.5-25.9 us
@@ -678,9 +681,10 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
             # weight operand feeds two N = 128 wgmma), 128-wide K steps through 4 stages, the last 32 tokens in a
             # second launch (`w4_gemm`): linked gate/up 137.8 / 138.2 / 139.1 us vs 145.4 / 150.0 (three runs, 3-4
             # stages), gate/up 79.1 vs 82.2; 128-token tiles 151.0, BK 256 163-164, BK 64 169-172, 64-row tiles
-            # 152.8-163.1. RS_TILES apply only where that GEMM runs (`resolve_config`)
+            # 152.8-163.1. With PDL for the activation launch and the GEMM (RS_PDL): linked gate/up 134.0 vs 138.2
+            # (RS_PDL alone 136.9), gate/up 74.5 vs 77.0. RS_CONFIG applies only where that GEMM runs (`resolve_config`)
             cfg.update(GEMM="rs", RS_RESTORE=True,
-                       RS_TILES=dict(BN=128, BMT=256, BK=128, num_warps=8, RS_STAGES=4, TAIL_BMT=32))
+                       RS_CONFIG=dict(BN=128, BMT=256, BK=128, num_warps=8, RS_STAGES=4, TAIL_BMT=32, PDL=True, RS_PDL=True))
         # sm_90: the activation codes in one cluster launch (`w4a8_cluster`), no transpose launch:
         # linked gate/up 148.3 vs 151.4 us, linked q/k/v 25.6 vs 26.6 us
         cfg.update(ACT="cluster", CL=16)
@@ -689,6 +693,10 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         # sm_90: the cluster launch (`w4a8_cluster`, no PDL) 17.3 us, `w4a8_act` 18.6 us (v10: 18.9 vs 20.6 us
         # for the Triton launches), with PDL 20.6 us
         cfg.update(ACT="cluster", CL=16)
+        # sm_90: the register-operand GEMM with the restore in its epilogue, 256-wide K steps: 14.4 / 14.1 vs
+        # 16.4 / 16.2 us (two runs; 128-token or 128-row tiles 15.6-19.7); with PDL for both launches 13.5
+        cfg.update(GEMM="rs", RS_RESTORE=True,
+                   RS_CONFIG=dict(BN=64, BMT=64, BK=256, num_warps=4, RS_STAGES=3, PDL=True, RS_PDL=True))
     elif dynamic:  # q/o_proj after the cluster activation launch: BK 256 with 3 stages 20.9 vs 21.9 us (BK 128,
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=3)  # 4 stages)
         cfg.update(EPI_EARLY=True)  # no load after the main loop: 20.6 vs 21.0 us (two same-run A/Bs)
@@ -874,7 +882,7 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
             for rows, c in (((slice(0, m - tail), cfg), (slice(m - tail, m), {**cfg, "BMT": cfg["TAIL_BMT"]}))
                             if tail else ((slice(0, m), cfg), )):
                 rs.rs_gemm(a[rows], tok_scale[rows], qweight, w_scale, {**c, "BK": bk}, r_out=r_out, bias=bias,
-                           out=out[rows])
+                           out=out[rows], pdl=_use_pdl({"PDL": cfg.get("RS_PDL")}, a.device))
             return out
         yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk})  # then the restore launch
         return restore(yt, r_out, bias, out, pdl=True)  # sm_90 (`_rs_module`): PDL is there
@@ -966,14 +974,18 @@ def restore(yt: torch.Tensor, r_out: torch.Tensor | None, bias: torch.Tensor | N
 
 
 def resolve_config(m: int, n: int, k: int, mode: int, device: torch.device, config: dict | None = None) -> dict:
-    """The launch configuration `w4_linear` runs: `pick_config`'s with `config`'s keys over it, then
-    its RS_TILES (the register-operand GEMM's BN, BMT, BK, num_warps, RS_STAGES, TAIL_BMT) over
-    those where that GEMM runs (GEMM "rs", dynamic activations, sm_90 with Gluon: `_rs_module`);
-    elsewhere the Triton GEMM keeps its own tiles. To change the rs tiles, override RS_TILES."""
-    cfg = {**pick_config(m, n, k, mode), **(config or {})}
-    tiles = cfg.pop("RS_TILES", None)
-    if tiles and cfg.get("GEMM") == "rs" and mode == MODE_DYNAMIC and _rs_module(device) is not None:
-        cfg.update(tiles)
+    """The launch configuration `w4_linear` runs: `pick_config`'s; its RS_CONFIG (keys for where the
+    register-operand GEMM runs: its BN, BMT, BK, num_warps, RS_STAGES, TAIL_BMT, PDL, ...) over it
+    where that GEMM runs (GEMM "rs", dynamic activations, sm_90 with Gluon: `_rs_module`), elsewhere
+    the Triton launches keep their own keys; then `config`'s keys over all (an RS_CONFIG there
+    replaces the picked one)."""
+    cfg = dict(pick_config(m, n, k, mode))
+    over = dict(config or {})
+    extra = over.pop("RS_CONFIG", cfg.pop("RS_CONFIG", None))
+    cfg.pop("RS_CONFIG", None)
+    if extra and over.get("GEMM", cfg.get("GEMM")) == "rs" and mode == MODE_DYNAMIC and _rs_module(device) is not None:
+        cfg.update(extra)
+    cfg.update(over)
     return cfg
 
 

@@ -61,14 +61,29 @@ def unpack_int8x16(wb):
 
 
 @gluon.jit
-def fill_split(w_desc, alo_desc, ahi_desc, bar, w_buf, lo_buf, hi_buf, off_n, off_m, j):
-    """TMA of K step j into one ring stage, completing on bar: the packed weight tile (BN, BK/2)
-    and both halves of the codes' tile (even k, odd k: `_deint` order)."""
+def fill_weight(w_desc, alo_desc, ahi_desc, bar, w_buf, off_n, j):
+    """The first half of `fill_split`: the stage's expected bytes (weight and codes) and the TMA of
+    its packed weight tile (BN, BK/2), which does not depend on the previous launch."""
     BKH: gl.constexpr = w_desc.block_type.shape[1]
     mbarrier.expect(bar, w_desc.block_type.nbytes + alo_desc.block_type.nbytes + ahi_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(w_desc, [off_n, j * BKH], bar, w_buf)
+
+
+@gluon.jit
+def fill_codes(alo_desc, ahi_desc, bar, lo_buf, hi_buf, off_m, j):
+    """The second half of `fill_split`: the TMA of both halves of K step j's codes tile (even k,
+    odd k: `_deint` order)."""
+    BKH: gl.constexpr = alo_desc.block_type.shape[1]
     tma.async_copy_global_to_shared(alo_desc, [off_m, 2 * j * BKH], bar, lo_buf)
     tma.async_copy_global_to_shared(ahi_desc, [off_m, 2 * j * BKH + BKH], bar, hi_buf)
+
+
+@gluon.jit
+def fill_split(w_desc, alo_desc, ahi_desc, bar, w_buf, lo_buf, hi_buf, off_n, off_m, j):
+    """TMA of K step j into one ring stage, completing on bar: the packed weight tile (BN, BK/2)
+    and both halves of the codes' tile (even k, odd k: `_deint` order)."""
+    fill_weight(w_desc, alo_desc, ahi_desc, bar, w_buf, off_n, j)
+    fill_codes(alo_desc, ahi_desc, bar, lo_buf, hi_buf, off_m, j)
 
 
 @gluon.jit
@@ -94,13 +109,15 @@ def rs_step(w_desc, alo_desc, ahi_desc, bars, w_bufs, lo_bufs, hi_bufs, acc, i, 
 
 @gluon.jit
 def rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma: gl.constexpr, STAGES: gl.constexpr,
-                WAIT: gl.constexpr, BARRIER: gl.constexpr):
+                WAIT: gl.constexpr, BARRIER: gl.constexpr, PDL: gl.constexpr = False):
     """int32 sums (BN, BMT) in layout mma of 16 * W_q tile @ codes^T over all of K (at least two
     K steps): the weight unpacked in registers as the wgmma A operand, WAIT wgmma groups kept in
     flight. The first two steps run before the loop: with a loop that might run zero times, the
     zeroed sums reach its exit through plain moves, and ptxas then serializes every wgmma of a
     kernel whose epilogue touches shared memory (C7515, "non wgmma instructions defining
-    accumulator registers"; checked offline, benchmarks/compile_w4a8.py `rs_report`)."""
+    accumulator registers"; checked offline, benchmarks/compile_w4a8.py `rs_report`). PDL: the
+    first stages' weight tiles are requested before the wait for the previous launch (which writes
+    the codes), their codes after it."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKH: gl.constexpr = w_desc.block_type.shape[1]  # BK / 2: packed bytes per row and K step
     BMT: gl.constexpr = alo_desc.block_type.shape[0]
@@ -114,8 +131,11 @@ def rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma: gl.constexpr, 
     acc = gl.zeros((BN, BMT), dtype=gl.int32, layout=mma)
     nk = K // (2 * BKH)
     for p in gl.static_range(STAGES - 1):
-        fill_split(w_desc, alo_desc, ahi_desc, bars.index(p), w_bufs.index(p), lo_bufs.index(p), hi_bufs.index(p),
-                   off_n, off_m, p)
+        fill_weight(w_desc, alo_desc, ahi_desc, bars.index(p), w_bufs.index(p), off_n, p)
+    if PDL:
+        _griddepcontrol(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), "wait")
+    for p in gl.static_range(STAGES - 1):
+        fill_codes(alo_desc, ahi_desc, bars.index(p), lo_bufs.index(p), hi_bufs.index(p), off_m, p)
     for u in gl.static_range(2):  # peeled (see above)
         acc = rs_step(w_desc, alo_desc, ahi_desc, bars, w_bufs, lo_bufs, hi_bufs, acc, u, nk, off_n, off_m, w_reg,
                       STAGES, WAIT, BARRIER)
@@ -150,13 +170,15 @@ def rout_smem(rout_ptr, off_n, N, BN: gl.constexpr, BO: gl.constexpr, num_warps:
 def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, K,
                     stride_om, stride_on, STAGES: gl.constexpr, GROUP: gl.constexpr, WAIT: gl.constexpr,
                     BARRIER: gl.constexpr, TRIGGER: gl.constexpr, RESTORE: gl.constexpr, HAS_ROUT: gl.constexpr,
-                    HAS_BIAS: gl.constexpr, BO: gl.constexpr, TOKEN_MINOR: gl.constexpr, num_warps: gl.constexpr):
+                    HAS_BIAS: gl.constexpr, BO: gl.constexpr, TOKEN_MINOR: gl.constexpr, PDL: gl.constexpr,
+                    num_warps: gl.constexpr):
     """One (BN, BMT) output tile. RESTORE False: y'^T (N, M) bf16, token-minor = the scaled sums
     (the restore is the next launch). RESTORE True: out (M, N) with strides (stride_om,
     stride_on) = y' BD(R_out)^T + bias, y' rounded to bf16 and multiplied by the tile's bf16
     block-diagonal R_out slice in one more wgmma (float32 sums), as `w4a8._restore_kernel` does;
     TOKEN_MINOR: stride_om is 1. TRIGGER: the next launch (PDL, it waits for this grid's results)
-    may start at once, on the SMs this grid leaves free."""
+    may start at once, on the SMs this grid leaves free. PDL: launched while the previous launch
+    (the codes' producer) runs; the weight-side loads start before waiting for it."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BMT: gl.constexpr = alo_desc.block_type.shape[0]
     off_m, off_n = grouped_tile(gl.program_id(0), M, N, BMT, BN, GROUP)
@@ -166,7 +188,7 @@ def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout
         _griddepcontrol(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), "launch_dependents")
     if RESTORE and HAS_ROUT:
         r_smem = rout_smem(rout_ptr, off_n, N, BN, BO, num_warps)
-    acc = rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma, STAGES, WAIT, BARRIER)
+    acc = rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma, STAGES, WAIT, BARRIER, PDL)
     rows = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
     toks = off_m + gl.arange(0, BMT, layout=gl.SliceLayout(0, mma))
     ts = gl.load(tok_scale_ptr + toks, mask=toks < M, other=0.0)
@@ -208,7 +230,7 @@ def descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
 
 def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
             cfg: dict, r_out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """For int8 codes (M, K) in the `_deint` order of K tiles cfg["BK"] (16 * q), tok_scale float32
     (M,), packed int4 qweight uint8 (N, K/2), w_scale float32 (N,):
     - out None: y'^T (N, M) bfloat16 = ((codes @ W_q^T) x tok_scale x w_scale)^T, for the restore
@@ -216,7 +238,8 @@ def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor,
     - out (M, N), row-major or token-minor (strides (1, M)): out = y' BD(R_out)^T + bias in this
       launch (r_out (N/Bo, Bo, Bo) 16-bit or None, bias (N,) or None); returns out.
     cfg: BN, BMT, BK, num_warps, RS_STAGES, GROUP, RS_TRIGGER (the next launch, if launched with
-    PDL, may start while this one runs)."""
+    PDL, may start while this one runs). pdl: launched with programmatic dependent launch (sm_90),
+    waiting for the previous launch only before it reads the codes."""
     m, k = codes.shape
     n = qweight.shape[0]
     bn, bmt, bk = cfg["BN"], cfg["BMT"], cfg["BK"]
@@ -234,6 +257,6 @@ def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor,
         bias if bias is not None else w_scale, y, m, n, k, y.stride(0), y.stride(1),
         STAGES=cfg.get("RS_STAGES", 4), GROUP=cfg.get("GROUP", 8), WAIT=2, BARRIER=True,
         TRIGGER=cfg.get("RS_TRIGGER", False), RESTORE=restore, HAS_ROUT=r_out is not None,
-        HAS_BIAS=bias is not None, BO=bo, TOKEN_MINOR=restore and out.stride(0) == 1 and m > 1,
-        num_warps=cfg["num_warps"])
+        HAS_BIAS=bias is not None, BO=bo, TOKEN_MINOR=restore and out.stride(0) == 1 and m > 1, PDL=pdl,
+        num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
     return y
