@@ -35,8 +35,9 @@
    (deterministic), finishes the tile and resets the counter.
 On sm_90 with Gluon, where `pick_config` measured them faster: launches 1-2 are replaced by the
 two rotation passes of `w4a8_act` (ACT="wgmma": no float32 round trip; the transpose launch
-then also zeroes its token maxima), and launch 3 by `w4a8_rs`'s GEMM plus `restore`
-(GEMM="rs"). Any other GPU, Triton without Gluon, or the interpreter runs the Triton launches.
+then also zeroes its token maxima) or by one thread-block-cluster launch (`w4a8_cluster`,
+ACT="cluster"), and launch 3 by `w4a8_rs`'s GEMM with the restore in its epilogue (GEMM="rs",
+RS_RESTORE; its own tiles in RS_CONFIG, merged by `resolve_config`). Any other GPU, Triton without Gluon, or the interpreter runs the Triton launches.
 Programmatic dependent launch (`PDL`, Hopper+): the quantize launch and the GEMM start while the
 previous launch runs; the GEMM pulls its weight slice into L2 (and, with `EPI_EARLY`, loads its
 epilogue's row scales, R_out tile and bias), then both wait (griddepcontrol.wait) before they

@@ -1,26 +1,31 @@
-"""The register-operand W4A8 GEMM for Hopper (Gluon), with the R_out restore as its own launch.
+"""The register-operand W4A8 GEMM for Hopper (Gluon), with the R_out restore in its epilogue.
 
-    y' = (codes @ W_q^T) x token scales x row scales        (`_rs_gemm_kernel`, bf16, (N, M))
-    y  = y' BD(R_out)^T + b                                   (`w4a8._restore_kernel`)
+    y' = (codes @ W_q^T) x token scales x row scales, rounded to bf16
+    y  = y' BD(R_out)^T + b    (one more wgmma on the tile's block-diagonal R_out slice, bf16,
+                                float32 sums; RS_RESTORE, the default where it runs)
 
-Why two launches: the GEMM keeps wgmma in flight (Triton 3.6-3.9 wait for every int8 wgmma of
-`w4a8._gemm_kernel`), and ptxas serializes every wgmma of a kernel (warning C7515) as soon as
-its epilogue touches shared memory, which an in-epilogue restore dot does
-(benchmarks/notes_runtime_gpu.md). So this GEMM's epilogue only scales the int32 sums and stores
-y' in bf16, token-minor (the accumulator layout holds consecutive tokens per thread); the
-restore reads y' back from L2. The numerics are those of `w4a8`'s bf16 restore (`RESTORE` 1):
-the scaled sums rounded to bf16, a bf16 dot with float32 sums, the bias, the cast.
+Why not the Triton GEMM: Triton 3.6-3.9 wait for every int8 wgmma of `w4a8._gemm_kernel`; this
+kernel keeps two in flight. The restore in the epilogue needs shared memory after the main loop
+(y' and R_out as wgmma operands), and ptxas serializes every wgmma of a kernel (warning C7515,
+"non wgmma instructions defining accumulator registers") when the main loop might run zero times:
+the zeroed sums then reach the loop's exit through plain moves. So `rs_mainloop` runs its first
+two K steps before the loop (K has at least two steps). Checked offline for every tile and
+layout used (benchmarks/compile_w4a8.py `rs_report`, tests/test_kernels.py). Without RS_RESTORE
+the epilogue stores y' (N, M) in bf16 and `w4a8._restore_kernel` restores it in a second launch;
+both give the numerics of `w4a8`'s bf16 restore (`RESTORE` 1) up to the order of float32 sums.
 
 The weight tile is unpacked in registers (16 * q as int8, exact; the 1/16 is folded into the
 scales) as the wgmma A operand; TMA brings the packed weight and both halves of the codes' tile
 (`_deint` order: even k, then odd k) through a ring of STAGES stages. Two K steps per loop
 iteration: PTX reuses a loop body's registers every iteration and wgmma reads its register
 operand asynchronously, so with one step per iteration the next unpack would overwrite the
-operand of the wgmma still in flight.
+operand of the wgmma still in flight. Token tiles of 256 run as two N = 128 wgmma per weight
+operand (Triton 3.6 has no int8 N = 256). With PDL the kernel is launched while the codes'
+producer runs, requests its first weight tiles, and waits before it requests the codes.
 
 Used by `w4a8.w4_gemm` where `pick_config` asks for it (GEMM="rs") on sm_90 with Gluon; every
 other case, and the CPU interpreter, runs the Triton GEMM. The GPU tests compare it with the
-Triton GEMM and the float32 reference (tests/test_w4a8_rs.py)."""
+restore launch, the Triton GEMM and the float32 reference (tests/test_w4a8_rs.py)."""
 
 from __future__ import annotations
 
