@@ -67,8 +67,8 @@ def compile_gemm(int8: bool, bn: int, bmt: int, bk: int, warps: int, stages: int
     return compile_sm90(ASTSource, fn, types, consts, {"num_warps": warps, "num_stages": stages})
 
 
-def registers(ptx: str) -> int | None:
-    """Registers per thread that ptxas allocates for `ptx` (sm_90a), None if it cannot tell."""
+def ptxas_output(ptx: str) -> str:
+    """ptxas -v's messages (sm_90a) for `ptx`: registers, spills, C7515 warnings."""
     import triton
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +76,12 @@ def registers(ptx: str) -> int | None:
         Path(src).write_text(ptx)
         res = subprocess.run([str(ptxas), "--gpu-name", "sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True, check=False)
-    m = re.search(r"Used (\d+) registers", res.stderr + res.stdout)
+    return res.stderr + res.stdout
+
+
+def registers(ptx: str) -> int | None:
+    """Registers per thread that ptxas allocates for `ptx` (sm_90a), None if it cannot tell."""
+    m = re.search(r"Used (\d+) registers", ptxas_output(ptx))
     return int(m.group(1)) if m else None
 
 
@@ -156,18 +161,6 @@ def cluster_report(k: int = 2048, xt: bool = False, cl: int = 8, f16: bool = Fal
             "global_stores": sorted({x.split()[1] for x in lines if x.startswith("@") and " st.global" in x}
                                     | {x.split()[0] for x in lines if x.startswith("st.global")}),
             "registers": registers(ptx), "shared_bytes": ck.metadata.shared}
-
-
-def ptxas_output(ptx: str) -> str:
-    """ptxas -v's messages (sm_90a) for `ptx`: registers, spills, C7515 warnings."""
-    import triton
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        Path(src).write_text(ptx)
-        res = subprocess.run([str(ptxas), "--gpu-name", "sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=False)
-    return res.stderr + res.stdout
 
 
 def compile_rs(bn: int = 128, bmt: int = 128, bk: int = 256, warps: int = 8, stages: int = 4, restore: bool = True,
