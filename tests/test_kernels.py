@@ -371,3 +371,23 @@ def test_register_operand_tiles_apply_only_where_that_gemm_runs(monkeypatch):
     assert K.resolve_config(800, 32768, 2048, K.MODE_STATIC, torch.device("cpu")) == static and "RS_CONFIG" not in static
     down = K.resolve_config(800, 2048, 16384, K.MODE_DYNAMIC, torch.device("cpu"))
     assert down["GEMM"] == "rs" and down["RS_RESTORE"] and down["RS_PDL"] and not down["RS_TRIGGER"]
+
+
+@needs_triton
+def test_tiles_fit_shapes_the_picks_were_not_measured_on(monkeypatch):
+    """`resolve_config` for layers outside the pi0.5 shapes (`supports` only asks N to be a multiple
+    of 64 and of the output block): a weight-row tile that does not divide N, or is not a multiple
+    of the output block, shrinks; the rs GEMM gives way to the Triton GEMM where its tiles do not fit."""
+    import torch
+    from duquant_runtime.kernels import w4a8 as K
+    cpu = torch.device("cpu")
+    down = K.resolve_config(800, 2112, 16384, K.MODE_DYNAMIC, cpu, None, 64)  # picked BN 128, N = 33 x 64
+    assert down["BN"] == 64 and 2112 % down["BN"] == 0
+    assert K.resolve_config(800, 2048, 16384, K.MODE_DYNAMIC, cpu, None, 64)["BN"] == 128  # the pick, where it fits
+    monkeypatch.setattr(K, "_rs_module", lambda device: object())  # as on an sm_90 GPU with Gluon
+    gu = K.resolve_config(800, 8256, 2048, K.MODE_DYNAMIC, cpu, None, 64)  # rs tiles: BN 128 does not divide N
+    assert gu["GEMM"] is None and gu["BN"] == 64 and gu["BMT"] == 128  # the Triton pick
+    assert gu["PDL"] == K.pick_config(800, 8256, 2048, K.MODE_DYNAMIC)["PDL"] and "RS_PDL" not in gu
+    kv = K.resolve_config(800, 256, 2048, K.MODE_DYNAMIC, cpu, None, 128)  # rs BN 64 < an output block of 128
+    assert kv["GEMM"] is None and kv["BN"] == 128
+    assert K.resolve_config(800, 256, 2048, K.MODE_DYNAMIC, cpu, None, 64)["GEMM"] == "rs"

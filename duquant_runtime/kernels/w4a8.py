@@ -974,12 +974,16 @@ def restore(yt: torch.Tensor, r_out: torch.Tensor | None, bias: torch.Tensor | N
     return out
 
 
-def resolve_config(m: int, n: int, k: int, mode: int, device: torch.device, config: dict | None = None) -> dict:
-    """The launch configuration `w4_linear` runs: `pick_config`'s; its RS_CONFIG (keys for where the
-    register-operand GEMM runs: its BN, BMT, BK, num_warps, RS_STAGES, TAIL_BMT, PDL, ...) over it
-    where that GEMM runs (GEMM "rs", dynamic activations, sm_90 with Gluon: `_rs_module`), elsewhere
-    the Triton launches keep their own keys; then `config`'s keys over all (an RS_CONFIG there
-    replaces the picked one)."""
+def resolve_config(m: int, n: int, k: int, mode: int, device: torch.device, config: dict | None = None,
+                   block_out: int | None = None) -> dict:
+    """The launch configuration `w4_linear` runs for (M, N, K) and R_out blocks of block_out (None:
+    no R_out): `pick_config`'s; its RS_CONFIG (keys for where the register-operand GEMM runs: its BN,
+    BMT, BK, num_warps, RS_STAGES, TAIL_BMT, PDL, ...) over it where that GEMM runs (GEMM "rs",
+    dynamic activations, sm_90 with Gluon: `_rs_module`), elsewhere the Triton launches keep their
+    own keys; then `config`'s keys over all (an RS_CONFIG there replaces the picked one). The picks
+    were measured on the pi0.5 shapes; for other shapes the rs GEMM gives way to the Triton GEMM
+    where its tiles do not fit, and the weight-row tile BN shrinks to one that divides N and is a
+    multiple of the output block."""
     cfg = dict(pick_config(m, n, k, mode))
     over = dict(config or {})
     extra = over.pop("RS_CONFIG", cfg.pop("RS_CONFIG", None))
@@ -987,6 +991,12 @@ def resolve_config(m: int, n: int, k: int, mode: int, device: torch.device, conf
     if extra and over.get("GEMM", cfg.get("GEMM")) == "rs" and mode == MODE_DYNAMIC and _rs_module(device) is not None:
         cfg.update(extra)
     cfg.update(over)
+    bo = block_out or 16
+    bk = gemm_tiling(k, cfg)[0]
+    if cfg.get("GEMM") == "rs" and (n % cfg["BN"] or cfg["BN"] % bo or k % (2 * bk)):
+        return resolve_config(m, n, k, mode, device, {**over, "GEMM": None}, block_out)
+    if n % cfg["BN"] or cfg["BN"] % bo:  # supports(): N is a multiple of 64 and of the output block (<= 128)
+        cfg["BN"] = 128 if bo == 128 else 64
     return cfg
 
 
@@ -1010,7 +1020,8 @@ def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, 
             raise ValueError(f"w4_linear: {name} must be contiguous (strides {t.stride()})")
     if qweight.shape[1] * 2 != k:
         raise ValueError(f"w4_linear: qweight {tuple(qweight.shape)} does not pack K={k} int4 columns")
-    cfg = resolve_config(m, qweight.shape[0], k, mode, x.device, config)
+    cfg = resolve_config(m, qweight.shape[0], k, mode, x.device, config,
+                         r_out.shape[-1] if r_out is not None else None)
     a, tok_scale = prepare_activation(x, r_in=r_in, perm=perm, smooth=smooth, mode=mode, qmin=qmin, qmax=qmax,
                                       act_scale=act_scale, cfg=cfg, rot_precision=rot_precision)
     return w4_gemm(a, tok_scale, qweight=qweight, w_scale=w_scale, r_out=r_out, bias=bias, out_dtype=x.dtype,
