@@ -736,9 +736,9 @@ def _epilogue(cfg: dict, dynamic: bool) -> dict:
 _PREC = {"tf32": "tf32", "tf32x3": "tf32x3", "ieee": "ieee"}
 
 
-def _use_pdl(cfg: dict, device: torch.device) -> bool:
-    """PDL requested by the configuration, on a GPU that supports it (sm_90+), not interpreted."""
-    if not cfg.get("PDL") or _INTERPRET:
+def _use_pdl(cfg: dict, device: torch.device, key: str = "PDL") -> bool:
+    """PDL requested by the configuration (cfg[key]), on a GPU that supports it (sm_90+), not interpreted."""
+    if not cfg.get(key) or _INTERPRET:
         return False
     from . import device_capability, pdl_ok
     return pdl_ok(device_capability(device))
@@ -877,24 +877,27 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     out = (torch.empty((n, m), device=a.device, dtype=out_dtype).t() if token_minor
            else torch.empty((m, n), device=a.device, dtype=out_dtype))
     rs = _rs_module(a.device) if cfg.get("GEMM") == "rs" and tok_scale is not None and split == 1 else None
-    if rs is not None and k % (2 * bk) == 0:  # the register-operand Gluon GEMM
-        if cfg.get("RS_RESTORE"):  # the restore in its epilogue; the last tokens in a second launch (`tail_tokens`)
-            tail = tail_tokens(m, cfg)
-            for rows, c in (((slice(0, m - tail), cfg), (slice(m - tail, m), {**cfg, "BMT": cfg["TAIL_BMT"]}))
-                            if tail else ((slice(0, m), cfg), )):
-                rs.rs_gemm(a[rows], tok_scale[rows], qweight, w_scale, {**c, "BK": bk}, r_out=r_out, bias=bias,
-                           out=out[rows], pdl=_use_pdl({"PDL": cfg.get("RS_PDL")}, a.device))
-            return out
+    if rs is not None and k % (2 * bk) == 0 and not cfg.get("RS_RESTORE"):  # the register-operand Gluon GEMM,
         yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk})  # then the restore launch
         return restore(yt, r_out, bias, out, pdl=True)  # sm_90 (`_rs_module`): PDL is there
+    rs_pdl = _use_pdl(cfg, a.device, key="RS_PDL")
+    for rows, c in row_launches(m, cfg, split):
+        if rs is not None and k % (2 * bk) == 0:  # the register-operand Gluon GEMM, its restore in the epilogue
+            rs.rs_gemm(a[rows], tok_scale[rows], qweight, w_scale, {**c, "BK": bk}, r_out=r_out, bias=bias,
+                       out=out[rows], pdl=rs_pdl)
+        else:
+            _gemm_launch(a[rows], tok_scale[rows] if tok_scale is not None else None, qweight, w_scale, r_out, bias,
+                         out[rows], bk, split, c)
+    return out
+
+
+def row_launches(m: int, cfg: dict, split: int = 1) -> list[tuple[slice, dict]]:
+    """The GEMM's launches over M tokens: (token rows, configuration) pairs, one for all rows, or
+    two when the last `tail_tokens` go to a launch of cfg["TAIL_BMT"]-token tiles."""
     tail = tail_tokens(m, cfg, split)
     if not tail:
-        _gemm_launch(a, tok_scale, qweight, w_scale, r_out, bias, out, bk, split, cfg)
-        return out
-    for rows, c in ((slice(0, m - tail), cfg), (slice(m - tail, m), {**cfg, "BMT": cfg["TAIL_BMT"]})):
-        _gemm_launch(a[rows], tok_scale[rows] if tok_scale is not None else None, qweight, w_scale, r_out, bias,
-                     out[rows], bk, split, c)
-    return out
+        return [(slice(0, m), cfg)]
+    return [(slice(0, m - tail), cfg), (slice(m - tail, m), {**cfg, "BMT": cfg["TAIL_BMT"]})]
 
 
 def tail_tokens(m: int, cfg: dict, split: int = 1) -> int:
@@ -986,8 +989,8 @@ def resolve_config(m: int, n: int, k: int, mode: int, device: torch.device, conf
     multiple of the output block."""
     cfg = dict(pick_config(m, n, k, mode))
     over = dict(config or {})
-    extra = over.pop("RS_CONFIG", cfg.pop("RS_CONFIG", None))
-    cfg.pop("RS_CONFIG", None)
+    picked = cfg.pop("RS_CONFIG", None)
+    extra = over.pop("RS_CONFIG", picked)
     if extra and over.get("GEMM", cfg.get("GEMM")) == "rs" and mode == MODE_DYNAMIC and _rs_module(device) is not None:
         cfg.update(extra)
     cfg.update(over)

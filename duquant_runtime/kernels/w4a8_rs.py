@@ -157,7 +157,8 @@ def rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma: gl.constexpr, 
 @gluon.jit
 def rout_smem(rout_ptr, off_n, N, BN: gl.constexpr, BO: gl.constexpr, num_warps: gl.constexpr):
     """The tile's block-diagonal slice of R_out, BD (BN, BN) bf16 in shared memory (R_out's 16-bit
-    values rounded to bf16, zeros across blocks): the restore wgmma's A operand."""
+    values rounded to bf16, zeros across blocks; the slice `w4a8._rout_tile` loads for the Triton
+    GEMM): the restore wgmma's A operand."""
     rl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     i = gl.arange(0, BN, layout=gl.SliceLayout(1, rl))
     c = gl.arange(0, BN, layout=gl.SliceLayout(0, rl))
