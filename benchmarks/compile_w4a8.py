@@ -164,9 +164,10 @@ def cluster_report(k: int = 2048, xt: bool = False, cl: int = 8, f16: bool = Fal
 
 
 def compile_rs(bn: int = 128, bmt: int = 128, bk: int = 256, warps: int = 8, stages: int = 4, restore: bool = True,
-               token_minor: bool = False, has_rout: bool = True, bias: bool = False, pdl: bool = False):
+               token_minor: bool = False, has_rout: bool = True, bias: bool = False, pdl: bool = False, split: int = 1):
     """The compiled `w4a8_rs._rs_gemm_kernel` (triton CompiledKernel) for sm_90: one (bn, bmt) tile
-    with bk-wide K steps, its restore in the epilogue (restore) into a row-major or token-minor out."""
+    with bk-wide K steps, its restore in the epilogue (restore) into a row-major or token-minor out,
+    split-K `split` ways."""
     import triton.experimental.gluon.language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -177,22 +178,24 @@ def compile_rs(bn: int = 128, bmt: int = 128, bk: int = 256, warps: int = 8, sta
     fn = w4a8_rs._rs_gemm_kernel
     types = {"w_desc": desc([bn, bk // 2]), "alo_desc": desc([bmt, bk // 2]), "ahi_desc": desc([bmt, bk // 2]),
              "tok_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "rout_ptr": "*fp16", "bias_ptr": "*bf16",
-             "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "stride_on": "i32"}
+             "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "stride_on": "i32",
+             "ws_ptr": "*i32", "cnt_ptr": "*i32"}
     consts = {"STAGES": stages, "GROUP": 8, "WAIT": 2, "BARRIER": True, "TRIGGER": False, "RESTORE": restore,
-              "HAS_ROUT": has_rout, "HAS_BIAS": bias, "BO": 64, "TOKEN_MINOR": token_minor, "PDL": pdl, "num_warps": warps,
+              "HAS_ROUT": has_rout, "HAS_BIAS": bias, "BO": 64, "TOKEN_MINOR": token_minor, "PDL": pdl, "SPLIT": split,
+              "num_warps": warps,
               ("stride_om" if token_minor else "stride_on"): 1}
     return compile_sm90(GluonASTSource, fn, types, consts, {"num_warps": warps}, divisible=("N", "K"))
 
 
 def rs_report(bn: int = 128, bmt: int = 128, bk: int = 256, warps: int = 8, stages: int = 4, restore: bool = True,
-              token_minor: bool = False, pdl: bool = False) -> dict:
+              token_minor: bool = False, pdl: bool = False, split: int = 1) -> dict:
     """What the generated code of one `_rs_gemm_kernel` variant does: wgmma shapes, the wait depths,
     whether ptxas serializes its wgmma (C7515), registers, shared bytes."""
-    ck = compile_rs(bn, bmt, bk, warps, stages, restore, token_minor, pdl=pdl)
+    ck = compile_rs(bn, bmt, bk, warps, stages, restore, token_minor, pdl=pdl, split=split)
     ptx = ck.asm["ptx"]
     msgs = ptxas_output(ptx)
     return {"BN": bn, "BMT": bmt, "BK": bk, "num_warps": warps, "stages": stages, "restore": restore,
-            "token_minor": token_minor, "pdl": pdl, "griddepcontrol_wait": ptx.count("griddepcontrol.wait"),
+            "token_minor": token_minor, "pdl": pdl, "split": split, "griddepcontrol_wait": ptx.count("griddepcontrol.wait"),
             "wgmma": wgmma_shapes(ptx),
             "waits": sorted({int(line.split()[-1].rstrip(";")) for line in ptx.splitlines() if "wgmma.wait_group" in line}),
             "serialized": "C7515" in msgs, "registers": registers(ptx), "shared_bytes": ck.metadata.shared}

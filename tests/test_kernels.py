@@ -338,7 +338,8 @@ def test_offline_register_operand_gemm_keeps_its_wgmma_in_flight_with_the_restor
     the restore is one bf16 wgmma."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     compile_w4a8 = _compile_tool()
-    for kw in ({}, {"token_minor": True}, {"bn": 64, "warps": 4}, {"restore": False}):
+    for kw in ({}, {"token_minor": True}, {"bn": 64, "warps": 4}, {"restore": False},
+               {"bn": 64, "bmt": 32, "warps": 4, "stages": 5, "split": 8, "pdl": True}):
         r = compile_w4a8.rs_report(**kw)
         assert not r["serialized"] and r["waits"] == [0, 2], (kw, r)
         assert any(".s32.s8.s8" in w for w in r["wgmma"]), (kw, r)
@@ -371,6 +372,13 @@ def test_register_operand_tiles_apply_only_where_that_gemm_runs(monkeypatch):
     assert K.resolve_config(800, 32768, 2048, K.MODE_STATIC, torch.device("cpu")) == static and "RS_CONFIG" not in static
     down = K.resolve_config(800, 2048, 16384, K.MODE_DYNAMIC, torch.device("cpu"))
     assert down["GEMM"] == "rs" and down["RS_RESTORE"] and down["RS_PDL"] and not down["RS_TRIGGER"]
+    # M = 1 down_proj: the rs GEMM's split-K over 32-token tiles, 5 stages; elsewhere the Triton GEMM's over 16
+    one = K.resolve_config(1, 2048, 16384, K.MODE_DYNAMIC, torch.device("cpu"))
+    assert (one["GEMM"], one["SPLIT"], one["BMT"], one["RS_STAGES"]) == ("rs", 4, 32, 5) and one["RS_PDL"]
+    assert K.gemm_tiling(16384, one) == (256, 4)
+    monkeypatch.setattr(K, "_rs_module", lambda device: None)  # no Gluon: the Triton split-K
+    tri = K.resolve_config(1, 2048, 16384, K.MODE_DYNAMIC, torch.device("cpu"))
+    assert (tri["SPLIT"], tri["BMT"]) == (4, 16) and "RS_STAGES" not in tri
 
 
 @needs_triton
@@ -391,3 +399,7 @@ def test_tiles_fit_shapes_the_picks_were_not_measured_on(monkeypatch):
     kv = K.resolve_config(800, 256, 2048, K.MODE_DYNAMIC, cpu, None, 128)  # rs BN 64 < an output block of 128
     assert kv["GEMM"] is None and kv["BN"] == 128
     assert K.resolve_config(800, 256, 2048, K.MODE_DYNAMIC, cpu, None, 64)["GEMM"] == "rs"
+    # split-K: each program's K chunk must hold an even number of K steps, else the Triton GEMM
+    assert K.resolve_config(1, 2048, 16384, K.MODE_DYNAMIC, cpu, None, 64)["GEMM"] == "rs"
+    odd = K.resolve_config(1, 2048, 5120, K.MODE_DYNAMIC, cpu, None, 64)  # (256, 4): 5 steps of 256 per chunk
+    assert odd["GEMM"] is None and (odd["SPLIT"], odd["BMT"]) == (4, 16)

@@ -100,3 +100,42 @@ def test_wide_token_tiles_with_a_tail_launch(tail, token_minor):
     assert rel(wide, narrow) < 5e-4, rel(wide, narrow)  # only the order of float32 sums differs
     assert rel(wide, tri) < 2e-3, rel(wide, tri)
     assert torch.equal(K.w4_linear(x, config={**base, "BMT": 256, "RS_STAGES": 2, "TAIL_BMT": tail}, **kw), wide)
+
+
+@pytest.mark.parametrize(("m", "n", "k", "token_minor"), [(1, 2048, 16384, False), (50, 1024, 4096, True),
+                                                          (130, 512, 2048, False)])
+def test_split_k_gives_the_same_values(m, n, k, token_minor):
+    """Split-K in the register-operand GEMM (SPLIT 2-8: each program sums K / SPLIT, the tile's last
+    program adds the int32 partial sums and runs the epilogue): bit-identical to one program per
+    tile whatever the split (integer sums are exact in any order), the same on every call (the
+    tile counters reset), within the Triton GEMM's roundings, and the picked M = 1 down_proj runs it."""
+    from duquant_runtime.kernels import w4a8 as K
+    from duquant_runtime.quant import pack_int4
+
+    g = torch.Generator().manual_seed(m + k)
+    orth = lambda nb: torch.linalg.qr(torch.randn(nb, 64, 64, generator=g, dtype=torch.float64))[0].half().contiguous().cuda()  # noqa: E731
+    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    kw = dict(qweight=pack_int4(q).cuda(), w_scale=(torch.rand(n, generator=g) * 0.01 + 0.001).cuda(),  # noqa: C408
+              r_in=orth(k // 64), perm=torch.randperm(k, generator=g).cuda(), r_out=orth(n // 64),
+              bias=torch.randn(n, generator=g).bfloat16().cuda(), smooth=None, mode=K.MODE_DYNAMIC)
+    x = torch.randn(m, k, generator=g)
+    x[:, :5] *= 30.0
+    x = x.bfloat16().cuda()
+    if token_minor:
+        x = x.t().contiguous().t()
+    base = {**K.pick_config(m, n, k, K.MODE_DYNAMIC), "GEMM": "rs", "RS_RESTORE": True, "BN": 64, "BMT": 32,
+            "BK": 256, "num_warps": 4, "RS_STAGES": 3, "TAIL_BMT": 0}
+    one = K.w4_linear(x, config={**base, "SPLIT": 1}, **kw)
+    for split in (2, 4, 8):
+        if k % (2 * 256 * split):
+            continue
+        out = K.w4_linear(x, config={**base, "SPLIT": split}, **kw)
+        assert torch.equal(out, one), split
+        assert torch.equal(K.w4_linear(x, config={**base, "SPLIT": split}, **kw), one), split
+    tri = K.w4_linear(x, config={**base, "GEMM": None, "SPLIT": 1, "RESTORE": 1}, **kw)  # its bf16 restore too
+    rel = float((one.float() - tri.float()).norm() / tri.float().norm())
+    assert rel < 2e-3, rel  # the same roundings; only the order of float32 sums differs
+    if m == 1:  # the pick: rs with 4-way split-K (5 stages) where it runs, the same values
+        cfg = K.resolve_config(m, n, k, K.MODE_DYNAMIC, x.device, None, 64)
+        assert (cfg["GEMM"], cfg["SPLIT"], cfg["BMT"], cfg["BN"], cfg["BK"]) == ("rs", 4, 32, 64, 256)
+        assert torch.equal(K.w4_linear(x, **kw), one)

@@ -37,7 +37,8 @@ On sm_90 with Gluon, where `pick_config` measured them faster: launches 1-2 are 
 two rotation passes of `w4a8_act` (ACT="wgmma": no float32 round trip; the transpose launch
 then also zeroes its token maxima) or by one thread-block-cluster launch (`w4a8_cluster`,
 ACT="cluster"), and launch 3 by `w4a8_rs`'s GEMM with the restore in its epilogue (GEMM="rs",
-RS_RESTORE; its own tiles in RS_CONFIG, merged by `resolve_config`). Any other GPU, Triton without Gluon, or the interpreter runs the Triton launches.
+RS_RESTORE; its own tiles in RS_CONFIG, merged by `resolve_config`; its split-K adds int32 partial
+sums, so its values do not depend on SPLIT). Any other GPU, Triton without Gluon, or the interpreter runs the Triton launches.
 Programmatic dependent launch (`PDL`, Hopper+): the quantize launch and the GEMM start while the
 previous launch runs; the GEMM pulls its weight slice into L2 (and, with `EPI_EARLY`, loads its
 epilogue's row scales, R_out tile and bias), then both wait (griddepcontrol.wait) before they
@@ -615,6 +616,12 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
             cfg.update(BN=64, BMT=16, BK=256, SPLIT=4, SWAP=False, num_warps=4, num_stages=3)
             if n >= 8192:
                 cfg.update(SPLIT=2, SWAP=True)
+            elif k > 4096:  # sm_90: the register-operand GEMM, split-K over 32-token tiles (int32 partial sums),
+                # restore in the epilogue, 5 stages, PDL: LLM down_proj 16.2 / 16.0 us vs 19.4 / 18.9 for the Triton
+                # GEMM (two same-run A/Bs, sweep_w4a8.py --ab; split 8 15.6 / 16.3, 3 stages 16.6, no RS_PDL 17.2);
+                # not for the gate/up projections (18.2-20.4 vs 16.8 us) nor q/o (8.7-10.5 vs 8.6)
+                cfg.update(GEMM="rs", RS_RESTORE=True,
+                           RS_CONFIG=dict(BMT=32, SPLIT=4, RS_STAGES=5, PDL=True, RS_PDL=True))
         else:
             cfg.update(BN=64, BMT=16, BK=128, SPLIT=4, num_warps=4, num_stages=3)
             if n >= 8192:
@@ -876,15 +883,16 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         raise ValueError(f"GEMM config {cfg} does not fit N={n}, output block {bo}")
     out = (torch.empty((n, m), device=a.device, dtype=out_dtype).t() if token_minor
            else torch.empty((m, n), device=a.device, dtype=out_dtype))
-    rs = _rs_module(a.device) if cfg.get("GEMM") == "rs" and tok_scale is not None and split == 1 else None
-    if rs is not None and k % (2 * bk) == 0 and not cfg.get("RS_RESTORE"):  # the register-operand Gluon GEMM,
-        yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk})  # then the restore launch
+    rs = _rs_module(a.device) if cfg.get("GEMM") == "rs" and tok_scale is not None and k % (2 * bk * split) == 0 \
+        else None
+    if rs is not None and not cfg.get("RS_RESTORE"):  # the register-operand Gluon GEMM, then the restore launch
+        yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk, "SPLIT": split})
         return restore(yt, r_out, bias, out, pdl=True)  # sm_90 (`_rs_module`): PDL is there
     rs_pdl = _use_pdl(cfg, a.device, key="RS_PDL")
     for rows, c in row_launches(m, cfg, split):
-        if rs is not None and k % (2 * bk) == 0:  # the register-operand Gluon GEMM, its restore in the epilogue
-            rs.rs_gemm(a[rows], tok_scale[rows], qweight, w_scale, {**c, "BK": bk}, r_out=r_out, bias=bias,
-                       out=out[rows], pdl=rs_pdl)
+        if rs is not None:  # the register-operand Gluon GEMM, its restore in the epilogue
+            rs.rs_gemm(a[rows], tok_scale[rows], qweight, w_scale, {**c, "BK": bk, "SPLIT": split}, r_out=r_out,
+                       bias=bias, out=out[rows], pdl=rs_pdl)
         else:
             _gemm_launch(a[rows], tok_scale[rows] if tok_scale is not None else None, qweight, w_scale, r_out, bias,
                          out[rows], bk, split, c)
@@ -995,8 +1003,8 @@ def resolve_config(m: int, n: int, k: int, mode: int, device: torch.device, conf
         cfg.update(extra)
     cfg.update(over)
     bo = block_out or 16
-    bk = gemm_tiling(k, cfg)[0]
-    if cfg.get("GEMM") == "rs" and (n % cfg["BN"] or cfg["BN"] % bo or k % (2 * bk)):
+    bk, split = gemm_tiling(k, cfg)
+    if cfg.get("GEMM") == "rs" and (n % cfg["BN"] or cfg["BN"] % bo or k % (2 * bk * split)):
         return resolve_config(m, n, k, mode, device, {**over, "GEMM": None}, block_out)
     if n % cfg["BN"] or cfg["BN"] % bo:  # supports(): N is a multiple of 64 and of the output block (<= 128)
         cfg["BN"] = 128 if bo == 128 else 64

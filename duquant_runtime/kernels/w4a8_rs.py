@@ -22,6 +22,9 @@ operand asynchronously, so with one step per iteration the next unpack would ove
 operand of the wgmma still in flight. Token tiles of 256 run as two N = 128 wgmma per weight
 operand (Triton 3.6 has no int8 N = 256). With PDL the kernel is launched while the codes'
 producer runs, requests its first weight tiles, and waits before it requests the codes.
+Split-K (SPLIT > 1, for few tokens): program (tile, j) sums the j-th K / SPLIT columns and stores
+its int32 sums; the tile's last program (a per-tile counter) adds them and runs the epilogue.
+Integer sums are exact in any order, so the output does not depend on SPLIT, bit for bit.
 
 Used by `w4a8.w4_gemm` where `pick_config` asks for it (GEMM="rs") on sm_90 with Gluon; every
 other case, and the CPU interpreter, runs the Triton GEMM. The GPU tests compare it with the
@@ -68,7 +71,8 @@ def unpack_int8x16(wb):
 @gluon.jit
 def fill_weight(w_desc, alo_desc, ahi_desc, bar, w_buf, off_n, j):
     """The first half of `fill_split`: the stage's expected bytes (weight and codes) and the TMA of
-    its packed weight tile (BN, BK/2), which does not depend on the previous launch."""
+    its packed weight tile (BN, BK/2) of K step j (counted from K = 0), which does not depend on the
+    previous launch."""
     BKH: gl.constexpr = w_desc.block_type.shape[1]
     mbarrier.expect(bar, w_desc.block_type.nbytes + alo_desc.block_type.nbytes + ahi_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(w_desc, [off_n, j * BKH], bar, w_buf)
@@ -92,10 +96,11 @@ def fill_split(w_desc, alo_desc, ahi_desc, bar, w_buf, lo_buf, hi_buf, off_n, of
 
 
 @gluon.jit
-def rs_step(w_desc, alo_desc, ahi_desc, bars, w_bufs, lo_bufs, hi_bufs, acc, i, nk, off_n, off_m,
+def rs_step(w_desc, alo_desc, ahi_desc, bars, w_bufs, lo_bufs, hi_bufs, acc, i, nk, k0, off_n, off_m,
             w_reg: gl.constexpr, STAGES: gl.constexpr, WAIT: gl.constexpr, BARRIER: gl.constexpr):
-    """K step i of `rs_mainloop`: wait for its stage, unpack the weight, two async wgmma (even and
-    odd k), keep WAIT groups in flight, refill the stage step i - 1 used with step i + STAGES - 1."""
+    """K step i (of nk, from step k0 of K) of `rs_mainloop`: wait for its stage, unpack the weight,
+    two async wgmma (even and odd k), keep WAIT groups in flight, refill the stage step i - 1 used
+    with step i + STAGES - 1."""
     st = i % STAGES
     mbarrier.wait(bars.index(st), (i // STAGES) & 1)
     lo, hi = unpack_int8x16(w_bufs.index(st).load(w_reg))
@@ -108,21 +113,17 @@ def rs_step(w_desc, alo_desc, ahi_desc, bars, w_bufs, lo_bufs, hi_bufs, acc, i, 
     if j < nk:
         sj = j % STAGES
         fill_split(w_desc, alo_desc, ahi_desc, bars.index(sj), w_bufs.index(sj), lo_bufs.index(sj),
-                   hi_bufs.index(sj), off_n, off_m, j)
+                   hi_bufs.index(sj), off_n, off_m, k0 + j)
     return acc
 
 
 @gluon.jit
-def rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma: gl.constexpr, STAGES: gl.constexpr,
-                WAIT: gl.constexpr, BARRIER: gl.constexpr, PDL: gl.constexpr = False):
-    """int32 sums (BN, BMT) in layout mma of 16 * W_q tile @ codes^T over all of K (at least two
-    K steps): the weight unpacked in registers as the wgmma A operand, WAIT wgmma groups kept in
-    flight. The first two steps run before the loop: with a loop that might run zero times, the
-    zeroed sums reach its exit through plain moves, and ptxas then serializes every wgmma of a
-    kernel whose epilogue touches shared memory (C7515, "non wgmma instructions defining
-    accumulator registers"; checked offline, benchmarks/compile_w4a8.py `rs_report`). PDL: the
-    first stages' weight tiles are requested before the wait for the previous launch (which writes
-    the codes), their codes after it."""
+def rs_prologue(w_desc, alo_desc, ahi_desc, off_n, off_m, mma: gl.constexpr, STAGES: gl.constexpr,
+                PDL: gl.constexpr = False, k0=0):
+    """The ring of `rs_mainloop` (STAGES stages of the packed weight tile and both halves of the
+    codes' tile, one mbarrier each) with its first STAGES - 1 K steps (from K step k0) requested:
+    with PDL the weight tiles before the wait for the previous launch (which writes the codes), the
+    codes after it. Returns (w_bufs, lo_bufs, hi_bufs, bars) for `rs_loop`."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKH: gl.constexpr = w_desc.block_type.shape[1]  # BK / 2: packed bytes per row and K step
     BMT: gl.constexpr = alo_desc.block_type.shape[0]
@@ -132,26 +133,53 @@ def rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma: gl.constexpr, 
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for q in gl.static_range(STAGES):
         mbarrier.init(bars.index(q), count=1)
-    w_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-    acc = gl.zeros((BN, BMT), dtype=gl.int32, layout=mma)
-    nk = K // (2 * BKH)
     for p in gl.static_range(STAGES - 1):
-        fill_weight(w_desc, alo_desc, ahi_desc, bars.index(p), w_bufs.index(p), off_n, p)
+        fill_weight(w_desc, alo_desc, ahi_desc, bars.index(p), w_bufs.index(p), off_n, k0 + p)
     if PDL:
         _griddepcontrol(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), "wait")
     for p in gl.static_range(STAGES - 1):
-        fill_codes(alo_desc, ahi_desc, bars.index(p), lo_bufs.index(p), hi_bufs.index(p), off_m, p)
-    for u in gl.static_range(2):  # peeled (see above)
-        acc = rs_step(w_desc, alo_desc, ahi_desc, bars, w_bufs, lo_bufs, hi_bufs, acc, u, nk, off_n, off_m, w_reg,
-                      STAGES, WAIT, BARRIER)
+        fill_codes(alo_desc, ahi_desc, bars.index(p), lo_bufs.index(p), hi_bufs.index(p), off_m, k0 + p)
+    return w_bufs, lo_bufs, hi_bufs, bars
+
+
+@gluon.jit
+def rs_loop(w_desc, alo_desc, ahi_desc, w_bufs, lo_bufs, hi_bufs, bars, off_n, off_m, K, mma: gl.constexpr,
+            STAGES: gl.constexpr, WAIT: gl.constexpr, BARRIER: gl.constexpr, k0=0):
+    """The K steps of `rs_mainloop` on the ring `rs_prologue` filled; returns the int32 sums."""
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    BKH: gl.constexpr = w_desc.block_type.shape[1]
+    BMT: gl.constexpr = alo_desc.block_type.shape[0]
+    w_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    acc = gl.zeros((BN, BMT), dtype=gl.int32, layout=mma)
+    nk = K // (2 * BKH)
+    for u in gl.static_range(2):  # peeled (see `rs_mainloop`)
+        acc = rs_step(w_desc, alo_desc, ahi_desc, bars, w_bufs, lo_bufs, hi_bufs, acc, u, nk, k0, off_n, off_m,
+                      w_reg, STAGES, WAIT, BARRIER)
     for i0 in range(2, nk, 2):  # two K steps per iteration (distinct operand registers, see above)
         for u in gl.static_range(2):
-            acc = rs_step(w_desc, alo_desc, ahi_desc, bars, w_bufs, lo_bufs, hi_bufs, acc, i0 + u, nk, off_n, off_m,
-                          w_reg, STAGES, WAIT, BARRIER)
+            acc = rs_step(w_desc, alo_desc, ahi_desc, bars, w_bufs, lo_bufs, hi_bufs, acc, i0 + u, nk, k0, off_n,
+                          off_m, w_reg, STAGES, WAIT, BARRIER)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     for q in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(q))
     return acc
+
+
+@gluon.jit
+def rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma: gl.constexpr, STAGES: gl.constexpr,
+                WAIT: gl.constexpr, BARRIER: gl.constexpr, PDL: gl.constexpr = False, k0=0):
+    """int32 sums (BN, BMT) in layout mma of 16 * W_q tile @ codes^T over K columns from K step k0
+    (split-K: the program's chunk; at least two K steps): the weight unpacked in registers as the
+    wgmma A operand, WAIT wgmma groups kept in flight (`rs_prologue`, then `rs_loop`). The first two
+    steps run before the loop: with a loop that might run zero times, the zeroed sums reach its
+    exit through plain moves, and ptxas then serializes every wgmma of a kernel whose epilogue
+    touches shared memory (C7515, "non wgmma instructions defining accumulator registers"; checked
+    offline, benchmarks/compile_w4a8.py `rs_report`). PDL: the first stages' weight tiles are
+    requested before the wait for the previous launch (which writes the codes), their codes after
+    it."""
+    w_bufs, lo_bufs, hi_bufs, bars = rs_prologue(w_desc, alo_desc, ahi_desc, off_n, off_m, mma, STAGES, PDL, k0)
+    return rs_loop(w_desc, alo_desc, ahi_desc, w_bufs, lo_bufs, hi_bufs, bars, off_n, off_m, K, mma, STAGES, WAIT,
+                   BARRIER, k0)
 
 
 @gluon.jit
@@ -173,28 +201,22 @@ def rout_smem(rout_ptr, off_n, N, BN: gl.constexpr, BO: gl.constexpr, num_warps:
 
 
 @gluon.jit
-def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, K,
-                    stride_om, stride_on, STAGES: gl.constexpr, GROUP: gl.constexpr, WAIT: gl.constexpr,
-                    BARRIER: gl.constexpr, TRIGGER: gl.constexpr, RESTORE: gl.constexpr, HAS_ROUT: gl.constexpr,
-                    HAS_BIAS: gl.constexpr, BO: gl.constexpr, TOKEN_MINOR: gl.constexpr, PDL: gl.constexpr,
-                    num_warps: gl.constexpr):
-    """One (BN, BMT) output tile. RESTORE False: y'^T (N, M) bf16, token-minor = the scaled sums
-    (the restore is the next launch). RESTORE True: out (M, N) with strides (stride_om,
-    stride_on) = y' BD(R_out)^T + bias, y' rounded to bf16 and multiplied by the tile's bf16
-    block-diagonal R_out slice in one more wgmma (float32 sums), as `w4a8._restore_kernel` does;
-    TOKEN_MINOR: stride_om is 1. TRIGGER: the next launch (PDL, it waits for this grid's results)
-    may start at once, on the SMs this grid leaves free. PDL: launched while the previous launch
-    (the codes' producer) runs; the weight-side loads start before waiting for it."""
-    BN: gl.constexpr = w_desc.block_type.shape[0]
-    BMT: gl.constexpr = alo_desc.block_type.shape[0]
-    off_m, off_n = grouped_tile(gl.program_id(0), M, N, BMT, BN, GROUP)
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, _instr_n(BMT), 32])
-    if TRIGGER:
-        _griddepcontrol(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), "launch_dependents")
-    if RESTORE and HAS_ROUT:
-        r_smem = rout_smem(rout_ptr, off_n, N, BN, BO, num_warps)
-    acc = rs_mainloop(w_desc, alo_desc, ahi_desc, off_n, off_m, K, mma, STAGES, WAIT, BARRIER, PDL)
+def _fence_gpu(t):
+    """fence.acq_rel.gpu by every thread (t: any tensor, a dummy operand that gives it a layout):
+    this thread's earlier global stores are visible GPU-wide before its later memory operations
+    (release side), or the other programs' stores before its later loads (acquire side)."""
+    gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [t], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
+@gluon.jit
+def rs_epilogue(acc, off_n, off_m, r_smem, tok_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                stride_on, mma: gl.constexpr, RESTORE: gl.constexpr, HAS_ROUT: gl.constexpr, HAS_BIAS: gl.constexpr,
+                TOKEN_MINOR: gl.constexpr, num_warps: gl.constexpr):
+    """The tile's int32 sums acc (BN, BMT) (16 * W_q @ codes^T over all of K) to the output: see
+    `_rs_gemm_kernel` (RESTORE, TOKEN_MINOR)."""
+    BN: gl.constexpr = acc.shape[0]
+    BMT: gl.constexpr = acc.shape[1]
     rows = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
     toks = off_m + gl.arange(0, BMT, layout=gl.SliceLayout(0, mma))
     ts = gl.load(tok_scale_ptr + toks, mask=toks < M, other=0.0)
@@ -229,6 +251,61 @@ def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout
                  mask=mask)
 
 
+@gluon.jit
+def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, K,
+                    stride_om, stride_on, ws_ptr, cnt_ptr, STAGES: gl.constexpr, GROUP: gl.constexpr,
+                    WAIT: gl.constexpr, BARRIER: gl.constexpr, TRIGGER: gl.constexpr, RESTORE: gl.constexpr,
+                    HAS_ROUT: gl.constexpr, HAS_BIAS: gl.constexpr, BO: gl.constexpr, TOKEN_MINOR: gl.constexpr,
+                    PDL: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+    """One (BN, BMT) output tile (program_id(0)), one K chunk of SPLIT (program_id(1)). RESTORE False:
+    y'^T (N, M) bf16, token-minor = the scaled sums (the restore is the next launch). RESTORE True:
+    out (M, N) with strides (stride_om, stride_on) = y' BD(R_out)^T + bias, y' rounded to bf16 and
+    multiplied by the tile's bf16 block-diagonal R_out slice in one more wgmma (float32 sums), as
+    `w4a8._restore_kernel` does; TOKEN_MINOR: stride_om is 1. TRIGGER: the next launch (PDL, it
+    waits for this grid's results) may start at once, on the SMs this grid leaves free. PDL:
+    launched while the previous launch (the codes' producer) runs; the weight-side loads start
+    before waiting for it. SPLIT > 1 (split-K): each program stores its int32 sums to ws_ptr
+    (SPLIT, M, N); the tile's last program (int32 counter cnt_ptr[tile], which it resets) adds
+    them, exact in any order (the same sums as SPLIT 1), and runs the epilogue."""
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    BKH: gl.constexpr = w_desc.block_type.shape[1]
+    BMT: gl.constexpr = alo_desc.block_type.shape[0]
+    pid = gl.program_id(0)
+    off_m, off_n = grouped_tile(pid, M, N, BMT, BN, GROUP)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, _instr_n(BMT), 32])
+    if TRIGGER:
+        _griddepcontrol(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), "launch_dependents")
+    k_chunk = K // SPLIT
+    k0 = gl.program_id(1) * (k_chunk // (2 * BKH))
+    w_bufs, lo_bufs, hi_bufs, bars = rs_prologue(w_desc, alo_desc, ahi_desc, off_n, off_m, mma, STAGES, PDL, k0)
+    r_smem = None
+    if RESTORE and HAS_ROUT:  # loaded while the first K steps' copies are in flight
+        r_smem = rout_smem(rout_ptr, off_n, N, BN, BO, num_warps)
+    acc = rs_loop(w_desc, alo_desc, ahi_desc, w_bufs, lo_bufs, hi_bufs, bars, off_n, off_m, k_chunk, mma, STAGES,
+                  WAIT, BARRIER, k0)
+    if SPLIT == 1:
+        rs_epilogue(acc, off_n, off_m, r_smem, tok_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                    stride_on, mma, RESTORE, HAS_ROUT, HAS_BIAS, TOKEN_MINOR, num_warps)
+    else:
+        rows = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+        toks = off_m + gl.arange(0, BMT, layout=gl.SliceLayout(0, mma))
+        mask = (rows[:, None] < N) & (toks[None, :] < M)
+        wsp = ws_ptr + toks[None, :] * N + rows[:, None]
+        gl.store(wsp + gl.program_id(1) * (M * N), acc, mask=mask)
+        _fence_gpu(rows)  # release: this thread's partial sums before the counter moves
+        gl.thread_barrier()
+        done = gl.atomic_add(cnt_ptr + pid, 1, sem="relaxed")
+        if done == SPLIT - 1:
+            _fence_gpu(rows)  # acquire: the other programs' partial sums, after their fences
+            tot = gl.zeros((BN, BMT), dtype=gl.int32, layout=mma)
+            for s in gl.static_range(SPLIT):  # int32: exact in any order
+                tot += gl.load(wsp + s * (M * N), mask=mask, other=0, cache_modifier=".cg")
+            rs_epilogue(tot, off_n, off_m, r_smem, tok_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                        stride_on, mma, RESTORE, HAS_ROUT, HAS_BIAS, TOKEN_MINOR, num_warps)
+            gl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")  # ready for the next call (kernel boundary orders it)
+
+
 def descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
     """TMA descriptor of an int8 tensor read in (rows, cols) blocks."""
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, gl.NVMMASharedLayout.get_default_for(block, gl.int8))
@@ -244,25 +321,32 @@ def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor,
     - out (M, N), row-major or token-minor (strides (1, M)): out = y' BD(R_out)^T + bias in this
       launch (r_out (N/Bo, Bo, Bo) 16-bit or None, bias (N,) or None); returns out.
     cfg: BN, BMT, BK, num_warps, RS_STAGES, GROUP, RS_TRIGGER (the next launch, if launched with
-    PDL, may start while this one runs). pdl: launched with programmatic dependent launch (sm_90),
-    waiting for the previous launch only before it reads the codes."""
+    PDL, may start while this one runs), SPLIT (split-K ways, default 1: each program sums K / SPLIT,
+    the tile's last one adds the int32 partial sums, so the values do not depend on SPLIT).
+    pdl: launched with programmatic dependent launch (sm_90), waiting for the previous launch only
+    before it reads the codes."""
+    from .w4a8 import _counters
     m, k = codes.shape
     n = qweight.shape[0]
-    bn, bmt, bk = cfg["BN"], cfg["BMT"], cfg["BK"]
+    bn, bmt, bk, split = cfg["BN"], cfg["BMT"], cfg["BK"], cfg.get("SPLIT", 1)
     bo = r_out.shape[-1] if r_out is not None else bn
-    if n % bn or k % (2 * bk) or bn % bo:
-        raise ValueError(f"register-operand GEMM tiles {bn}/{bk} do not fit N={n}, K={k}, output block {bo} "
-                         "(two K steps per iteration)")
+    if n % bn or k % (2 * bk * split) or bn % bo:
+        raise ValueError(f"register-operand GEMM tiles {bn}/{bk} (split-K {split}) do not fit N={n}, K={k}, output "
+                         f"block {bo} (two K steps per iteration and chunk)")
     restore = out is not None
     if restore and not (out.stride(1) == 1 or out.stride(0) == 1):
         raise ValueError(f"register-operand GEMM: out strides {out.stride()} are neither row-major nor token-minor")
     y = out if restore else torch.empty((n, m), device=codes.device, dtype=torch.bfloat16)
-    _rs_gemm_kernel[(triton.cdiv(n, bn) * triton.cdiv(m, bmt),)](
+    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bmt)
+    stages = min(cfg.get("RS_STAGES", 4), k // (bk * split) + 1)  # the ring never runs ahead of the chunk
+    ws = torch.empty((split, m, n), device=codes.device, dtype=torch.int32) if split > 1 else w_scale
+    cnt = _counters(codes.device, tiles) if split > 1 else w_scale
+    _rs_gemm_kernel[(tiles, split)](
         descriptor(qweight.view(torch.int8), [bn, bk // 2]), descriptor(codes, [bmt, bk // 2]),
         descriptor(codes, [bmt, bk // 2]), tok_scale, w_scale, r_out if r_out is not None else w_scale,
-        bias if bias is not None else w_scale, y, m, n, k, y.stride(0), y.stride(1),
-        STAGES=cfg.get("RS_STAGES", 4), GROUP=cfg.get("GROUP", 8), WAIT=2, BARRIER=True,
+        bias if bias is not None else w_scale, y, m, n, k, y.stride(0), y.stride(1), ws, cnt,
+        STAGES=stages, GROUP=cfg.get("GROUP", 8), WAIT=2, BARRIER=True,
         TRIGGER=cfg.get("RS_TRIGGER", False), RESTORE=restore, HAS_ROUT=r_out is not None,
         HAS_BIAS=bias is not None, BO=bo, TOKEN_MINOR=restore and out.stride(0) == 1 and m > 1, PDL=pdl,
-        num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
+        SPLIT=split, num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
     return y
