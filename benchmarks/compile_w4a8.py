@@ -164,10 +164,12 @@ def cluster_report(k: int = 2048, xt: bool = False, cl: int = 8, f16: bool = Fal
 
 
 def compile_rs(bn: int = 128, bmt: int = 128, bk: int = 256, warps: int = 8, stages: int = 4, restore: bool = True,
-               token_minor: bool = False, has_rout: bool = True, bias: bool = False, pdl: bool = False, split: int = 1):
+               token_minor: bool = False, has_rout: bool = True, bias: bool = False, pdl: bool = False, split: int = 1,
+               release: bool = False, end_wait: bool = False):
     """The compiled `w4a8_rs._rs_gemm_kernel` (triton CompiledKernel) for sm_90: one (bn, bmt) tile
     with bk-wide K steps, its restore in the epilogue (restore) into a row-major or token-minor out,
-    split-K `split` ways."""
+    split-K `split` ways; release / end_wait: the kernel's RELEASE / END_WAIT (a launch of the last
+    tokens overlapping the main one)."""
     import triton.experimental.gluon.language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -182,20 +184,23 @@ def compile_rs(bn: int = 128, bmt: int = 128, bk: int = 256, warps: int = 8, sta
              "ws_ptr": "*i32", "cnt_ptr": "*i32"}
     consts = {"STAGES": stages, "GROUP": 8, "WAIT": 2, "BARRIER": True, "TRIGGER": False, "RESTORE": restore,
               "HAS_ROUT": has_rout, "HAS_BIAS": bias, "BO": 64, "TOKEN_MINOR": token_minor, "PDL": pdl, "SPLIT": split,
-              "num_warps": warps,
+              "RELEASE": release, "END_WAIT": end_wait, "num_warps": warps,
               ("stride_om" if token_minor else "stride_on"): 1}
     return compile_sm90(GluonASTSource, fn, types, consts, {"num_warps": warps}, divisible=("N", "K"))
 
 
 def rs_report(bn: int = 128, bmt: int = 128, bk: int = 256, warps: int = 8, stages: int = 4, restore: bool = True,
-              token_minor: bool = False, pdl: bool = False, split: int = 1) -> dict:
+              token_minor: bool = False, pdl: bool = False, split: int = 1, release: bool = False,
+              end_wait: bool = False) -> dict:
     """What the generated code of one `_rs_gemm_kernel` variant does: wgmma shapes, the wait depths,
     whether ptxas serializes its wgmma (C7515), registers, shared bytes."""
-    ck = compile_rs(bn, bmt, bk, warps, stages, restore, token_minor, pdl=pdl, split=split)
+    ck = compile_rs(bn, bmt, bk, warps, stages, restore, token_minor, pdl=pdl, split=split, release=release,
+                    end_wait=end_wait)
     ptx = ck.asm["ptx"]
     msgs = ptxas_output(ptx)
     return {"BN": bn, "BMT": bmt, "BK": bk, "num_warps": warps, "stages": stages, "restore": restore,
             "token_minor": token_minor, "pdl": pdl, "split": split, "griddepcontrol_wait": ptx.count("griddepcontrol.wait"),
+            "launch_dependents": ptx.count("griddepcontrol.launch_dependents"),
             "wgmma": wgmma_shapes(ptx),
             "waits": sorted({int(line.split()[-1].rstrip(";")) for line in ptx.splitlines() if "wgmma.wait_group" in line}),
             "serialized": "C7515" in msgs, "registers": registers(ptx), "shared_bytes": ck.metadata.shared}

@@ -363,6 +363,7 @@ def test_register_operand_tiles_apply_only_where_that_gemm_runs(monkeypatch):
     rs = K.resolve_config(800, 32768, 2048, K.MODE_DYNAMIC, torch.device("cpu"))
     assert (rs["BN"], rs["BMT"], rs["BK"], rs["num_warps"], rs["RS_STAGES"], rs["TAIL_BMT"]) == (128, 256, 128, 8, 4, 32)
     assert rs["PDL"] and rs["RS_PDL"] and not cpu["PDL"]  # PDL measured faster with the rs GEMM only
+    assert rs["RS_TAIL_OVERLAP"] and "RS_TAIL_OVERLAP" not in cpu  # its 32-token launch beside the last wave
     assert K.gemm_tiling(2048, rs) == (128, 1) and K.tail_tokens(800, rs) == 32
     assert K.resolve_config(800, 32768, 2048, K.MODE_DYNAMIC, torch.device("cpu"), {"GEMM": None})["BMT"] == 128
     assert not K.resolve_config(800, 32768, 2048, K.MODE_DYNAMIC, torch.device("cpu"), {"PDL": False})["PDL"]

@@ -139,3 +139,48 @@ def test_split_k_gives_the_same_values(m, n, k, token_minor):
         cfg = K.resolve_config(m, n, k, K.MODE_DYNAMIC, x.device, None, 64)
         assert (cfg["GEMM"], cfg["SPLIT"], cfg["BMT"], cfg["BN"], cfg["BK"]) == ("rs", 4, 32, 64, 256)
         assert torch.equal(K.w4_linear(x, **kw), one)
+
+
+@pytest.mark.parametrize("token_minor", [False, True])
+def test_tail_launch_overlapping_the_main_one(token_minor):
+    """RS_TAIL_OVERLAP: the launch of the last 32 tokens starts while the 256-token tiles' launch
+    still runs (it released it after its wait for the codes) and waits for it only before exiting.
+    A chain of layers, each reading the previous one's output, eager and as CUDA-graph replays: bit
+    for bit the output of the launches one after the other (no layer reads an unfinished output)."""
+    from duquant_runtime.kernels import w4a8 as K
+    from duquant_runtime.quant import pack_int4
+
+    g = torch.Generator().manual_seed(11 + token_minor)
+    m, n = 800, 2048
+    orth = lambda nb: torch.linalg.qr(torch.randn(nb, 64, 64, generator=g, dtype=torch.float64))[0].half().contiguous().cuda()  # noqa: E731
+    layers = []
+    for _ in range(4):
+        q = torch.randint(-8, 8, (n, n), generator=g, dtype=torch.int8)
+        layers.append(dict(qweight=pack_int4(q).cuda(), w_scale=(torch.rand(n, generator=g) * 0.004 + 0.001).cuda(),  # noqa: C408
+                           r_in=orth(n // 64), perm=torch.randperm(n, generator=g).cuda(), r_out=orth(n // 64),
+                           bias=torch.randn(n, generator=g).bfloat16().cuda(), smooth=None, mode=K.MODE_DYNAMIC,
+                           token_minor_out=token_minor))
+    base = {**K.pick_config(m, n, n, K.MODE_DYNAMIC), "GEMM": "rs", "RS_RESTORE": True, "BN": 128, "BMT": 256,
+            "BK": 128, "num_warps": 8, "RS_STAGES": 4, "TAIL_BMT": 32, "PDL": True, "RS_PDL": True}
+    x = torch.randn(m, n, generator=g).bfloat16().cuda()
+
+    def chain(overlap):
+        y = x
+        for lay in layers:
+            y = K.w4_linear(y, config={**base, "RS_TAIL_OVERLAP": overlap}, **lay)
+        return y
+    ref = chain(False)
+    assert torch.isfinite(ref).all() and float(ref.float().abs().mean()) > 0
+    assert torch.equal(chain(True), ref)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(True)
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref)

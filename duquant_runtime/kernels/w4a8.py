@@ -590,7 +590,9 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     operands loaded before the main loop and the PDL wait); SATCVT (the codes by one saturating
     conversion, `_code8`); QFASTDIV (the quantize launch's quotients by one reciprocal per row,
     `_codes`); GEMM "rs" (`w4a8_rs`; RS_TRIGGER: its restore launch may start during the GEMM; RS_RESTORE:
-    the restore in its epilogue instead; RS_PDL: launched with PDL; RS_CONFIG: keys that apply only
+    the restore in its epilogue instead; RS_PDL: launched with PDL; RS_TAIL_OVERLAP: with RS_PDL, its
+    TAIL_BMT launch starts once every program of the first launch has its codes, beside that launch's
+    last wave, `w4a8_rs._rs_gemm_kernel` RELEASE / END_WAIT; RS_CONFIG: keys that apply only
     where it runs, e.g. its tiles, merged by `resolve_config`),
     ACT "wgmma" (`w4a8_act`, ACT_BM / ACT_TT / ACT_STAGES / ACT_WARPS; ACT_RCACHE on the bf16-terms path)
     or "cluster" (`w4a8_cluster`, CL / CL_BM / CL_WARPS) on sm_90, both with ACT_F16 (one float16 dot per
@@ -690,9 +692,12 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
             # second launch (`w4_gemm`): linked gate/up 137.8 / 138.2 / 139.1 us vs 145.4 / 150.0 (three runs, 3-4
             # stages), gate/up 79.1 vs 82.2; 128-token tiles 151.0, BK 256 163-164, BK 64 169-172, 64-row tiles
             # 152.8-163.1. With PDL for the activation launch and the GEMM (RS_PDL): linked gate/up 134.0 vs 138.2
-            # (RS_PDL alone 136.9), gate/up 74.5 vs 77.0. RS_CONFIG applies only where that GEMM runs (`resolve_config`)
+            # (RS_PDL alone 136.9), gate/up 74.5 vs 77.0. RS_CONFIG applies only where that GEMM runs (`resolve_config`).
+            # RS_TAIL_OVERLAP: the 32-token launch runs beside the last wave of 256-token tiles (two same-run A/Bs, us):
+            # linked gate/up 132.2 / 131.3 vs 135.9 / 136.1, gate/up 73.9 / 73.8 vs 75.7 / 75.7
             cfg.update(GEMM="rs", RS_RESTORE=True,
-                       RS_CONFIG=dict(BN=128, BMT=256, BK=128, num_warps=8, RS_STAGES=4, TAIL_BMT=32, PDL=True, RS_PDL=True))
+                       RS_CONFIG=dict(BN=128, BMT=256, BK=128, num_warps=8, RS_STAGES=4, TAIL_BMT=32, PDL=True, RS_PDL=True,
+                                      RS_TAIL_OVERLAP=True))
         # sm_90: the activation codes in one cluster launch (`w4a8_cluster`), no transpose launch:
         # linked gate/up 148.3 vs 151.4 us, linked q/k/v 25.6 vs 26.6 us
         cfg.update(ACT="cluster", CL=16)
@@ -889,10 +894,12 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk, "SPLIT": split})
         return restore(yt, r_out, bias, out, pdl=True)  # sm_90 (`_rs_module`): PDL is there
     rs_pdl = _use_pdl(cfg, a.device, key="RS_PDL")
-    for rows, c in row_launches(m, cfg, split):
+    launches = row_launches(m, cfg, split)
+    overlap = rs_pdl and len(launches) == 2 and bool(cfg.get("RS_TAIL_OVERLAP"))
+    for i, (rows, c) in enumerate(launches):
         if rs is not None:  # the register-operand Gluon GEMM, its restore in the epilogue
             rs.rs_gemm(a[rows], tok_scale[rows], qweight, w_scale, {**c, "BK": bk, "SPLIT": split}, r_out=r_out,
-                       bias=bias, out=out[rows], pdl=rs_pdl)
+                       bias=bias, out=out[rows], pdl=rs_pdl, release=overlap and i == 0, overlap=overlap and i == 1)
         else:
             _gemm_launch(a[rows], tok_scale[rows] if tok_scale is not None else None, qweight, w_scale, r_out, bias,
                          out[rows], bk, split, c)

@@ -119,11 +119,12 @@ def rs_step(w_desc, alo_desc, ahi_desc, bars, w_bufs, lo_bufs, hi_bufs, acc, i, 
 
 @gluon.jit
 def rs_prologue(w_desc, alo_desc, ahi_desc, off_n, off_m, mma: gl.constexpr, STAGES: gl.constexpr,
-                PDL: gl.constexpr = False, k0=0):
+                PDL: gl.constexpr = False, k0=0, RELEASE: gl.constexpr = False):
     """The ring of `rs_mainloop` (STAGES stages of the packed weight tile and both halves of the
     codes' tile, one mbarrier each) with its first STAGES - 1 K steps (from K step k0) requested:
     with PDL the weight tiles before the wait for the previous launch (which writes the codes), the
-    codes after it. Returns (w_bufs, lo_bufs, hi_bufs, bars) for `rs_loop`."""
+    codes after it. RELEASE: the next launch may start once the wait has returned. Returns
+    (w_bufs, lo_bufs, hi_bufs, bars) for `rs_loop`."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKH: gl.constexpr = w_desc.block_type.shape[1]  # BK / 2: packed bytes per row and K step
     BMT: gl.constexpr = alo_desc.block_type.shape[0]
@@ -137,6 +138,8 @@ def rs_prologue(w_desc, alo_desc, ahi_desc, off_n, off_m, mma: gl.constexpr, STA
         fill_weight(w_desc, alo_desc, ahi_desc, bars.index(p), w_bufs.index(p), off_n, k0 + p)
     if PDL:
         _griddepcontrol(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), "wait")
+    if RELEASE:  # the next launch may start: the codes' producer is done (see `_rs_gemm_kernel`)
+        _griddepcontrol(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), "launch_dependents")
     for p in gl.static_range(STAGES - 1):
         fill_codes(alo_desc, ahi_desc, bars.index(p), lo_bufs.index(p), hi_bufs.index(p), off_m, k0 + p)
     return w_bufs, lo_bufs, hi_bufs, bars
@@ -256,7 +259,8 @@ def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout
                     stride_om, stride_on, ws_ptr, cnt_ptr, STAGES: gl.constexpr, GROUP: gl.constexpr,
                     WAIT: gl.constexpr, BARRIER: gl.constexpr, TRIGGER: gl.constexpr, RESTORE: gl.constexpr,
                     HAS_ROUT: gl.constexpr, HAS_BIAS: gl.constexpr, BO: gl.constexpr, TOKEN_MINOR: gl.constexpr,
-                    PDL: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+                    PDL: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr, RELEASE: gl.constexpr = False,
+                    END_WAIT: gl.constexpr = False):
     """One (BN, BMT) output tile (program_id(0)), one K chunk of SPLIT (program_id(1)). RESTORE False:
     y'^T (N, M) bf16, token-minor = the scaled sums (the restore is the next launch). RESTORE True:
     out (M, N) with strides (stride_om, stride_on) = y' BD(R_out)^T + bias, y' rounded to bf16 and
@@ -264,7 +268,12 @@ def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout
     `w4a8._restore_kernel` does; TOKEN_MINOR: stride_om is 1. TRIGGER: the next launch (PDL, it
     waits for this grid's results) may start at once, on the SMs this grid leaves free. PDL:
     launched while the previous launch (the codes' producer) runs; the weight-side loads start
-    before waiting for it. SPLIT > 1 (split-K): each program stores its int32 sums to ws_ptr
+    before waiting for it. RELEASE (a launch of the last tokens follows, `w4a8.row_launches`): it may
+    start once every program of this one has waited for the codes' producer, on the SMs the last
+    wave of tiles leaves free. END_WAIT (that launch of the last tokens, launched with PDL, PDL
+    False): it reads the codes at once (their producer finished before the previous launch let it
+    start) and writes rows the previous launch does not, and waits for the previous launch only
+    before it exits, so that the launch after it still finds both launches' output. SPLIT > 1 (split-K): each program stores its int32 sums to ws_ptr
     (SPLIT, M, N); the tile's last program (int32 counter cnt_ptr[tile], which it resets) adds
     them, exact in any order (the same sums as SPLIT 1), and runs the epilogue."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
@@ -278,7 +287,8 @@ def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout
         _griddepcontrol(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), "launch_dependents")
     k_chunk = K // SPLIT
     k0 = gl.program_id(1) * (k_chunk // (2 * BKH))
-    w_bufs, lo_bufs, hi_bufs, bars = rs_prologue(w_desc, alo_desc, ahi_desc, off_n, off_m, mma, STAGES, PDL, k0)
+    w_bufs, lo_bufs, hi_bufs, bars = rs_prologue(w_desc, alo_desc, ahi_desc, off_n, off_m, mma, STAGES, PDL, k0,
+                                                 RELEASE)
     r_smem = None
     if RESTORE and HAS_ROUT:  # loaded while the first K steps' copies are in flight
         r_smem = rout_smem(rout_ptr, off_n, N, BN, BO, num_warps)
@@ -304,6 +314,8 @@ def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout
             rs_epilogue(tot, off_n, off_m, r_smem, tok_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, stride_om,
                         stride_on, mma, RESTORE, HAS_ROUT, HAS_BIAS, TOKEN_MINOR, num_warps)
             gl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")  # ready for the next call (kernel boundary orders it)
+    if END_WAIT:
+        _griddepcontrol(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), "wait")
 
 
 def descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
@@ -313,7 +325,8 @@ def descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
 
 def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
             cfg: dict, r_out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-            out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+            out: torch.Tensor | None = None, pdl: bool = False, release: bool = False,
+            overlap: bool = False) -> torch.Tensor:
     """For int8 codes (M, K) in the `_deint` order of K tiles cfg["BK"] (16 * q), tok_scale float32
     (M,), packed int4 qweight uint8 (N, K/2), w_scale float32 (N,):
     - out None: y'^T (N, M) bfloat16 = ((codes @ W_q^T) x tok_scale x w_scale)^T, for the restore
@@ -324,7 +337,10 @@ def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor,
     PDL, may start while this one runs), SPLIT (split-K ways, default 1: each program sums K / SPLIT,
     the tile's last one adds the int32 partial sums, so the values do not depend on SPLIT).
     pdl: launched with programmatic dependent launch (sm_90), waiting for the previous launch only
-    before it reads the codes."""
+    before it reads the codes. release (with pdl): the next launch may start once every program has
+    waited for the codes' producer; only for a next launch made with overlap. overlap: launched
+    with PDL after a launch made with release, on other rows of the same codes and out: reads the
+    codes at once, waits for the previous launch before it exits."""
     from .w4a8 import _counters
     m, k = codes.shape
     n = qweight.shape[0]
@@ -347,6 +363,7 @@ def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor,
         bias if bias is not None else w_scale, y, m, n, k, y.stride(0), y.stride(1), ws, cnt,
         STAGES=stages, GROUP=cfg.get("GROUP", 8), WAIT=2, BARRIER=True,
         TRIGGER=cfg.get("RS_TRIGGER", False), RESTORE=restore, HAS_ROUT=r_out is not None,
-        HAS_BIAS=bias is not None, BO=bo, TOKEN_MINOR=restore and out.stride(0) == 1 and m > 1, PDL=pdl,
-        SPLIT=split, num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
+        HAS_BIAS=bias is not None, BO=bo, TOKEN_MINOR=restore and out.stride(0) == 1 and m > 1, PDL=pdl and not overlap,
+        SPLIT=split, RELEASE=release and pdl, END_WAIT=overlap, num_warps=cfg["num_warps"],
+        **({"launch_pdl": True} if pdl or overlap else {}))
     return y
