@@ -895,7 +895,8 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         return restore(yt, r_out, bias, out, pdl=True)  # sm_90 (`_rs_module`): PDL is there
     rs_pdl = _use_pdl(cfg, a.device, key="RS_PDL")
     launches = row_launches(m, cfg, split)
-    overlap = rs_pdl and len(launches) == 2 and bool(cfg.get("RS_TAIL_OVERLAP"))
+    # the tail launch may overlap the first only if that one lets it start after its codes wait (not RS_TRIGGER)
+    overlap = rs_pdl and len(launches) == 2 and bool(cfg.get("RS_TAIL_OVERLAP")) and not cfg.get("RS_TRIGGER")
     for i, (rows, c) in enumerate(launches):
         if rs is not None:  # the register-operand Gluon GEMM, its restore in the epilogue
             rs.rs_gemm(a[rows], tok_scale[rows], qweight, w_scale, {**c, "BK": bk, "SPLIT": split}, r_out=r_out,

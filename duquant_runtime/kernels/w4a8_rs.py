@@ -25,6 +25,8 @@ producer runs, requests its first weight tiles, and waits before it requests the
 Split-K (SPLIT > 1, for few tokens): program (tile, j) sums the j-th K / SPLIT columns and stores
 its int32 sums; the tile's last program (a per-tile counter) adds them and runs the epilogue.
 Integer sums are exact in any order, so the output does not depend on SPLIT, bit for bit.
+A launch of the last tokens (`w4a8.row_launches`) may run beside the first launch's last wave
+(RS_TAIL_OVERLAP: the first launch's RELEASE, the tail's END_WAIT; see `_rs_gemm_kernel`).
 
 Used by `w4a8.w4_gemm` where `pick_config` asks for it (GEMM="rs") on sm_90 with Gluon; every
 other case, and the CPU interpreter, runs the Triton GEMM. The GPU tests compare it with the
