@@ -275,9 +275,10 @@ def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout
     wave of tiles leaves free. END_WAIT (that launch of the last tokens, launched with PDL, PDL
     False): it reads the codes at once (their producer finished before the previous launch let it
     start) and writes rows the previous launch does not, and waits for the previous launch only
-    before it exits, so that the launch after it still finds both launches' output. SPLIT > 1 (split-K): each program stores its int32 sums to ws_ptr
-    (SPLIT, M, N); the tile's last program (int32 counter cnt_ptr[tile], which it resets) adds
-    them, exact in any order (the same sums as SPLIT 1), and runs the epilogue."""
+    before it exits, so that the launch after it still finds both launches' output. SPLIT > 1
+    (split-K): each program stores its int32 sums to ws_ptr (SPLIT, M, N); the tile's last program
+    (int32 counter cnt_ptr[tile], which it resets) adds them, exact in any order (the same sums as
+    SPLIT 1), and runs the epilogue."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKH: gl.constexpr = w_desc.block_type.shape[1]
     BMT: gl.constexpr = alo_desc.block_type.shape[0]
@@ -365,7 +366,7 @@ def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor,
         bias if bias is not None else w_scale, y, m, n, k, y.stride(0), y.stride(1), ws, cnt,
         STAGES=stages, GROUP=cfg.get("GROUP", 8), WAIT=2, BARRIER=True,
         TRIGGER=cfg.get("RS_TRIGGER", False), RESTORE=restore, HAS_ROUT=r_out is not None,
-        HAS_BIAS=bias is not None, BO=bo, TOKEN_MINOR=restore and out.stride(0) == 1 and m > 1, PDL=pdl and not overlap,
-        SPLIT=split, RELEASE=release and pdl, END_WAIT=overlap, num_warps=cfg["num_warps"],
+        HAS_BIAS=bias is not None, BO=bo, TOKEN_MINOR=restore and out.stride(0) == 1 and m > 1,
+        PDL=pdl and not overlap, SPLIT=split, RELEASE=release and pdl, END_WAIT=overlap, num_warps=cfg["num_warps"],
         **({"launch_pdl": True} if pdl or overlap else {}))
     return y
