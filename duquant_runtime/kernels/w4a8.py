@@ -888,7 +888,7 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
         raise ValueError(f"GEMM config {cfg} does not fit N={n}, output block {bo}")
     out = (torch.empty((n, m), device=a.device, dtype=out_dtype).t() if token_minor
            else torch.empty((m, n), device=a.device, dtype=out_dtype))
-    rs = _rs_module(a.device) if cfg.get("GEMM") == "rs" and tok_scale is not None and k % (2 * bk * split) == 0 \
+    rs = _rs_module(a.device) if cfg.get("GEMM") == "rs" and tok_scale is not None and rs_k_fits(k, bk, split) \
         else None
     if rs is not None and not cfg.get("RS_RESTORE"):  # the register-operand Gluon GEMM, then the restore launch
         yt = rs.rs_gemm(a, tok_scale, qweight, w_scale, {**cfg, "BK": bk, "SPLIT": split})
@@ -905,6 +905,12 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
             _gemm_launch(a[rows], tok_scale[rows] if tok_scale is not None else None, qweight, w_scale, r_out, bias,
                          out[rows], bk, split, c)
     return out
+
+
+def rs_k_fits(k: int, bk: int, split: int) -> bool:
+    """Whether the register-operand GEMM (`w4a8_rs`) can run K = k in bk-wide steps split `split`
+    ways: each program's K chunk holds an even number of K steps (two per loop iteration)."""
+    return k % (2 * bk * split) == 0
 
 
 def row_launches(m: int, cfg: dict, split: int = 1) -> list[tuple[slice, dict]]:
@@ -1012,7 +1018,7 @@ def resolve_config(m: int, n: int, k: int, mode: int, device: torch.device, conf
     cfg.update(over)
     bo = block_out or 16
     bk, split = gemm_tiling(k, cfg)
-    if cfg.get("GEMM") == "rs" and (n % cfg["BN"] or cfg["BN"] % bo or k % (2 * bk * split)):
+    if cfg.get("GEMM") == "rs" and (n % cfg["BN"] or cfg["BN"] % bo or not rs_k_fits(k, bk, split)):
         return resolve_config(m, n, k, mode, device, {**over, "GEMM": None}, block_out)
     if n % cfg["BN"] or cfg["BN"] % bo:  # supports(): N is a multiple of 64 and of the output block (<= 128)
         cfg["BN"] = 128 if bo == 128 else 64

@@ -344,12 +344,12 @@ def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor,
     waited for the codes' producer; only for a next launch made with overlap. overlap: launched
     with PDL after a launch made with release, on other rows of the same codes and out: reads the
     codes at once, waits for the previous launch before it exits."""
-    from .w4a8 import _counters
+    from .w4a8 import _counters, rs_k_fits
     m, k = codes.shape
     n = qweight.shape[0]
     bn, bmt, bk, split = cfg["BN"], cfg["BMT"], cfg["BK"], cfg.get("SPLIT", 1)
     bo = r_out.shape[-1] if r_out is not None else bn
-    if n % bn or k % (2 * bk * split) or bn % bo:
+    if n % bn or not rs_k_fits(k, bk, split) or bn % bo:
         raise ValueError(f"register-operand GEMM tiles {bn}/{bk} (split-K {split}) do not fit N={n}, K={k}, output "
                          f"block {bo} (two K steps per iteration and chunk)")
     restore = out is not None
