@@ -230,17 +230,16 @@ def add_ratios(t: dict, bf16_key: str, concatenated_key: str) -> None:
         t[f"ratio_{mode}_vs_concatenated"] = t[f"ours_{mode}_s"] / t[concatenated_key]
 
 
-def bench_group(tower: str, label: str, names: tuple, m: int, args, dev) -> dict:
-    """One input group linked (duquant_runtime.input_group): the members' calls on one activation
-    (one fused launch pair) against the bf16 members called one by one, and against one bf16
-    nn.Linear over the concatenated rows (what a model with fused q/k/v weights would run)."""
+def build_group(tower: str, names: tuple, reps: int, dev, modes=("dynamic", "static")) -> tuple[list, list, dict]:
+    """`reps` instances of one input group sharing one (perm, R_in): the bf16 members called one by
+    one (callables), one bf16 nn.Linear over their concatenated rows each, and per activation mode
+    the linked `DuQuantLinear` members (callables whose default argument `mods` holds them)."""
     from duquant_runtime.input_group import link_input_group
     shapes = {n: (o, i) for n, o, i in (LLM if tower == "llm" else EXPERT)}
     members = [(n, *shapes[n]) for n in names]
     in_f = members[0][2]
     out_tot = sum(o for _, o, _ in members)
-    reps = max(1, min(args.max_instances, -(-args.l2_bytes // (out_tot * in_f * 2))))
-    groups = {"dynamic": [], "static": []}
+    groups = {mode: [] for mode in modes}
     bf16, bf16_cat = [], []
     for r in range(reps):
         g = torch.Generator(device="cpu").manual_seed(77 + r)
@@ -267,6 +266,23 @@ def bench_group(tower: str, label: str, names: tuple, m: int, args, dev) -> dict
                     q.set_act_scale(xt.abs().amax(0).clamp_min(1e-6) / 127 * 0.9)
             link_input_group(mods)
             groups[mode].append(lambda x, mods=mods: [q(x) for q in mods])
+    return bf16, bf16_cat, groups
+
+
+def group_instances(tower: str, names: tuple, args) -> int:
+    """Instances of a group whose bf16 weights together exceed args.l2_bytes (1..args.max_instances)."""
+    shapes = {n: (o, i) for n, o, i in (LLM if tower == "llm" else EXPERT)}
+    size = sum(shapes[n][0] * shapes[n][1] * 2 for n in names)
+    return max(1, min(args.max_instances, -(-args.l2_bytes // size)))
+
+
+def bench_group(tower: str, label: str, names: tuple, m: int, args, dev) -> dict:
+    """One input group linked (duquant_runtime.input_group): the members' calls on one activation
+    (one fused launch pair) against the bf16 members called one by one, and against one bf16
+    nn.Linear over the concatenated rows (what a model with fused q/k/v weights would run)."""
+    reps = group_instances(tower, names, args)
+    bf16, bf16_cat, groups = build_group(tower, names, reps, dev)
+    in_f = {n: i for n, _, i in (LLM if tower == "llm" else EXPERT)}[names[0]]
     x = activations(m, in_f, 11, dev)
     err = {}
     with torch.no_grad():

@@ -35,12 +35,25 @@ def shape_keys() -> set[str]:
 
 
 def select(only: str) -> list[tuple]:
-    """The SHAPES an --only value ("tower:name:M[,...]", empty: all) names; ValueError naming the
-    unknown ones."""
-    keep = set(filter(None, only.split(",")))
-    if keep - shape_keys():
-        raise ValueError(f"unknown shapes {sorted(keep - shape_keys())}; known: {sorted(shape_keys())}")
-    return [s for s in SHAPES if not keep or f"{s[0]}:{s[1]}:{s[4]}" in keep]
+    """The SHAPES an --only value ("tower:name:M[,...]", empty: all) names, in SHAPES order, then
+    other token counts of a known tower:name (e.g. "llm:down:128": language-model down_proj at
+    M = 128) in the order given; ValueError naming the unknown ones."""
+    keep = list(dict.fromkeys(filter(None, only.split(","))))
+    dims = {(tower, name): (n, k) for tower, name, n, k, _ in SHAPES}
+    extra, bad = [], []
+    for key in keep:
+        if key in shape_keys():
+            continue
+        tower, _, rest = key.partition(":")
+        name, _, m = rest.partition(":")
+        if (tower, name) in dims and m.isdigit() and int(m) >= 1:
+            extra.append((tower, name, *dims[(tower, name)], int(m)))
+        else:
+            bad.append(key)
+    if bad:
+        raise ValueError(f"unknown shapes {sorted(bad)}; known: {sorted(shape_keys())} (any M >= 1 for a known "
+                         f"tower:name)")
+    return [s for s in SHAPES if not keep or f"{s[0]}:{s[1]}:{s[4]}" in keep] + extra
 
 
 def instances(n: int, k: int, l2_bytes: int) -> int:

@@ -38,8 +38,12 @@ def test_only_selects_shapes_and_names_unknown_ones():
     assert w4a8_cases.select("") == w4a8_cases.SHAPES
     assert w4a8_cases.select("llm:down:800,expert:o:50") == [("llm", "down", 2048, 16384, 800),
                                                               ("expert", "o", 1024, 2048, 50)]
-    with pytest.raises(ValueError, match=r"unknown shapes \['llm:down:7'\]"):
-        w4a8_cases.select("llm:down:800,llm:down:7")
+    # other token counts of a known tower:name: its N and K, after the SHAPES entries
+    assert w4a8_cases.select("llm:down:128,llm:gate/up:800,llm:down:7") == [
+        ("llm", "gate/up", 16384, 2048, 800), ("llm", "down", 2048, 16384, 128), ("llm", "down", 2048, 16384, 7)]
+    for bad in ("llm:nope:7", "llm:down:0", "llm:down:x", "gpu:down:8", "llm:down"):
+        with pytest.raises(ValueError, match=rf"unknown shapes \['{bad}'\]"):
+            w4a8_cases.select(f"llm:down:800,{bad}")
 
 
 def test_instances_exceed_the_l2_budget_within_1_to_32():
@@ -85,3 +89,34 @@ def test_launches_group_by_position_across_layers():
     swapped = times[:3] + [times[4], times[3]] + times[5:]  # layers that launch different kernels
     with pytest.raises(ValueError, match="launch 0 differs"):
         profile_w4a8.per_launch(swapped, 3)
+
+
+def test_msweep_parses_token_counts_and_names_bad_ones():
+    import msweep_gpu
+    assert msweep_gpu.parse_ms("64, 1,800,64") == [1, 64, 800]
+    for bad in ("0", "x", "1,-2", "70000", ""):
+        with pytest.raises(ValueError, match="token count"):
+            msweep_gpu.parse_ms(bad)
+
+
+def test_msweep_summary_lists_rows_over_bf16_worst_first():
+    import msweep_gpu
+    rows = [{"tower": "llm", "layer": "down_proj", "M": m, "ratio": r}
+            for m, r in ((1, 0.8), (65, 1.3), (128, 1.1), (800, 1.0))]
+    assert [r["M"] for r in msweep_gpu.over_bf16(rows)] == [65, 128]  # 1.0 is not over
+    assert msweep_gpu.worst_per_layer(rows) == {"llm:down_proj": {"M": 65, "ratio": 1.3}}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_msweep_without_cuda_says_so(capsys):
+    import msweep_gpu
+    assert msweep_gpu.main(["--llm-ms", "1", "--expert-ms", ""]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_msweep_refuses_bad_arguments_with_one_line(capsys):
+    import msweep_gpu
+    for argv, message in ((["--llm-ms", "1,x"], "token counts"), (["--layers", "o_proj"], "--layers: unknown")):
+        with pytest.raises(SystemExit) as exc:
+            msweep_gpu.main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err

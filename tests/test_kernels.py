@@ -383,6 +383,74 @@ def test_register_operand_tiles_apply_only_where_that_gemm_runs(monkeypatch):
 
 
 @needs_triton
+def test_mid_token_counts_pick_tiles_that_fill_the_gpu():
+    """Between the workload's M = 1 and 800 (benchmarks/msweep_gpu.py): the LLM gate/up GEMMs take
+    32- or 64-token tiles without split-K up to M = 64 and, above, 128- or 256-token tiles by the
+    padding they leave; LLM down_proj splits K where its tiles are few (up to M = 256)."""
+    from duquant_runtime.kernels import w4a8 as K
+    assert K._padded_tokens(800, 256, 32) == 800 and K._padded_tokens(384, 256, 32) == 512
+    assert K._padded_tokens(384, 128, 32) == 384 and K._padded_tokens(100, 256, 32) == 256
+    assert K._padded_tokens(20, 128, 32) == 128 and K._padded_tokens(256, 256, 32) == 256
+    assert [K._token_tile(m, 128, 256, 32) for m in (100, 128, 256, 384, 512, 640, 800, 1024)] == \
+        [128, 128, 256, 128, 256, 128, 256, 256]
+    assert [K._token_tile(m, 64, 128, 0) for m in (129, 192, 256, 320, 384)] == [64, 64, 128, 64, 128]
+    dyn = K.MODE_DYNAMIC
+    for m, bmt in ((17, 32), (32, 32), (33, 64), (64, 64)):
+        gu = K.pick_config(m, 16384, 2048, dyn)
+        assert (gu.get("GEMM"), gu["BMT"], gu["BK"], gu["SPLIT"]) == (None, bmt, 256, 1)
+        down = K.pick_config(m, 2048, 16384, dyn)
+        assert down["GEMM"] == "rs" and (down["RS_CONFIG"]["BMT"], down["RS_CONFIG"]["SPLIT"]) == (bmt, 4)
+    assert K.pick_config(64, 32768, 2048, dyn)["RS_CONFIG"]["BMT"] == 64  # the linked group: rs tiles
+    assert K.pick_config(32, 32768, 2048, dyn).get("GEMM") is None
+    for m, bmt in ((100, 128), (256, 256), (384, 128), (800, 256)):
+        assert K.pick_config(m, 32768, 2048, dyn)["RS_CONFIG"]["BMT"] == bmt
+    for m, bn, bmt, split in ((128, 128, 64, 4), (192, 64, 64, 2), (256, 64, 128, 2), (384, 64, 128, 1),
+                              (512, 64, 128, 1), (640, 128, 128, 1), (800, 128, 128, 1)):
+        down = K.pick_config(m, 2048, 16384, dyn)
+        assert (down["BN"], down["BMT"], down["SPLIT"]) == (bn, bmt, split), m
+    one = K.pick_config(16, 16384, 2048, dyn)  # M <= 16 unchanged
+    assert (one["BMT"], one["SPLIT"]) == (16, 2)
+
+
+@pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")
+def test_mid_token_counts_match_reference_on_gpu():
+    """The picked launches at M between the workload's (LLM gate/up and down_proj shapes, down_proj on
+    the token-minor hidden) match the float32 reference; down_proj's split-K gives its unsplit values
+    bit for bit, and so does a tail launch beside 128-token tiles (M = 160) against none."""
+    import torch
+    from duquant_runtime.activation import fake_quantize_per_token
+    from duquant_runtime.kernels import w4a8 as K
+    from duquant_runtime.quant import pack_int4
+    from duquant_runtime.transforms import input_transform, output_restore
+
+    g = torch.Generator().manual_seed(21)
+    orth = lambda nb: torch.linalg.qr(torch.randn(nb, 64, 64, generator=g, dtype=torch.float64))[0].float().contiguous()  # noqa: E731,E501
+    for m, n, k in ((32, 16384, 2048), (64, 32768, 2048), (128, 16384, 2048), (160, 16384, 2048), (384, 16384, 2048),
+                    (64, 2048, 16384), (128, 2048, 16384), (192, 2048, 16384), (256, 2048, 16384),
+                    (384, 2048, 16384)):
+        r_in, r_out = orth(k // 64).cuda(), orth(n // 64).cuda()
+        perm = torch.randperm(k, generator=g).cuda()
+        q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8).cuda()
+        ws = (torch.rand(n, generator=g) * 0.01 + 0.001).cuda()
+        x = torch.randn(m, k, generator=g).cuda()
+        x[:, :3] *= 40.0
+        ref = output_restore((fake_quantize_per_token(input_transform(x, perm, r_in), 8) @ q.float().t()) * ws, r_out)
+        xb = x.bfloat16()
+        if k > 4096:  # as gate/up leave it (mlp_layout.py)
+            xb = xb.t().contiguous().t()
+        kw = dict(qweight=pack_int4(q), w_scale=ws, r_in=r_in.half(), perm=perm, r_out=r_out.half(), bias=None,
+                  smooth=None, mode=K.MODE_DYNAMIC)
+        y = K.w4_linear(xb, **kw)
+        err = float((y.float() - ref).norm() / ref.norm())
+        assert err < 2e-2, (m, n, k, err)  # tf32 rotation and bf16 restore move quantization ties (test_w4a8_rs)
+        cfg = K.resolve_config(m, n, k, K.MODE_DYNAMIC, x.device, None, 64)
+        if cfg["SPLIT"] > 1:
+            assert torch.equal(K.w4_linear(xb, config={"SPLIT": 1}, **kw), y), (m, n, k)
+        if K.tail_tokens(m, cfg):  # M = 160: 128-token tiles, the last 32 tokens in the overlapping tail launch
+            assert torch.equal(K.w4_linear(xb, config={"TAIL_BMT": 0}, **kw), y), (m, n, k)
+
+
+@needs_triton
 def test_tiles_fit_shapes_the_picks_were_not_measured_on(monkeypatch):
     """`resolve_config` for layers outside the pi0.5 shapes (`supports` only asks N to be a multiple
     of 64 and of the output block): a weight-row tile that does not divide N, or is not a multiple

@@ -54,7 +54,9 @@ def test_register_operand_gemm_matches_triton_gemm_and_reference(m, n, k, bias, 
               token_minor_out=token_minor)
     xc = x.cuda().bfloat16()
     rs = K.w4_linear(xc, config=cfg, **kw)
-    tri = K.w4_linear(xc, config={**cfg, "GEMM": None}, **kw)
+    # the Triton GEMM with the same roundings: unsplit, its restore dot on bf16 operands (its split-K restores in
+    # float32; the rs GEMM's split-K gives its unsplit values bit for bit, test_split_k_gives_the_same_values)
+    tri = K.w4_linear(xc, config={**cfg, "GEMM": None, "SPLIT": 1, "RESTORE": 1}, **kw)
     for _ in range(3):  # back to back (the restore launch may start during the GEMM: RS_TRIGGER with PDL)
         assert torch.equal(K.w4_linear(xc, config=cfg, **kw), rs)
     assert rs.shape == (m, n) and rs.dtype == torch.bfloat16

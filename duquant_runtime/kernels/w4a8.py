@@ -642,6 +642,18 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
             cfg.update(SPLIT=1, BK=256)
         elif dynamic and n <= 1024:  # expert down_proj, split-K 4 over 32-token tiles: 14.2 vs 15.0 us
             cfg.update(BMT=32)
+        elif dynamic and n >= 8192 and k <= 4096:  # LLM gate/up, linked gate/up group (msweep_gpu.py; sweep_w4a8.py
+            # --ab at M = 32 / 64, us, H200; the M <= 16 tiles 20.6-52.8, the picks before 26.4-45.6):
+            # gate/up 15.0 / 15.7, linked 20.0 / 22.0 against bf16 18.9 / 19.6 and 35.0 / 36.2
+            cfg.update(SPLIT=1, BK=256, BMT=32 if m <= 32 else 64)
+            if m > 32 and n >= 32768:  # the linked group at 64 tokens: 128-row rs tiles 22.0 vs 24.9 us (gate/up
+                cfg.update(GEMM="rs", RS_RESTORE=True,  # alone 17.0 vs 15.7 us, its 256 tiles of 64 rows)
+                           RS_CONFIG=dict(BN=128, BMT=64, BK=128, num_warps=8, RS_STAGES=4, PDL=True, RS_PDL=True))
+        elif dynamic and k > 4096:  # LLM down_proj (token-minor hidden): the M <= 16 register-operand GEMM, split-K
+            # 4, 32- or 64-token tiles: 18.8 / 20.3 us at M = 32 / 64 against 26.3 / 28.1 (Triton split-K) and
+            # bf16 22.3 / 24.6 (sweep_w4a8.py --token-minor --ab)
+            cfg.update(GEMM="rs", RS_RESTORE=True, RS_CONFIG=dict(BN=64, BMT=32 if m <= 32 else 64, BK=256, SPLIT=4,
+                                                                  RS_STAGES=5, PDL=True, RS_PDL=True))
         if dynamic and cfg["SPLIT"] == 1 and 1024 <= n <= 2560 and k <= 2048:  # 32-token tiles: twice the
             cfg.update(BMT=32)  # programs, no split-K sums (expert o 10.0 vs 11.2 us, linked q/k/v 8.8 vs 9.8 us)
         if not dynamic and (k >= 2048 or n >= 8192):  # measured: PDL slower here (expert o/down static,
@@ -681,6 +693,15 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         # the GEMM launched with PDL too (RS_PDL), its weight tiles requested before it waits for pass 2's codes:
         # 82.4 / 82.1 vs 87.0 / 86.8 us (same-run A/B)
         cfg.update(RS_PDL=True)
+        # up to 512 tokens the 128 x 128 tiles leave most SMs idle (16 programs at M = 128). sweep_w4a8.py
+        # --token-minor --ab, us (H200; bf16 in brackets), against 58.5 / 62.5 / 65.9 / 71.4 at M = 128 / 256 / 384 /
+        # 512 with those tiles: up to M = 128 64-token tiles and split-K 4 (29.0-29.2 [25.0]); up to 512 64-row tiles,
+        # 64- or 128-token ones by padding (`_token_tile`), split-K 2 up to M = 256: M = 192 34.2 [29.5], 256 34.4
+        # [31.4], 384 42.0 [41.0], 512 47.2 [51.0]; at 640 these tiles 74.0, the 128 x 128 ones 74.6 [62.2]
+        if m <= 128:
+            cfg.update(BMT=64, SPLIT=4)
+        elif m <= 512:
+            cfg.update(BN=64, num_warps=4, BMT=_token_tile(m, 64, 128, 0), SPLIT=2 if m <= 256 else 1)
     elif dynamic and n >= 2560:  # linked gate/up 156.5 vs 176.4 us, linked q/k/v 29.1 vs 34.6 us (4 stages)
         cfg.update(BN=64, BMT=128, BK=256, SPLIT=1, num_warps=4, num_stages=2)
         if n < 8192:  # linked q/k/v after the cluster activation launch: 64-token tiles 23.6 vs 25.5-25.9 us
@@ -695,9 +716,12 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
             # (RS_PDL alone 136.9), gate/up 74.5 vs 77.0. RS_CONFIG applies only where that GEMM runs (`resolve_config`).
             # RS_TAIL_OVERLAP: the 32-token launch runs beside the last wave of 256-token tiles (two same-run A/Bs, us):
             # linked gate/up 132.2 / 131.3 vs 135.9 / 136.1, gate/up 73.9 / 73.8 vs 75.7 / 75.7
+            # 128-token tiles where they pad M less than 256-token ones (`_token_tile`): at M = 128 / 384 / 640
+            # gate/up 18.9 / 38.8 / 60.6 us vs 30.3 / 48.4 / 64.6, linked 31.7 / 70.8 / 110.9 vs 53.7 / 86.0 / 119.1;
+            # at M = 256 and 800 (equal padding) the 256-token tiles stay (gate/up 27.1 vs 29.1 us at M = 256)
             cfg.update(GEMM="rs", RS_RESTORE=True,
-                       RS_CONFIG=dict(BN=128, BMT=256, BK=128, num_warps=8, RS_STAGES=4, TAIL_BMT=32, PDL=True, RS_PDL=True,
-                                      RS_TAIL_OVERLAP=True))
+                       RS_CONFIG=dict(BN=128, BMT=_token_tile(m, 128, 256, 32), BK=128, num_warps=8, RS_STAGES=4, TAIL_BMT=32,
+                                      PDL=True, RS_PDL=True, RS_TAIL_OVERLAP=True))
         # sm_90: the activation codes in one cluster launch (`w4a8_cluster`), no transpose launch:
         # linked gate/up 148.3 vs 151.4 us, linked q/k/v 25.6 vs 26.6 us
         cfg.update(ACT="cluster", CL=16)
@@ -725,6 +749,18 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     else:  # q/o_proj static 30.8 vs 34.5 us, down_proj static 174.6 vs 193.0 us (BN128/8 warps)
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=3)
     return _epilogue(cfg, dynamic)
+
+
+def _padded_tokens(m: int, bmt: int, tail: int) -> int:
+    """Tokens the GEMM's tiles cover for M = m: whole bmt-token tiles, the last M % bmt <= tail tokens in
+    tail-token tiles (`tail_tokens`)."""
+    full, rem = divmod(m, bmt)
+    return full * bmt + (0 if not rem else tail if full and rem <= tail else bmt)
+
+
+def _token_tile(m: int, small: int, large: int, tail: int) -> int:
+    """Tokens per GEMM tile for M = m: `small` where it covers fewer padded tokens than `large`, else `large`."""
+    return small if _padded_tokens(m, small, tail) < _padded_tokens(m, large, tail) else large
 
 
 def _epilogue(cfg: dict, dynamic: bool) -> dict:
