@@ -103,31 +103,37 @@ def report(int8: bool, tile: tuple[int, ...], k: int) -> dict:
 
 
 def compile_act(pass_: int, bm: int = 128, warps: int = 4, k: int = 16384, areg: bool = False,
-                rcache: bool = False, f16: bool = False):
+                rcache: bool = False, f16: bool = False, vec: int = 8):
     """The compiled `w4a8_act._act_kernel` (triton CompiledKernel) for sm_90, one pass (1: token
     maxima, 2: codes) of one token tile per program, as `act_codes` launches it on the LLM
-    down_proj (x^T row stride and M divisible by 16, no PDL)."""
+    down_proj (no PDL): x^T row stride and M multiples of `vec` (`copy_tokens`; the arguments
+    ld / vec and M / vec specialized as multiples of 16)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from duquant_runtime.kernels import w4a8_act
     fn = w4a8_act._act_kernel
-    types = {"xt_ptr": "*bf16", "ld": "i32", "M": "i32", "perm_ptr": "*i64", "r_ptr": "*fp16", "tokmax_ptr": "*fp32",
+    types = {"xt_ptr": "*bf16", "ldv": "i32", "mv": "i32", "perm_ptr": "*i64", "r_ptr": "*fp16", "tokmax_ptr": "*fp32",
              "codes_ptr": "*i8", "tok_scale_ptr": "*fp32", "rs_ptr": "*bf16"}
     consts = {"K": k, "TT": 1, "BM": bm, "B": 64, "BKD": 256, "STAGES": 1, "PASS": pass_, "HAS_PERM": True,
               "QMIN": -128, "QMAX": 127, "FASTDIV": True, "AREG": areg, "PDL": False, "RCACHE": rcache, "SATCVT": True,
-              "num_warps": warps, "F16": f16}
-    return compile_sm90(GluonASTSource, fn, types, consts, {"num_warps": warps}, divisible=("ld", "M"))
+              "num_warps": warps, "F16": f16, "VEC": vec}
+    # an odd ld / vec or M / vec (e.g. M = 700, vec 4) is not specialized: compile both ways
+    return compile_sm90(GluonASTSource, fn, types, consts, {"num_warps": warps},
+                        divisible=("ldv", "mv") if vec == 8 else ())
 
 
-def act_report(pass_: int, bm: int = 128, warps: int = 4, areg: bool = False, f16: bool = False) -> dict:
+def act_report(pass_: int, bm: int = 128, warps: int = 4, areg: bool = False, f16: bool = False,
+               vec: int = 8) -> dict:
     """What the generated code of one `_act_kernel` pass does: wgmma shapes, cp.async widths
     (bytes), global store and atomic forms, registers per thread, shared bytes per program."""
-    ck = compile_act(pass_, bm, warps, areg=areg, f16=f16)
+    ck = compile_act(pass_, bm, warps, areg=areg, f16=f16, vec=vec)
     ptx = ck.asm["ptx"]
     lines = [line.strip() for line in ptx.splitlines()]
-    return {"pass": pass_, "BM": bm, "num_warps": warps, "AREG": areg, "F16": f16,
+    return {"pass": pass_, "BM": bm, "num_warps": warps, "AREG": areg, "F16": f16, "VEC": vec,
             "wgmma": wgmma_shapes(ptx),
-            "cp_async_bytes": sorted({int(x.split(",")[2].strip(), 0) for x in lines if x.startswith("cp.async.cg")}),
+            "cp_async_bytes": sorted({int(re.search(r"cp\.async\.c[ag]\.shared\.global\S*\s*\[[^\]]*\],\s*\[[^\]]*\],"
+                                                r"\s*(\w+)", x).group(1), 0)
+                                      for x in lines if re.search(r"cp\.async\.c[ag]\.shared", x)}),
             "global_stores": sorted({x.split()[1] for x in lines if x.startswith("@") and " st.global" in x}),
             "atomics": sorted({x.split()[1] for x in lines if x.startswith("@") and " atom." in x}),
             "conversions": sorted({x.split()[0] for x in lines if x.startswith("cvt.rni")}),
@@ -157,7 +163,9 @@ def cluster_report(k: int = 2048, xt: bool = False, cl: int = 8, f16: bool = Fal
     lines = [line.strip() for line in ptx.splitlines()]
     return {"K": k, "token_minor": xt, "CL": cl, "F16": f16, "wgmma": wgmma_shapes(ptx),
             "cluster_barriers": sum(line.startswith("barrier.cluster.arrive") for line in lines),
-            "cp_async_bytes": sorted({int(x.split(",")[2].strip(), 0) for x in lines if x.startswith("cp.async.cg")}),
+            "cp_async_bytes": sorted({int(re.search(r"cp\.async\.c[ag]\.shared\.global\S*\s*\[[^\]]*\],\s*\[[^\]]*\],"
+                                                r"\s*(\w+)", x).group(1), 0)
+                                      for x in lines if re.search(r"cp\.async\.c[ag]\.shared", x)}),
             "global_stores": sorted({x.split()[1] for x in lines if x.startswith("@") and " st.global" in x}
                                     | {x.split()[0] for x in lines if x.startswith("st.global")}),
             "registers": registers(ptx), "shared_bytes": ck.metadata.shared}

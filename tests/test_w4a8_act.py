@@ -44,8 +44,10 @@ if _act_ready():  # a Gluon kernel that runs `_quotient` both ways (module level
         gl.store(fast_ptr + rows[:, None] * W + cols[None, :], A._quotient(v, s, rcp, True))
         gl.store(ref_ptr + rows[:, None] * W + cols[None, :], A._quotient(v, s, rcp, False))
 
-SHAPES = [(800, 16384, True), (800, 2048, False), (136, 4096, True), (200, 1024, False),
-          (136, 2048, False)]  # M = 136: not a multiple of 16, the Triton launches run (on the transpose made first)
+# M = 136 / 760: not multiples of 16 (16-byte copies under the token mask all the same), 700: 8-byte copies,
+# 650: 4-byte copies, 651: odd, the Triton launches run; row-major x: on the transpose made first
+SHAPES = [(800, 16384, True), (800, 2048, False), (136, 4096, True), (200, 1024, False), (136, 2048, False),
+          (700, 16384, True), (650, 4096, True), (760, 2048, True), (651, 1024, True)]
 
 
 @needs_act
@@ -61,6 +63,25 @@ def test_codes_and_scales_match_the_triton_launches(m, k, token_minor):
     # the codes follow the rotation: a transposed R_in gives other codes almost everywhere
     bad, _ = K.prepare_activation(x, cfg={**cfg, "ACT": "wgmma"}, **{**kw, "r_in": r_in.transpose(1, 2).contiguous()})
     assert float((bad != ref_codes).float().mean()) > 0.5
+
+
+@needs_act
+@pytest.mark.parametrize(("m", "vec"), [(700, 4), (650, 2), (760, 8)])
+def test_narrow_copies_give_each_token_its_own_codes(m, vec):
+    """x^T rows of M tokens that 16-byte copies do not fit (M % 8 != 0) or whose M is not a multiple
+    of 16: copies of `vec` tokens; each token's codes and scale are bit for bit those it gets inside
+    a run of 768 tokens (16-byte copies), whose first M tokens are the same."""
+    from duquant_runtime.kernels import w4a8 as K
+    from duquant_runtime.kernels import w4a8_act as A
+    x, perm, r_in = w4a8_operands(768, 4096, False, 11)
+    tm = lambda t: t.t().contiguous().t()  # noqa: E731  (a gate/up GEMM's token-minor output)
+    cfg = dict(K.pick_config(768, 2048, 4096, K.MODE_DYNAMIC), ACT="wgmma")
+    kw = dict(r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC)  # noqa: C408
+    assert A.copy_tokens(m, m) == vec and A.copy_tokens(768, 768) == 8
+    for f16 in (True, False):
+        full, s_full = K.prepare_activation(tm(x), cfg={**cfg, "ACT_F16": f16}, **kw)
+        codes, s = K.prepare_activation(tm(x[:m]), cfg={**cfg, "ACT_F16": f16}, **kw)
+        assert torch.equal(codes, full[:m]) and torch.equal(s, s_full[:m]), (m, f16)
 
 
 @needs_act
@@ -200,8 +221,13 @@ def test_usable_takes_only_operands_the_kernel_reads_correctly():
     xt = torch.zeros(256, 800, dtype=torch.bfloat16)
     r_in = torch.zeros(4, 64, 64, dtype=torch.float16)
     assert A.usable(xt, 800, r_in, None, 127, 256)
-    assert not A.usable(xt, 50, r_in, None, 127, 256)  # M not a multiple of 16: a token mask splits copies
-    assert not A.usable(torch.zeros(256, 808, dtype=torch.bfloat16)[:, :800], 800, r_in, None, 127, 256)  # row stride
+    # copies of 8, 4 or 2 tokens (16, 8, 4 bytes) that divide the row stride and M; none of 1 (cp.async has no 2 bytes)
+    assert [A.copy_tokens(ld, m) for ld, m in ((800, 800), (808, 800), (700, 700), (650, 650), (651, 651),
+                                               (800, 50), (801, 800))] == [8, 8, 4, 2, 0, 2, 0]
+    assert A.usable(xt, 50, r_in, None, 127, 256)  # 4-byte copies
+    assert A.usable(torch.zeros(256, 808, dtype=torch.bfloat16)[:, :800], 800, r_in, None, 127, 256)
+    assert not A.usable(torch.zeros(256, 801, dtype=torch.bfloat16)[:, :800], 800, r_in, None, 127, 256)  # odd stride
+    assert not A.usable(torch.zeros(256, 651, dtype=torch.bfloat16), 651, r_in, None, 127, 256)  # odd M
     assert not A.usable(xt.float(), 800, r_in, None, 127, 256)
     assert not A.usable(xt, 800, r_in.float(), None, 127, 256)  # float32 R_in: hi + lo would not be exact
     assert not A.usable(xt, 800, torch.zeros(8, 32, 32, dtype=torch.float16), None, 127, 256)
@@ -229,3 +255,6 @@ def test_offline_sm90_code_of_both_passes():
     for r in (compile_w4a8.act_report(1, 64, f16=True), compile_w4a8.act_report(2, 64, f16=True)):
         assert r["wgmma"] == ["m64n64k16.f32.f16.f16"], r  # ACT_F16: one float16 dot, no split terms
         assert r["cp_async_bytes"] == [16] and r["registers"] <= 128, r
+    for vec, size in ((4, 8), (2, 4)):  # M and the row stride multiples of 4 / 2 tokens only: 8- / 4-byte copies
+        assert compile_w4a8.act_report(1, 64, vec=vec)["cp_async_bytes"] == [size]
+        assert compile_w4a8.act_report(2, 64, f16=True, vec=vec)["cp_async_bytes"] == [size, 16]  # R_in: 16 bytes

@@ -270,11 +270,11 @@ def _issue(x_bufs, st, xt_ptr, ld, src, off_m, M, BM: gl.constexpr, xl: gl.const
 
 
 @gluon.jit
-def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale_ptr, rs_ptr, K: gl.constexpr,
+def _act_kernel(xt_ptr, ldv, mv, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale_ptr, rs_ptr, K: gl.constexpr,
                 TT: gl.constexpr, BM: gl.constexpr, B: gl.constexpr, BKD: gl.constexpr, STAGES: gl.constexpr,
                 PASS: gl.constexpr, HAS_PERM: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr,
                 FASTDIV: gl.constexpr, AREG: gl.constexpr, PDL: gl.constexpr, RCACHE: gl.constexpr,
-                SATCVT: gl.constexpr, num_warps: gl.constexpr, F16: gl.constexpr = False):
+                SATCVT: gl.constexpr, num_warps: gl.constexpr, F16: gl.constexpr = False, VEC: gl.constexpr = 8):
     """Program (i, j): rotation block i of the token tiles j*TT .. j*TT+TT-1 (BM tokens each), so
     that its reads are runs along each permuted row of x^T and R_in is split once. PASS 1: atomic
     max of each tile's absmax per token into tokmax (M,) float32 (zeroed before); PASS 2: the codes
@@ -287,7 +287,11 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
     of two (pass 1: its own row maxima to [2^14, 2^15); pass 2: the token maxima to [2^11, 2^12),
     so |x 2^e| < 2^15 since max |x| <= 8 max |x R| for 64-wide orthogonal blocks) then converted,
     exactly where float16 holds them; the sums are the split path's up to those powers of two and
-    float32 order."""
+    float32 order. VEC: the x^T row stride ld = ldv * VEC and the token count M = mv * VEC (given as
+    multiples of VEC, so the compiler knows their divisibility): cp.async copies of VEC tokens (2 * VEC
+    bytes, `copy_tokens`)."""
+    ld = ldv * VEC
+    M = mv * VEC
     kb = gl.program_id(0)
     m0 = gl.program_id(1) * TT * BM
     xl: gl.constexpr = tile_layout(BM, num_warps)
@@ -387,11 +391,18 @@ def _act_kernel(xt_ptr, ld, M, perm_ptr, r_ptr, tokmax_ptr, codes_ptr, tok_scale
     async_copy.wait_group(0)
 
 
+def copy_tokens(ld: int, m: int) -> int:
+    """Tokens per cp.async copy (8, 4 or 2: 16, 8 or 4 bytes) for x^T rows of stride ld holding M
+    tokens: the most that divides both (whole copies under the token mask, each aligned); 0 where
+    none does (odd M or ld: 2-byte copies, which cp.async does not have)."""
+    return next((v for v in (8, 4, 2) if ld % v == 0 and m % v == 0), 0)
+
+
 def usable(xt: torch.Tensor, m: int, r_in: torch.Tensor, smooth, qmax: int, bkd: int) -> bool:
-    """Whether these operands fit the kernel: x^T (K, ld) bf16 with unit token stride and ld and M
-    multiples of 16 (16-byte copies under a token mask), float16 R_in in 64-wide blocks, no
-    smoothing, 8-bit codes, GEMM K tiles (bkd) made of whole blocks."""
-    return (xt.dtype == torch.bfloat16 and xt.stride(1) == 1 and xt.stride(0) % 16 == 0 and m % 16 == 0
+    """Whether these operands fit the kernel: x^T (K, ld) bf16 with unit token stride, 16-byte aligned,
+    ld and M even (`copy_tokens`), float16 R_in in 64-wide blocks, no smoothing, 8-bit codes, GEMM K
+    tiles (bkd) made of whole blocks."""
+    return (xt.dtype == torch.bfloat16 and xt.stride(1) == 1 and copy_tokens(xt.stride(0), m) > 0
             and r_in.dtype == torch.float16 and r_in.shape[-1] == 64 and smooth is None and qmax <= 127
             and xt.data_ptr() % 16 == 0 and bkd % 64 == 0)
 
@@ -418,8 +429,9 @@ def act_codes(xt: torch.Tensor, m: int, perm: torch.Tensor | None, r_in: torch.T
     codes = torch.empty((m, k), device=xt.device, dtype=torch.int8)
     tok_scale = torch.empty((m,), device=xt.device, dtype=torch.float32)
     grid = (k // b, triton.cdiv(tiles, tt))
-    args = (xt, xt.stride(0), m, perm if perm is not None else r_in, r_in, tokmax, codes, tok_scale, rs)
-    consts = dict(K=k, TT=tt, BM=bm, B=b, BKD=bkd, STAGES=max(1, min(tt, cfg.get("ACT_STAGES", 3))),
+    vec = copy_tokens(xt.stride(0), m)
+    args = (xt, xt.stride(0) // vec, m // vec, perm if perm is not None else r_in, r_in, tokmax, codes, tok_scale, rs)
+    consts = dict(K=k, TT=tt, BM=bm, B=b, BKD=bkd, STAGES=max(1, min(tt, cfg.get("ACT_STAGES", 3))), VEC=vec,
                   HAS_PERM=perm is not None, QMIN=qmin, QMAX=qmax, AREG=cfg.get("ACT_AREG", False),
                   FASTDIV=cfg.get("ACT_FASTDIV", True), PDL=pdl, RCACHE=rcache, SATCVT=cfg.get("SATCVT", True), F16=f16,
                   num_warps=cfg.get("ACT_WARPS", 4))
