@@ -33,12 +33,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import runtime_gpu as rg  # noqa: E402
 from results_file import write_results  # noqa: E402
 
 LLM_MS = "1,2,4,8,16,17,24,32,48,64,65,96,128,192,256,384,512,640,800,1024"
 EXPERT_MS = "1,10,25,50,64,100,200"
-MLP = {"llm": [("gate_proj", 16384, 2048), ("up_proj", 16384, 2048), ("down_proj", 2048, 16384)],
-       "expert": [("gate_proj", 4096, 1024), ("up_proj", 4096, 1024), ("down_proj", 1024, 4096)]}
+# (name, out, in) of each tower's MLP layers, from runtime_gpu's pi0.5 shapes
+MLP = {tower: [s for s in shapes if s[0] in ("gate_proj", "up_proj", "down_proj")]
+       for tower, shapes in (("llm", rg.LLM), ("expert", rg.EXPERT))}
 
 
 def parse_ms(text: str) -> list[int]:
@@ -71,9 +73,8 @@ def worst_per_layer(rows: list[dict]) -> dict:
 
 def _layer(out_f: int, in_f: int, args, dev, producer: bool) -> tuple[list, list]:
     """R bf16 nn.Linear instances and R dynamic DuQuantLinear instances of one shape."""
-    import runtime_gpu as rg
     from duquant_runtime import DuQuantLinear
-    reps = max(1, min(args.max_instances, -(-args.l2_bytes // (out_f * in_f * 2))))
+    reps = rg.instance_count(out_f * in_f * 2, args)
     lins, mods = [], []
     for i in range(reps):
         lin, lp, _ = rg.random_layer(out_f, in_f, 1000 * i + in_f + out_f, dev)
@@ -88,7 +89,6 @@ def _layer(out_f: int, in_f: int, args, dev, producer: bool) -> tuple[list, list
 def _error(mods: list, x: torch.Tensor) -> float:
     """Worst relative error of the fast outputs of `mods` (called in order on x, as a linked group's
     members are) against their reference paths."""
-    import runtime_gpu as rg
     with torch.no_grad():
         for q in mods:
             assert q.fast_path_reason(x) is None, q.fast_path_reason(x)
@@ -103,22 +103,21 @@ def _error(mods: list, x: torch.Tensor) -> float:
 
 
 def sweep_layer(tower: str, name: str, out_f: int, in_f: int, ms: list[int], args, dev) -> list[dict]:
-    import runtime_gpu as rg
-    from duquant_runtime.kernels.w4a8 import token_minor_pays
     lins, mods = _layer(out_f, in_f, args, dev, producer=name != "down_proj")
     rows = []
     for m in ms:
+        tm_in = name == "down_proj" and rg.token_minor_pays(m)
+
+        def layout(t, tm_in=tm_in):  # down_proj reads the token-minor hidden
+            return t.t().contiguous().t() if tm_in else t
         x = rg.activations(m, in_f, 11, dev)
-        tm_in = name == "down_proj" and token_minor_pays(m)
-        xq = x.t().contiguous().t() if tm_in else x  # down_proj reads the token-minor hidden
         t_bf16 = rg.graph_time(lins, x, args.repeats)
-        t_ours = rg.graph_time(mods, xq, args.repeats)
-        err = _error(mods[:1], rg.activations(m, in_f, 21, dev).t().contiguous().t() if tm_in else
-                     rg.activations(m, in_f, 21, dev))
+        t_ours = rg.graph_time(mods, layout(x), args.repeats)
+        err = _error(mods[:1], layout(rg.activations(m, in_f, 21, dev)))
         rows.append({"tower": tower, "layer": name, "M": m, "N": out_f, "K": in_f, "instances": len(lins),
                      "bf16_s": t_bf16, "ours_s": t_ours, "ratio": t_ours / t_bf16, "rel_err": err,
                      "token_minor_input": tm_in,
-                     "token_minor_output": name != "down_proj" and token_minor_pays(m)})
+                     "token_minor_output": name != "down_proj" and rg.token_minor_pays(m)})
         _print(rows[-1])
     del lins, mods
     torch.cuda.empty_cache()
@@ -127,8 +126,6 @@ def sweep_layer(tower: str, name: str, out_f: int, in_f: int, ms: list[int], arg
 
 def sweep_group(tower: str, ms: list[int], args, dev) -> list[dict]:
     """The linked gate/up group (one activation launch pair, one GEMM over both row sets)."""
-    import runtime_gpu as rg
-    from duquant_runtime.kernels.w4a8 import token_minor_pays
     names = ("gate_proj", "up_proj")
     reps = rg.group_instances(tower, names, args)
     bf16, _, groups = rg.build_group(tower, names, reps, dev, modes=("dynamic",))
@@ -145,7 +142,7 @@ def sweep_group(tower: str, ms: list[int], args, dev) -> list[dict]:
         err = _error(fns[0].__defaults__[0], rg.activations(m, in_f, 21, dev))
         rows.append({"tower": tower, "layer": "gate_up_group", "M": m, "instances": reps, "bf16_s": t_bf16,
                      "ours_s": t_ours, "ratio": t_ours / t_bf16, "rel_err": err, "token_minor_input": False,
-                     "token_minor_output": token_minor_pays(m)})
+                     "token_minor_output": rg.token_minor_pays(m)})
         _print(rows[-1])
     del bf16, groups, fns
     torch.cuda.empty_cache()

@@ -161,7 +161,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def bench_shape(tower: str, name: str, out_f: int, in_f: int, m: int, args, dev) -> dict:
     bf16_bytes = out_f * in_f * 2
-    reps = max(1, min(args.max_instances, -(-args.l2_bytes // bf16_bytes)))
+    reps = instance_count(bf16_bytes, args)
     lins, dyns, stats, olds = [], [], [], []
     for i in range(reps):
         lin, lp, w_fq = random_layer(out_f, in_f, 1000 * i + in_f + out_f, dev)
@@ -269,11 +269,16 @@ def build_group(tower: str, names: tuple, reps: int, dev, modes=("dynamic", "sta
     return bf16, bf16_cat, groups
 
 
+def instance_count(bf16_bytes: int, args) -> int:
+    """Layer instances per timed replay whose bf16 weights of `bf16_bytes` each together exceed
+    args.l2_bytes (1..args.max_instances): a replay then streams its weights from memory."""
+    return max(1, min(args.max_instances, -(-args.l2_bytes // bf16_bytes)))
+
+
 def group_instances(tower: str, names: tuple, args) -> int:
-    """Instances of a group whose bf16 weights together exceed args.l2_bytes (1..args.max_instances)."""
+    """`instance_count` of an input group (its members' bf16 weights together)."""
     shapes = {n: (o, i) for n, o, i in (LLM if tower == "llm" else EXPERT)}
-    size = sum(shapes[n][0] * shapes[n][1] * 2 for n in names)
-    return max(1, min(args.max_instances, -(-args.l2_bytes // size)))
+    return instance_count(sum(shapes[n][0] * shapes[n][1] * 2 for n in names), args)
 
 
 def bench_group(tower: str, label: str, names: tuple, m: int, args, dev) -> dict:

@@ -577,6 +577,10 @@ def token_minor_pays(m: int) -> bool:
     return m > 16
 
 
+# the register-operand GEMM of LLM down_proj at M <= 64 (its BN 64 and BK 256 are the M <= 16 Triton tiles')
+SMALL_M_DOWN_RS = dict(BMT=32, SPLIT=4, RS_STAGES=5, PDL=True, RS_PDL=True)
+
+
 def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     """Launch configuration for (M tokens, N out, K in): the fastest measured on an H200 for the
     pi0.5 shapes (benchmarks/stages_w4a8.py, sweep_w4a8.py; docs/benchmarks.md). Keys: prep G
@@ -622,8 +626,7 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
                 # restore in the epilogue, 5 stages, PDL: LLM down_proj 16.2 / 16.0 us vs 19.4 / 18.9 for the Triton
                 # GEMM (two same-run A/Bs, sweep_w4a8.py --ab; split 8 15.6 / 16.3, 3 stages 16.6, no RS_PDL 17.2);
                 # not for the gate/up projections (18.2-20.4 vs 16.8 us) nor q/o (8.7-10.5 vs 8.6)
-                cfg.update(GEMM="rs", RS_RESTORE=True,
-                           RS_CONFIG=dict(BMT=32, SPLIT=4, RS_STAGES=5, PDL=True, RS_PDL=True))
+                cfg.update(GEMM="rs", RS_RESTORE=True, RS_CONFIG=dict(SMALL_M_DOWN_RS))
         else:
             cfg.update(BN=64, BMT=16, BK=128, SPLIT=4, num_warps=4, num_stages=3)
             if n >= 8192:
@@ -652,8 +655,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         elif dynamic and k > 4096:  # LLM down_proj (token-minor hidden): the M <= 16 register-operand GEMM, split-K
             # 4, 32- or 64-token tiles: 18.8 / 20.3 us at M = 32 / 64 against 26.3 / 28.1 (Triton split-K) and
             # bf16 22.3 / 24.6 (sweep_w4a8.py --token-minor --ab)
-            cfg.update(GEMM="rs", RS_RESTORE=True, RS_CONFIG=dict(BN=64, BMT=32 if m <= 32 else 64, BK=256, SPLIT=4,
-                                                                  RS_STAGES=5, PDL=True, RS_PDL=True))
+            cfg.update(GEMM="rs", RS_RESTORE=True,
+                       RS_CONFIG=dict(SMALL_M_DOWN_RS, BN=64, BK=256, BMT=32 if m <= 32 else 64))
         if dynamic and cfg["SPLIT"] == 1 and 1024 <= n <= 2560 and k <= 2048:  # 32-token tiles: twice the
             cfg.update(BMT=32)  # programs, no split-K sums (expert o 10.0 vs 11.2 us, linked q/k/v 8.8 vs 9.8 us)
         if not dynamic and (k >= 2048 or n >= 8192):  # measured: PDL slower here (expert o/down static,
@@ -752,10 +755,10 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
 
 
 def _padded_tokens(m: int, bmt: int, tail: int) -> int:
-    """Tokens the GEMM's tiles cover for M = m: whole bmt-token tiles, the last M % bmt <= tail tokens in
-    tail-token tiles (`tail_tokens`)."""
-    full, rem = divmod(m, bmt)
-    return full * bmt + (0 if not rem else tail if full and rem <= tail else bmt)
+    """Tokens the GEMM's tiles cover for M = m: whole bmt-token tiles, and the last `tail_tokens` in
+    tail-token tiles where the TAIL_BMT launch takes them."""
+    t = tail_tokens(m, {"BMT": bmt, "TAIL_BMT": tail})
+    return -(-(m - t) // bmt) * bmt + (-(-t // tail) * tail if t else 0)
 
 
 def _token_tile(m: int, small: int, large: int, tail: int) -> int:
