@@ -14,8 +14,9 @@ layer instances per replay so that the weights exceed the L2 cache, runtime_gpu.
 - ours: `DuQuantLinear` W4A8, dynamic per-token activation scales, as a model with `apply_pack`
   runs it: gate/up write the token-minor MLP hidden and down_proj reads it, from M > 16
   (mlp_layout.py, kernels/w4a8.token_minor_pays); rotations float16.
-Layers: gate_proj, up_proj and down_proj of each tower, and the linked gate/up group of a
---share-inputs pack (against its two bf16 members called one by one). The fast output of one
+Layers (--layers): by default gate_proj, up_proj and down_proj of each tower and the linked
+gate/up group of a --share-inputs pack (against its two bf16 members called one by one); also
+q_proj, k_proj (= v_proj), o_proj and the linked q/k/v group. The fast output of one
 instance is compared with its float32 reference path (use_fast=False) at every M.
 Writes JSON: one row per (tower, layer, M) with both times, the ratio and the error, and the
 rows whose ratio is above 1.0.
@@ -38,9 +39,12 @@ from results_file import write_results  # noqa: E402
 
 LLM_MS = "1,2,4,8,16,17,24,32,48,64,65,96,128,192,256,384,512,640,800,1024"
 EXPERT_MS = "1,10,25,50,64,100,200"
-# (name, out, in) of each tower's MLP layers, from runtime_gpu's pi0.5 shapes
-MLP = {tower: [s for s in shapes if s[0] in ("gate_proj", "up_proj", "down_proj")]
-       for tower, shapes in (("llm", rg.LLM), ("expert", rg.EXPERT))}
+# (name, out, in) of each tower's layers, from runtime_gpu's pi0.5 shapes
+TOWERS = {"llm": rg.LLM, "expert": rg.EXPERT}
+# linked input groups of a --share-inputs pack: their members
+GROUPS = {"gate_up_group": ("gate_proj", "up_proj"), "qkv_group": ("q_proj", "k_proj", "v_proj")}
+LAYERS = "gate_proj,up_proj,down_proj,gate_up_group"  # the default: the MLP, the layers issue 6 names
+PRODUCERS = ("gate_proj", "up_proj")  # they write the token-minor MLP hidden (from M > 16)
 
 
 def parse_ms(text: str) -> list[int]:
@@ -69,6 +73,11 @@ def worst_per_layer(rows: list[dict]) -> dict:
         if key not in out or r["ratio"] > out[key]["ratio"]:
             out[key] = {"M": r["M"], "ratio": r["ratio"]}
     return out
+
+
+def known_layers() -> list[str]:
+    """What --layers takes: each tower's layer names (k_proj and v_proj are one shape), then GROUPS."""
+    return list(dict.fromkeys(n for n, _, _ in rg.LLM)) + list(GROUPS)
 
 
 def _layer(out_f: int, in_f: int, args, dev, producer: bool) -> tuple[list, list]:
@@ -103,7 +112,7 @@ def _error(mods: list, x: torch.Tensor) -> float:
 
 
 def sweep_layer(tower: str, name: str, out_f: int, in_f: int, ms: list[int], args, dev) -> list[dict]:
-    lins, mods = _layer(out_f, in_f, args, dev, producer=name != "down_proj")
+    lins, mods = _layer(out_f, in_f, args, dev, producer=name in PRODUCERS)
     rows = []
     for m in ms:
         tm_in = name == "down_proj" and rg.token_minor_pays(m)
@@ -117,32 +126,34 @@ def sweep_layer(tower: str, name: str, out_f: int, in_f: int, ms: list[int], arg
         rows.append({"tower": tower, "layer": name, "M": m, "N": out_f, "K": in_f, "instances": len(lins),
                      "bf16_s": t_bf16, "ours_s": t_ours, "ratio": t_ours / t_bf16, "rel_err": err,
                      "token_minor_input": tm_in,
-                     "token_minor_output": name != "down_proj" and rg.token_minor_pays(m)})
+                     "token_minor_output": name in PRODUCERS and rg.token_minor_pays(m)})
         _print(rows[-1])
     del lins, mods
     torch.cuda.empty_cache()
     return rows
 
 
-def sweep_group(tower: str, ms: list[int], args, dev) -> list[dict]:
-    """The linked gate/up group (one activation launch pair, one GEMM over both row sets)."""
-    names = ("gate_proj", "up_proj")
+def sweep_group(tower: str, label: str, ms: list[int], args, dev) -> list[dict]:
+    """A linked input group (GROUPS[label]: one activation launch pair, one GEMM over all members'
+    rows) against its bf16 members called one by one."""
+    names = GROUPS[label]
+    producer = set(names) <= set(PRODUCERS)
     reps = rg.group_instances(tower, names, args)
     bf16, _, groups = rg.build_group(tower, names, reps, dev, modes=("dynamic",))
     fns = groups["dynamic"]
     for f in fns:
         for q in f.__defaults__[0]:
-            q.token_minor_output = True
-    in_f = {n: i for n, _, i in MLP[tower]}["gate_proj"]
+            q.token_minor_output = producer
+    in_f = {n: i for n, _, i in TOWERS[tower]}[names[0]]
     rows = []
     for m in ms:
         x = rg.activations(m, in_f, 11, dev)
         t_bf16 = rg.graph_time(bf16, x, args.repeats)
         t_ours = rg.graph_time(fns, x, args.repeats)
         err = _error(fns[0].__defaults__[0], rg.activations(m, in_f, 21, dev))
-        rows.append({"tower": tower, "layer": "gate_up_group", "M": m, "instances": reps, "bf16_s": t_bf16,
+        rows.append({"tower": tower, "layer": label, "M": m, "instances": reps, "bf16_s": t_bf16,
                      "ours_s": t_ours, "ratio": t_ours / t_bf16, "rel_err": err, "token_minor_input": False,
-                     "token_minor_output": rg.token_minor_pays(m)})
+                     "token_minor_output": producer and rg.token_minor_pays(m)})
         _print(rows[-1])
     del bf16, groups, fns
     torch.cuda.empty_cache()
@@ -164,8 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--llm-ms", default=LLM_MS, help=f"language-model token counts (default {LLM_MS})")
     ap.add_argument("--expert-ms", default=EXPERT_MS, help=f"action-expert token counts (default {EXPERT_MS}; "
                     "'' skips the expert)")
-    ap.add_argument("--layers", default="gate_proj,up_proj,down_proj,gate_up_group",
-                    help="which of gate_proj, up_proj, down_proj, gate_up_group to sweep")
+    ap.add_argument("--layers", default=LAYERS, help=f"which layers to sweep, of {', '.join(known_layers())} "
+                    f"(default {LAYERS})")
     args = ap.parse_args(argv)
     try:
         ms = {"llm": parse_ms(args.llm_ms) if args.llm_ms else [],
@@ -173,9 +184,9 @@ def main(argv=None) -> int:
     except ValueError as err:
         ap.error(str(err))
     layers = set(filter(None, args.layers.split(",")))
-    known = {"gate_proj", "up_proj", "down_proj", "gate_up_group"}
+    known = set(known_layers())
     if not layers or layers - known:
-        ap.error(f"--layers: unknown {sorted(layers - known)}; known: {sorted(known)}")
+        ap.error(f"--layers: unknown {sorted(layers - known)}; known: {known_layers()}")
     if not torch.cuda.is_available():
         print("msweep_gpu.py needs a CUDA GPU (this machine has none)", file=sys.stderr)
         return 2
@@ -186,12 +197,13 @@ def main(argv=None) -> int:
     for tower in ("llm", "expert"):
         if not ms[tower]:
             continue
-        for name, out_f, in_f in MLP[tower]:
+        for name, out_f, in_f in TOWERS[tower]:
             if name in layers:
                 result["rows"] += sweep_layer(tower, name, out_f, in_f, ms[tower], args, dev)
                 write_results(args.out, result, indent=1)
-        if "gate_up_group" in layers:
-            result["rows"] += sweep_group(tower, ms[tower], args, dev)
+        for label in GROUPS:
+            if label in layers:
+                result["rows"] += sweep_group(tower, label, ms[tower], args, dev)
     result["worst_per_layer"] = worst_per_layer(result["rows"])
     result["over_bf16"] = over_bf16(result["rows"])
     for key, w in result["worst_per_layer"].items():

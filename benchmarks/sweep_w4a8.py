@@ -141,7 +141,7 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
         rows = []
         cands = configs(m, n, k, mode_name)
         if args.ab:  # A/B: the picked configuration (`resolve_config`) against the same with the given keys changed
-            cands = [K.resolve_config(m, n, k, mode, dev, alt) for alt in [{}] + args.ab]
+            cands = [ab_config(m, n, k, mode, dev, alt) for alt in [{}] + args.ab]
         for cfg in cands:
             fns = [lambda a, lay=lay, cfg=cfg: K.w4_linear(a, qweight=lay["qweight"], w_scale=lay["w_scale"],
                                                            r_in=lay["r_in"], perm=lay["perm"], r_out=lay["r_out"],
@@ -167,13 +167,20 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
     return res
 
 
+def ab_config(m: int, n: int, k: int, mode: int, dev, alt: dict) -> dict:
+    """The configuration an --ab alternative runs at M = m: `resolve_config` with alt's keys over
+    it; alt's AS_M (a token count) takes the picks made for AS_M tokens instead of m's."""
+    alt = dict(alt)
+    return K.resolve_config(alt.pop("AS_M", m), n, k, mode, dev, alt)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(ap, "benchmarks/results/sweep_w4a8.json", 5)
     ap.add_argument("--mode", default="both", choices=("both", "dynamic", "static"), help="activation modes to sweep")
     ap.add_argument("--ab", default="", help="only the picked configuration and it with KEY=VALUE[,...] "
                     "changed (Python literals), e.g. num_stages=4,BMT=64; several alternatives separated "
-                    "by ';', e.g. 'RESTORE=0;PART_RESTORE=True'")
+                    "by ';', e.g. 'RESTORE=0;PART_RESTORE=True'; AS_M=64: the picks made for 64 tokens")
     ap.add_argument("--token-minor", action="store_true", help="give the layers x token-minor (strides (1, M)), "
                     "as a gate/up with token_minor_out leaves down_proj's input")
     args = ap.parse_args(argv)

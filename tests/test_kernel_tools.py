@@ -107,6 +107,15 @@ def test_msweep_summary_lists_rows_over_bf16_worst_first():
     assert msweep_gpu.worst_per_layer(rows) == {"llm:down_proj": {"M": 65, "ratio": 1.3}}
 
 
+def test_msweep_takes_every_layer_and_input_group():
+    import msweep_gpu
+    import runtime_gpu
+    known = msweep_gpu.known_layers()
+    assert {n for n, _, _ in runtime_gpu.LLM + runtime_gpu.EXPERT} | {"gate_up_group", "qkv_group"} == set(known)
+    assert set(msweep_gpu.LAYERS.split(",")) == {"gate_proj", "up_proj", "down_proj", "gate_up_group"}
+    assert set(msweep_gpu.GROUPS["qkv_group"]) <= set(known) and set(msweep_gpu.PRODUCERS) <= set(known)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_msweep_without_cuda_says_so(capsys):
     import msweep_gpu
@@ -116,7 +125,21 @@ def test_msweep_without_cuda_says_so(capsys):
 
 def test_msweep_refuses_bad_arguments_with_one_line(capsys):
     import msweep_gpu
-    for argv, message in ((["--llm-ms", "1,x"], "token counts"), (["--layers", "o_proj"], "--layers: unknown")):
+    for argv, message in ((["--llm-ms", "1,x"], "token counts"), (["--layers", "lm_head"], "--layers: unknown")):
         with pytest.raises(SystemExit) as exc:
             msweep_gpu.main(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sweep_ab_alternative_takes_the_picks_of_another_token_count():
+    pytest.importorskip("triton")
+    import sweep_w4a8
+    from duquant_runtime.kernels import w4a8 as K
+    dev, dyn = torch.device("cpu"), K.MODE_DYNAMIC
+    n, k = 4096, 1024  # the action expert's gate/up
+    picked = sweep_w4a8.ab_config(200, n, k, dyn, dev, {})
+    assert picked == K.resolve_config(200, n, k, dyn, dev)
+    alt = {"AS_M": 64, "BMT": 32}
+    as64 = sweep_w4a8.ab_config(200, n, k, dyn, dev, alt)
+    assert as64 == {**K.resolve_config(64, n, k, dyn, dev), "BMT": 32} and as64 != picked
+    assert alt == {"AS_M": 64, "BMT": 32}  # the parsed alternative is left as it was

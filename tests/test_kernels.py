@@ -386,7 +386,8 @@ def test_register_operand_tiles_apply_only_where_that_gemm_runs(monkeypatch):
 def test_mid_token_counts_pick_tiles_that_fill_the_gpu():
     """Between the workload's M = 1 and 800 (benchmarks/msweep_gpu.py): the LLM gate/up GEMMs take
     32- or 64-token tiles without split-K up to M = 64 and, above, 128- or 256-token tiles by the
-    padding they leave; LLM down_proj splits K where its tiles are few (up to M = 256)."""
+    padding they leave; LLM down_proj splits K where its tiles are few (up to M = 256). The action
+    expert's shapes keep their small-M launches up to `small_m_tokens` (a batch of chunks)."""
     from duquant_runtime.kernels import w4a8 as K
     assert K._padded_tokens(800, 256, 32) == 800 and K._padded_tokens(384, 256, 32) == 512
     assert K._padded_tokens(384, 128, 32) == 384 and K._padded_tokens(100, 256, 32) == 256
@@ -410,12 +411,28 @@ def test_mid_token_counts_pick_tiles_that_fill_the_gpu():
         assert (down["BN"], down["BMT"], down["SPLIT"]) == (bn, bmt, split), m
     one = K.pick_config(16, 16384, 2048, dyn)  # M <= 16 unchanged
     assert (one["BMT"], one["SPLIT"]) == (16, 2)
+    # the action expert's shapes (a batch of 50-token chunks): the small-M launches, no x^T launch, up to
+    # small_m_tokens(n, k)
+    for n, k, bmt, top in ((1024, 4096, 32, 256), (8192, 1024, 128, 256), (4096, 1024, 64, 128), (2048, 1024, 32, 128),
+                           (2560, 1024, 32, 128)):
+        assert K.small_m_tokens(n, k) == top
+        for m in (65, 100, top):
+            cfg = K.pick_config(m, n, k, dyn)
+            assert ("XLOAD" not in cfg, cfg.get("ACT"), cfg["BMT"]) == (True, None, bmt), (n, k, m)
+            assert {key: v for key, v in cfg.items() if key != "BMT"} == \
+                {key: v for key, v in K.pick_config(64, n, k, dyn).items() if key != "BMT"}, (n, k, m)
+        assert K.pick_config(top + 1, n, k, dyn)["XLOAD"] == "transpose"
+        assert K.pick_config(100, n, k, K.MODE_STATIC)["XLOAD"] == "transpose"  # measured in dynamic mode only
+    # expert o and k/v, the LLM's q/o, q/k/v, k/v, gate/up and down: as before
+    for n, k in ((1024, 2048), (256, 1024), (2048, 2048), (2560, 2048), (256, 2048), (16384, 2048), (2048, 16384)):
+        assert K.small_m_tokens(n, k) == 64
+        assert K.pick_config(100, n, k, dyn)["XLOAD"] == "transpose"
 
 
 @pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")
 def test_mid_token_counts_match_reference_on_gpu():
-    """The picked launches at M between the workload's (LLM gate/up and down_proj shapes, down_proj on
-    the token-minor hidden) match the float32 reference; down_proj's split-K gives its unsplit values
+    """The picked launches at M between the workload's (LLM gate/up and down_proj shapes, the action
+    expert's above 64 tokens, down_proj on the token-minor hidden) match the float32 reference; down_proj's split-K gives its unsplit values
     bit for bit, and so does a tail launch beside 128-token tiles (M = 160) against none."""
     import torch
     from duquant_runtime.activation import fake_quantize_per_token
@@ -427,7 +444,9 @@ def test_mid_token_counts_match_reference_on_gpu():
     orth = lambda nb: torch.linalg.qr(torch.randn(nb, 64, 64, generator=g, dtype=torch.float64))[0].float().contiguous()  # noqa: E731,E501
     for m, n, k in ((32, 16384, 2048), (64, 32768, 2048), (128, 16384, 2048), (160, 16384, 2048), (384, 16384, 2048),
                     (64, 2048, 16384), (128, 2048, 16384), (192, 2048, 16384), (256, 2048, 16384),
-                    (384, 2048, 16384)):
+                    (384, 2048, 16384),
+                    # the action expert's shapes on the small-M launches (`small_m_tokens`)
+                    (100, 1024, 4096), (200, 1024, 4096), (256, 8192, 1024), (100, 2560, 1024), (128, 4096, 1024)):
         r_in, r_out = orth(k // 64).cuda(), orth(n // 64).cuda()
         perm = torch.randperm(k, generator=g).cuda()
         q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8).cuda()
@@ -436,7 +455,7 @@ def test_mid_token_counts_match_reference_on_gpu():
         x[:, :3] *= 40.0
         ref = output_restore((fake_quantize_per_token(input_transform(x, perm, r_in), 8) @ q.float().t()) * ws, r_out)
         xb = x.bfloat16()
-        if k > 4096:  # as gate/up leave it (mlp_layout.py)
+        if k >= 4096:  # down_proj: as gate/up leave it (mlp_layout.py)
             xb = xb.t().contiguous().t()
         kw = dict(qweight=pack_int4(q), w_scale=ws, r_in=r_in.half(), perm=perm, r_out=r_out.half(), bias=None,
                   smooth=None, mode=K.MODE_DYNAMIC)
@@ -444,7 +463,7 @@ def test_mid_token_counts_match_reference_on_gpu():
         err = float((y.float() - ref).norm() / ref.norm())
         assert err < 2e-2, (m, n, k, err)  # tf32 rotation and bf16 restore move quantization ties (test_w4a8_rs)
         cfg = K.resolve_config(m, n, k, K.MODE_DYNAMIC, x.device, None, 64)
-        if cfg["SPLIT"] > 1:
+        if cfg["SPLIT"] > 1 and cfg.get("GEMM") == "rs":  # int32 partial sums (Triton's split-K adds float32)
             assert torch.equal(K.w4_linear(xb, config={"SPLIT": 1}, **kw), y), (m, n, k)
         if K.tail_tokens(m, cfg):  # M = 160: 128-token tiles, the last 32 tokens in the overlapping tail launch
             assert torch.equal(K.w4_linear(xb, config={"TAIL_BMT": 0}, **kw), y), (m, n, k)

@@ -634,13 +634,16 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
             elif k > 4096:
                 cfg.update(BN=128, SPLIT=8)
         return _epilogue(cfg, dynamic)
-    if m <= 64:
+    mid_expert = dynamic and 64 < m <= small_m_tokens(n, k)  # the action expert's shapes on a batch of chunks
+    if m <= 64 or mid_expert:
         # EPI_EARLY (dynamic): no load left after the GEMM's main loop (the A/B above)
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3, EPI_EARLY=dynamic)
         if k <= 1024 and (dynamic or n >= 2048):
             cfg.update(SPLIT=1)
             if dynamic and n >= 2560:  # measured on the linked q/k/v and gate/up groups (9.8 vs 10.4 us,
                 cfg.update(BK=256)  # 11.0 vs 11.7 us); the single layers were not re-swept
+            if mid_expert and n >= 8192:  # the linked gate/up group above 64 tokens: 128-token tiles (above)
+                cfg.update(BMT=128)
         elif dynamic and k == 2048 and n <= 1024:  # expert o_proj: 11.6 vs 12.4 us (split-K 4, BK 128)
             cfg.update(SPLIT=1, BK=256)
         elif dynamic and n <= 1024:  # expert down_proj, split-K 4 over 32-token tiles: 14.2 vs 15.0 us
@@ -752,6 +755,27 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     else:  # q/o_proj static 30.8 vs 34.5 us, down_proj static 174.6 vs 193.0 us (BN128/8 warps)
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=3)
     return _epilogue(cfg, dynamic)
+
+
+def small_m_tokens(n: int, k: int) -> int:
+    """Up to how many tokens the dynamic (N out, K in) layer takes `pick_config`'s small-M launches
+    (the Triton activation launches, 32- to 128-token GEMM tiles): 64, and more for the action
+    expert's shapes (a batch of 50-token chunks). msweep_gpu.py at M = 65 / 100 / 128 / 200 / 256
+    against the large-M picks, same run, us (H200; bf16 in brackets):
+    - down_proj 1024 x 4096 (token-minor): 12.7 / 13.8 / 13.6 / 17.9 / 19.0 vs 22.5 / 23.3 / 22.4 /
+      23.4 / 22.3 (8.8 / 8.4 / 8.6 / 9.7 / 9.6);
+    - linked gate/up 8192 x 1024 (128-token tiles): 11.9 / 12.1 / 11.9 / 13.8 / 13.7 vs 14.0 / 16.3 /
+      12.8 / 25.8 / 18.1 (10.9 / 10.8 / 10.6 / 12.7 / 12.4);
+    - up to 128 tokens only: gate/up 4096 x 1024 9.6 / 10.6 / 10.5 vs 11.8 / 11.8 / 11.0, q 2048 x 1024
+      8.6 / 8.8 / 9.1 vs 9.8 / 10.1 / 9.8, linked q/k/v 2560 x 1024 8.2 / 9.9 / 10.2 vs 10.8 / 10.9 / 10.5
+      (at 200 / 256: 12.5 / 12.2 vs 12.9 / 11.9, 10.5 / 11.1 vs 10.3 / 10.0, 11.4 / 11.8 vs 11.3 / 10.8);
+    - not o_proj 1024 x 2048 (13.7 / 13.7 vs 13.5 / 13.3 at 100 / 128, 15.7 vs 13.8 at 200), nor k/v
+      256 x 1024 (equal), nor the language model's shapes (sweep_w4a8.py --ab AS_M=64: slower)."""
+    if (n >= 8192 and k <= 1024) or (n <= 1024 and k >= 4096):
+        return 256
+    if k <= 1024 and n >= 1024:
+        return 128
+    return 64
 
 
 def _padded_tokens(m: int, bmt: int, tail: int) -> int:
