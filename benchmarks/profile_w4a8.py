@@ -62,7 +62,7 @@ def per_launch(times: list[tuple[str, float]], layers: int) -> list[dict]:
 
 def profile_shape(tower, name, n, k, m, mode_name, over, args, dev) -> dict:
     from runtime_gpu import graph_time
-    from sweep_w4a8 import make_input, make_layers
+    from sweep_w4a8 import ab_config, make_input, make_layers
 
     from duquant_runtime.kernels import w4a8 as K
     mode = K.MODE_DYNAMIC if mode_name == "dynamic" else K.MODE_STATIC
@@ -71,7 +71,9 @@ def profile_shape(tower, name, n, k, m, mode_name, over, args, dev) -> dict:
     x = make_input(m, k, dev)
     if args.token_minor:  # as a gate/up GEMM with token_minor_out leaves it (mlp_layout.py)
         x = x.t().contiguous().t()
-    cfg = {**K.pick_config(m, n, k, mode), **over}
+    # the whole configuration the runtime resolves (RS_CONFIG applied where the rs GEMM runs), --config's
+    # keys over it (PICK_M: another token count's picks)
+    cfg = ab_config(m, n, k, mode, dev, over)
     fns = [lambda a, lay=lay: K.w4_linear(a, qweight=lay["qweight"], w_scale=lay["w_scale"], r_in=lay["r_in"],
                                           perm=lay["perm"], r_out=lay["r_out"], bias=None, smooth=None, mode=mode,
                                           act_scale=lay["act_scale"], config=cfg)

@@ -168,10 +168,11 @@ def bench(tower, name, n, k, m, args, dev) -> dict:
 
 
 def ab_config(m: int, n: int, k: int, mode: int, dev, alt: dict) -> dict:
-    """The configuration an --ab alternative runs at M = m: `resolve_config` with alt's keys over
-    it; alt's AS_M (a token count) takes the picks made for AS_M tokens instead of m's."""
-    alt = dict(alt)
-    return K.resolve_config(alt.pop("AS_M", m), n, k, mode, dev, alt)
+    """The whole configuration an --ab alternative runs at M = m (what `w4_linear(config=...)` gets):
+    `resolve_config` with alt's keys over the picks; with PICK_M (a token count) over the picks for
+    that many tokens, which it keeps, so that the launch does not merge M's picks back in."""
+    cfg = K.resolve_config(m, n, k, mode, dev, alt)
+    return {**cfg, "PICK_M": alt["PICK_M"]} if "PICK_M" in alt else cfg
 
 
 def main(argv=None) -> int:
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="both", choices=("both", "dynamic", "static"), help="activation modes to sweep")
     ap.add_argument("--ab", default="", help="only the picked configuration and it with KEY=VALUE[,...] "
                     "changed (Python literals), e.g. num_stages=4,BMT=64; several alternatives separated "
-                    "by ';', e.g. 'RESTORE=0;PART_RESTORE=True'; AS_M=64: the picks made for 64 tokens")
+                    "by ';', e.g. 'RESTORE=0;PART_RESTORE=True'; PICK_M=64: the picks made for 64 tokens")
     ap.add_argument("--token-minor", action="store_true", help="give the layers x token-minor (strides (1, M)), "
                     "as a gate/up with token_minor_out leaves down_proj's input")
     args = ap.parse_args(argv)

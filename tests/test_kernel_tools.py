@@ -136,10 +136,14 @@ def test_sweep_ab_alternative_takes_the_picks_of_another_token_count():
     import sweep_w4a8
     from duquant_runtime.kernels import w4a8 as K
     dev, dyn = torch.device("cpu"), K.MODE_DYNAMIC
-    n, k = 4096, 1024  # the action expert's gate/up
+    n, k = 1024, 2048  # the action expert's o_proj: the cluster activation launch above 64 tokens, not at 64
     picked = sweep_w4a8.ab_config(200, n, k, dyn, dev, {})
-    assert picked == K.resolve_config(200, n, k, dyn, dev)
-    alt = {"AS_M": 64, "BMT": 32}
+    assert picked == K.resolve_config(200, n, k, dyn, dev) and picked["ACT"] == "cluster"
+    alt = {"PICK_M": 64, "BMT": 64}
     as64 = sweep_w4a8.ab_config(200, n, k, dyn, dev, alt)
-    assert as64 == {**K.resolve_config(64, n, k, dyn, dev), "BMT": 32} and as64 != picked
-    assert alt == {"AS_M": 64, "BMT": 32}  # the parsed alternative is left as it was
+    assert alt == {"PICK_M": 64, "BMT": 64}  # the parsed alternative is left as it was
+    want = {**K.resolve_config(64, n, k, dyn, dev), "BMT": 64}
+    assert {key: v for key, v in as64.items() if key != "PICK_M"} == want and "ACT" not in want
+    # what the launch resolves from it at M = 200: the same, without the 200-token picks merged back in
+    assert K.resolve_config(200, n, k, dyn, dev, as64) == want
+    assert "ACT" in K.resolve_config(200, n, k, dyn, dev, want)  # (a plain override dict would merge them)

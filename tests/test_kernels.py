@@ -413,8 +413,8 @@ def test_mid_token_counts_pick_tiles_that_fill_the_gpu():
     assert (one["BMT"], one["SPLIT"]) == (16, 2)
     # the action expert's shapes (a batch of 50-token chunks): the small-M launches, no x^T launch, up to
     # small_m_tokens(n, k)
-    for n, k, bmt, top in ((1024, 4096, 32, 256), (8192, 1024, 128, 256), (4096, 1024, 64, 128), (2048, 1024, 32, 128),
-                           (2560, 1024, 32, 128)):
+    for n, k, bmt, top in ((1024, 4096, 32, 256), (8192, 1024, 128, 256), (4096, 1024, 64, 100), (2048, 1024, 32, 100),
+                           (2560, 1024, 32, 100)):
         assert K.small_m_tokens(n, k) == top
         for m in (65, 100, top):
             cfg = K.pick_config(m, n, k, dyn)
@@ -423,10 +423,19 @@ def test_mid_token_counts_pick_tiles_that_fill_the_gpu():
                 {key: v for key, v in K.pick_config(64, n, k, dyn).items() if key != "BMT"}, (n, k, m)
         assert K.pick_config(top + 1, n, k, dyn)["XLOAD"] == "transpose"
         assert K.pick_config(100, n, k, K.MODE_STATIC)["XLOAD"] == "transpose"  # measured in dynamic mode only
-    # expert o and k/v, the LLM's q/o, q/k/v, k/v, gate/up and down: as before
+    # expert o and k/v, the LLM's q/o, q/k/v, k/v, gate/up and down: the large-M launches above 64 tokens
     for n, k in ((1024, 2048), (256, 1024), (2048, 2048), (2560, 2048), (256, 2048), (16384, 2048), (2048, 16384)):
         assert K.small_m_tokens(n, k) == 64
-        assert K.pick_config(100, n, k, dyn)["XLOAD"] == "transpose"
+    # ... and past small_m_tokens, up to 256 tokens, expert q / o / gate/up / linked q/k/v: the large-M activation
+    # launch with 32-token GEMM tiles
+    for n, k in ((1024, 2048), (2048, 1024), (4096, 1024), (2560, 1024)):
+        for m in (K.small_m_tokens(n, k) + 1, 200, 256):
+            cfg = K.pick_config(m, n, k, dyn)
+            assert (cfg["ACT"], cfg["BN"], cfg["BMT"], cfg["BK"], cfg["SPLIT"], cfg.get("GEMM")) == \
+                ("cluster", 64, 32, 256, 1, None), (n, k, m)
+        assert K.pick_config(257, n, k, dyn)["BMT"] > 32 and K.pick_config(200, n, k, K.MODE_STATIC)["BMT"] > 32
+    for n, k in ((256, 1024), (2048, 2048), (2560, 2048), (256, 2048), (8192, 1024), (1024, 4096), (16384, 2048)):
+        assert not K._mid_expert_tiles(200, n, k)
 
 
 @pytest.mark.skipif(not triton_available() or not __import__("torch").cuda.is_available(), reason="needs CUDA and Triton")

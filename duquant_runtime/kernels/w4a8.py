@@ -754,6 +754,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
         cfg.update(BN=64, BMT=128, BK=64, SPLIT=1, num_warps=4, num_stages=3)
     else:  # q/o_proj static 30.8 vs 34.5 us, down_proj static 174.6 vs 193.0 us (BN128/8 warps)
         cfg.update(BN=64, BMT=128, BK=128, SPLIT=1, num_warps=4, num_stages=3)
+    if dynamic and _mid_expert_tiles(m, n, k):
+        cfg.update(BN=64, BMT=32, BK=256, SPLIT=1, num_warps=4, num_stages=3, EPI_EARLY=True)
     return _epilogue(cfg, dynamic)
 
 
@@ -766,16 +768,27 @@ def small_m_tokens(n: int, k: int) -> int:
       23.4 / 22.3 (8.8 / 8.4 / 8.6 / 9.7 / 9.6);
     - linked gate/up 8192 x 1024 (128-token tiles): 11.9 / 12.1 / 11.9 / 13.8 / 13.7 vs 14.0 / 16.3 /
       12.8 / 25.8 / 18.1 (10.9 / 10.8 / 10.6 / 12.7 / 12.4);
-    - up to 128 tokens only: gate/up 4096 x 1024 9.6 / 10.6 / 10.5 vs 11.8 / 11.8 / 11.0, q 2048 x 1024
-      8.6 / 8.8 / 9.1 vs 9.8 / 10.1 / 9.8, linked q/k/v 2560 x 1024 8.2 / 9.9 / 10.2 vs 10.8 / 10.9 / 10.5
-      (at 200 / 256: 12.5 / 12.2 vs 12.9 / 11.9, 10.5 / 11.1 vs 10.3 / 10.0, 11.4 / 11.8 vs 11.3 / 10.8);
-    - not o_proj 1024 x 2048 (13.7 / 13.7 vs 13.5 / 13.3 at 100 / 128, 15.7 vs 13.8 at 200), nor k/v
-      256 x 1024 (equal), nor the language model's shapes (sweep_w4a8.py --ab AS_M=64: slower)."""
+    - up to 100 tokens: gate/up 4096 x 1024 9.6 / 10.6 vs 11.8 / 11.8, q 2048 x 1024 8.6 / 8.8 vs
+      9.8 / 10.1, linked q/k/v 2560 x 1024 8.2 / 9.9 vs 10.8 / 10.9. Above, these take the large-M
+      activation launch with 32-token GEMM tiles instead (`_mid_expert_tiles`).
+    - not o_proj 1024 x 2048 (13.7 / 13.7 vs 13.5 / 13.3 at 100 / 128, 15.7 vs 13.8 at 200; it takes
+      `_mid_expert_tiles`), nor k/v 256 x 1024 (equal), nor the language model's shapes
+      (sweep_w4a8.py --ab: slower)."""
     if (n >= 8192 and k <= 1024) or (n <= 1024 and k >= 4096):
         return 256
     if k <= 1024 and n >= 1024:
-        return 128
+        return 100
     return 64
+
+
+def _mid_expert_tiles(m: int, n: int, k: int) -> bool:
+    """Whether a dynamic (N out, K in) layer past `small_m_tokens` takes 32-token Triton GEMM tiles (BN 64,
+    BK 256, no split-K, 3 stages) after its large-M activation launch: the action expert's q, o, gate/up
+    and linked q/k/v at up to 256 tokens. sweep_w4a8.py --ab (H200, us, the large-M tiles in brackets)
+    at M = 128 / 200 / 256: o 10.4 / 12.0 / 11.8 (13.4 / 13.8 / 13.6), q 8.4 / 9.9 / 9.6 (9.8 / 10.2 /
+    9.9), gate/up 9.7 / 11.3 / 11.3 (11.1 / 12.3 / 11.9), linked q/k/v 8.5 / 10.2 / 9.8 (10.4 / 11.2 /
+    10.8); o at M = 100 10.7 (13.7). 64-token tiles were within 0.8 us of these, 128-token ones slower."""
+    return m <= 256 and 1024 <= n <= 4096 and min(n, k) <= 1024 and k <= 2048
 
 
 def _padded_tokens(m: int, bmt: int, tail: int) -> int:
@@ -1068,12 +1081,15 @@ def resolve_config(m: int, n: int, k: int, mode: int, device: torch.device, conf
     no R_out): `pick_config`'s; its RS_CONFIG (keys for where the register-operand GEMM runs: its BN,
     BMT, BK, num_warps, RS_STAGES, TAIL_BMT, PDL, ...) over it where that GEMM runs (GEMM "rs",
     dynamic activations, sm_90 with Gluon: `_rs_module`), elsewhere the Triton launches keep their
-    own keys; then `config`'s keys over all (an RS_CONFIG there replaces the picked one). The picks
-    were measured on the pi0.5 shapes; for other shapes the rs GEMM gives way to the Triton GEMM
-    where its tiles do not fit, and the weight-row tile BN shrinks to one that divides N and is a
-    multiple of the output block."""
-    cfg = dict(pick_config(m, n, k, mode))
+    own keys; then `config`'s keys over all (an RS_CONFIG there replaces the picked one). A PICK_M
+    key in `config` (a token count) starts from the picks for that many tokens instead of M's (a
+    tuning aid: the launches measured at one M tried at another). The picks were measured on the
+    pi0.5 shapes; for other shapes the rs GEMM gives way to the Triton GEMM where its tiles do not
+    fit, and the weight-row tile BN shrinks to one that divides N and is a multiple of the output
+    block."""
     over = dict(config or {})
+    pick_m = over.pop("PICK_M", m)
+    cfg = dict(pick_config(pick_m, n, k, mode))
     picked = cfg.pop("RS_CONFIG", None)
     extra = over.pop("RS_CONFIG", picked)
     if extra and over.get("GEMM", cfg.get("GEMM")) == "rs" and mode == MODE_DYNAMIC and _rs_module(device) is not None:
@@ -1082,7 +1098,7 @@ def resolve_config(m: int, n: int, k: int, mode: int, device: torch.device, conf
     bo = block_out or 16
     bk, split = gemm_tiling(k, cfg)
     if cfg.get("GEMM") == "rs" and (n % cfg["BN"] or cfg["BN"] % bo or not rs_k_fits(k, bk, split)):
-        return resolve_config(m, n, k, mode, device, {**over, "GEMM": None}, block_out)
+        return resolve_config(m, n, k, mode, device, {**over, "PICK_M": pick_m, "GEMM": None}, block_out)
     if n % cfg["BN"] or cfg["BN"] % bo:  # supports(): N is a multiple of 64 and of the output block (<= 128)
         cfg["BN"] = 128 if bo == 128 else 64
     return cfg
