@@ -763,7 +763,7 @@ def small_m_tokens(n: int, k: int) -> int:
     """Up to how many tokens the dynamic (N out, K in) layer takes `pick_config`'s small-M launches
     (the Triton activation launches, 32- to 128-token GEMM tiles): 64, and more for the action
     expert's shapes (a batch of 50-token chunks). msweep_gpu.py at M = 65 / 100 / 128 / 200 / 256
-    against the large-M picks, same run, us (H200; bf16 in brackets):
+    against the large-M picks, consecutive runs on one machine, us (H200; bf16 in brackets):
     - down_proj 1024 x 4096 (token-minor): 12.7 / 13.8 / 13.6 / 17.9 / 19.0 vs 22.5 / 23.3 / 22.4 /
       23.4 / 22.3 (8.8 / 8.4 / 8.6 / 9.7 / 9.6);
     - linked gate/up 8192 x 1024 (128-token tiles): 11.9 / 12.1 / 11.9 / 13.8 / 13.7 vs 14.0 / 16.3 /
