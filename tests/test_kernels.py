@@ -500,3 +500,8 @@ def test_tiles_fit_shapes_the_picks_were_not_measured_on(monkeypatch):
     assert K.resolve_config(1, 2048, 16384, K.MODE_DYNAMIC, cpu, None, 64)["GEMM"] == "rs"
     odd = K.resolve_config(1, 2048, 5120, K.MODE_DYNAMIC, cpu, None, 64)  # (256, 4): 5 steps of 256 per chunk
     assert odd["GEMM"] is None and (odd["SPLIT"], odd["BMT"]) == (4, 16)
+    # tiles the rs GEMM does not compile for (a `config` override): the Triton GEMM, not a compiler crash
+    for over in ({"BMT": 16}, {"BN": 32}, {"TAIL_BMT": 16}):
+        assert K.resolve_config(1, 2048, 16384, K.MODE_DYNAMIC, cpu, over, 64)["GEMM"] is None, over
+    assert K.resolve_config(1, 2048, 16384, K.MODE_DYNAMIC, cpu, {"BMT": 64}, 64)["GEMM"] == "rs"
+    assert K.rs_tiles_fit({"BN": 128, "BMT": 256, "TAIL_BMT": 32}) and not K.rs_tiles_fit({"BN": 64, "BMT": 16})

@@ -989,6 +989,15 @@ def rs_k_fits(k: int, bk: int, split: int) -> bool:
     return k % (2 * bk * split) == 0
 
 
+def rs_tiles_fit(cfg: dict) -> bool:
+    """Whether the register-operand GEMM (`w4a8_rs`) compiles for cfg's tiles: weight rows BN a
+    multiple of 64 (wgmma's M per warpgroup) and at least 32 tokens per tile, TAIL_BMT included
+    (Triton 3.6, offline sm_90 compile, benchmarks/compile_w4a8.py `rs_report`: BMT 16 fails in
+    ConvertTritonGPUToLLVM, BMT 8 and BN 32 in wgmma's shape checks; BMT 32-256, BN 64-256 compile)."""
+    tokens = [cfg["BMT"]] + ([cfg["TAIL_BMT"]] if cfg.get("TAIL_BMT") else [])
+    return cfg["BN"] % 64 == 0 and min(tokens) >= 32
+
+
 def row_launches(m: int, cfg: dict, split: int = 1) -> list[tuple[slice, dict]]:
     """The GEMM's launches over M tokens: (token rows, configuration) pairs, one for all rows, or
     two when the last `tail_tokens` go to a launch of cfg["TAIL_BMT"]-token tiles."""
@@ -1085,8 +1094,8 @@ def resolve_config(m: int, n: int, k: int, mode: int, device: torch.device, conf
     key in `config` (a token count) starts from the picks for that many tokens instead of M's (a
     tuning aid: the launches measured at one M tried at another). The picks were measured on the
     pi0.5 shapes; for other shapes the rs GEMM gives way to the Triton GEMM where its tiles do not
-    fit, and the weight-row tile BN shrinks to one that divides N and is a multiple of the output
-    block."""
+    fit (and the weight-row tile BN shrinks to one that divides N and is a multiple of the output
+    block), or to tiles it does not compile for (`rs_tiles_fit`, e.g. a `config` of 16-token tiles)."""
     over = dict(config or {})
     pick_m = over.pop("PICK_M", m)
     cfg = dict(pick_config(pick_m, n, k, mode))
@@ -1097,7 +1106,8 @@ def resolve_config(m: int, n: int, k: int, mode: int, device: torch.device, conf
     cfg.update(over)
     bo = block_out or 16
     bk, split = gemm_tiling(k, cfg)
-    if cfg.get("GEMM") == "rs" and (n % cfg["BN"] or cfg["BN"] % bo or not rs_k_fits(k, bk, split)):
+    if cfg.get("GEMM") == "rs" and (n % cfg["BN"] or cfg["BN"] % bo or not rs_k_fits(k, bk, split)
+                                    or not rs_tiles_fit(cfg)):
         return resolve_config(m, n, k, mode, device, {**over, "PICK_M": pick_m, "GEMM": None}, block_out)
     if n % cfg["BN"] or cfg["BN"] % bo:  # supports(): N is a multiple of 64 and of the output block (<= 128)
         cfg["BN"] = 128 if bo == 128 else 64
