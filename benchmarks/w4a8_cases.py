@@ -8,6 +8,8 @@ import argparse
 import ast
 from pathlib import Path
 
+from duquant_runtime.kernels.config_keys import check_config
+
 # (tower, name, N out, K in, M tokens) of one `sample_actions` call
 SHAPES = [("llm", "q/o", 2048, 2048, 800), ("llm", "k/v", 256, 2048, 800), ("llm", "gate/up", 16384, 2048, 800),
           ("llm", "down", 2048, 16384, 800),
@@ -22,11 +24,14 @@ SHAPES = [("llm", "q/o", 2048, 2048, 800), ("llm", "k/v", 256, 2048, 800), ("llm
 
 def parse_overrides(text: str) -> dict:
     """{KEY: value} of "KEY=VALUE[,...]" with Python literal values (launch-configuration keys of
-    kernels/w4a8.pick_config); ValueError with the offending text when malformed."""
+    kernels/w4a8.pick_config); ValueError with the offending text when malformed, or naming the
+    keys that are not launch-configuration keys (`config_keys.check_config`)."""
     try:
-        return {kv.split("=", 1)[0]: ast.literal_eval(kv.split("=", 1)[1]) for kv in filter(None, text.split(","))}
+        over = {kv.split("=", 1)[0]: ast.literal_eval(kv.split("=", 1)[1]) for kv in filter(None, text.split(","))}
     except (IndexError, ValueError, SyntaxError):
         raise ValueError(f"expected KEY=VALUE[,...] with Python literal values, got {text!r}") from None
+    check_config(over)  # a misspelt key would time the picks under another name
+    return over
 
 
 def shape_keys() -> set[str]:

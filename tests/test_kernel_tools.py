@@ -24,6 +24,8 @@ def test_overrides_parse_python_literals():
     for bad in ("PDL", "BMT=3 2", "XLOAD=gather"):  # no value, not a literal, a bare name
         with pytest.raises(ValueError, match="KEY=VALUE"):
             w4a8_cases.parse_overrides(bad)
+    with pytest.raises(ValueError, match=r"unknown launch-configuration keys \['BMTT'\]"):  # would time the picks
+        w4a8_cases.parse_overrides("BMTT=32,PICK_M=64")
 
 
 def test_shapes_are_the_pi05_linears():

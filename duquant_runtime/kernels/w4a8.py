@@ -69,6 +69,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .config_keys import check_config
+
 MODE_NONE, MODE_STATIC, MODE_DYNAMIC = 0, 1, 2
 # per-row scales below TINY_SCALE (2^-60) are multiplied by SCALE_UP (2^64), with their row's values,
 # before a reciprocal is taken (`_codes`, `w4a8_act._recip`): exact, and the reciprocal stays finite
@@ -1097,6 +1099,7 @@ def resolve_config(m: int, n: int, k: int, mode: int, device: torch.device, conf
     fit (and the weight-row tile BN shrinks to one that divides N and is a multiple of the output
     block), or to tiles it does not compile for (`rs_tiles_fit`, e.g. a `config` of 16-token tiles)."""
     over = dict(config or {})
+    check_config(over)
     pick_m = over.pop("PICK_M", m)
     cfg = dict(pick_config(pick_m, n, k, mode))
     picked = cfg.pop("RS_CONFIG", None)
