@@ -761,6 +761,9 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     return _epilogue(cfg, dynamic)
 
 
+MID_M_TOKENS = 256  # up to this many tokens the action expert's shapes get their own picks (a batch of chunks)
+
+
 def small_m_tokens(n: int, k: int) -> int:
     """Up to how many tokens the dynamic (N out, K in) layer takes `pick_config`'s small-M launches
     (the Triton activation launches, 32- to 128-token GEMM tiles): 64, and more for the action
@@ -777,7 +780,7 @@ def small_m_tokens(n: int, k: int) -> int:
       `_mid_expert_tiles`), nor k/v 256 x 1024 (equal), nor the language model's shapes
       (sweep_w4a8.py --ab: slower)."""
     if (n >= 8192 and k <= 1024) or (n <= 1024 and k >= 4096):
-        return 256
+        return MID_M_TOKENS
     if k <= 1024 and n >= 1024:
         return 100
     return 64
@@ -786,11 +789,11 @@ def small_m_tokens(n: int, k: int) -> int:
 def _mid_expert_tiles(m: int, n: int, k: int) -> bool:
     """Whether a dynamic (N out, K in) layer past `small_m_tokens` takes 32-token Triton GEMM tiles (BN 64,
     BK 256, no split-K, 3 stages) after its large-M activation launch: the action expert's q, o, gate/up
-    and linked q/k/v at up to 256 tokens. sweep_w4a8.py --ab (H200, us, the large-M tiles in brackets)
+    and linked q/k/v at up to MID_M_TOKENS. sweep_w4a8.py --ab (H200, us, the large-M tiles in brackets)
     at M = 128 / 200 / 256: o 10.4 / 12.0 / 11.8 (13.4 / 13.8 / 13.6), q 8.4 / 9.9 / 9.6 (9.8 / 10.2 /
     9.9), gate/up 9.7 / 11.3 / 11.3 (11.1 / 12.3 / 11.9), linked q/k/v 8.5 / 10.2 / 9.8 (10.4 / 11.2 /
     10.8); o at M = 100 10.7 (13.7). 64-token tiles were within 0.8 us of these, 128-token ones slower."""
-    return m <= 256 and 1024 <= n <= 4096 and min(n, k) <= 1024 and k <= 2048
+    return m <= MID_M_TOKENS and 1024 <= n <= 4096 and min(n, k) <= 1024 and k <= 2048
 
 
 def _padded_tokens(m: int, bmt: int, tail: int) -> int:
