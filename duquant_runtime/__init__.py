@@ -12,6 +12,7 @@ from .errors import DuquantError, PackError
 from .fingerprint import weight_fingerprint
 from .format import FORMAT_NAME, FORMAT_VERSION
 from .linear import DuQuantLinear
+from .mlp_activation import fuse_mlp_activations, unfuse_mlp_activations
 from .mlp_layout import clear_token_minor, mark_token_minor
 from .openpi import EnvConfigError, enable_duquant_if_configured
 from .pack import LayerPack, Pack, load_pack
@@ -21,4 +22,4 @@ __version__ = "0.1.0"
 
 __all__ = ["apply_pack", "ApplyReport", "resolve_module_names", "DuQuantLinear", "DuquantError",
            "PackError", "weight_fingerprint", "FORMAT_NAME", "FORMAT_VERSION", "LayerPack", "Pack",
-           "load_pack", "save_calibration", "mark_token_minor", "clear_token_minor", "collect_stats", "enable_duquant_if_configured", "EnvConfigError", "__version__"]
+           "load_pack", "save_calibration", "mark_token_minor", "clear_token_minor", "fuse_mlp_activations", "unfuse_mlp_activations", "collect_stats", "enable_duquant_if_configured", "EnvConfigError", "__version__"]

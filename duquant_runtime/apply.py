@@ -27,6 +27,7 @@ from .linear import DuQuantLinear
 from .pack import LayerPack, Pack, load_pack
 from .quant import is_quantized
 from .input_group import check_compatible, link_input_group
+from .mlp_activation import fuse_mlp_activations
 from .mlp_layout import mark_token_minor
 
 
@@ -47,6 +48,7 @@ class ApplyReport:
     unchecked: list[str] = field(default_factory=list)  # modules whose weights were not fingerprinted
     input_groups: list[list[str]] = field(default_factory=list)  # linked module names (input_group.py)
     token_minor: list[str] = field(default_factory=list)  # MLP producers writing token-minor (mlp_layout.py)
+    fused_mlps: dict = field(default_factory=dict)  # MLP module -> activation its down_proj computes (mlp_activation.py)
 
     def summary(self) -> str:
         if not self.replaced and self.planned:
@@ -93,7 +95,7 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
                device: torch.device | str | None = None, act_mode: str = "static",
                abits: int | None = None, force: bool = False, dry_run: bool = False,
                check_weights: bool = True, rot_dtype: torch.dtype | None = None,
-               share_inputs: bool = True, token_minor_mlp: bool = True) -> ApplyReport:
+               share_inputs: bool = True, token_minor_mlp: bool = True, fuse_mlp_activation: bool = True) -> ApplyReport:
     """Replace the pack's layers of `model` by `DuQuantLinear` modules; returns an `ApplyReport`.
 
     strict: a pack layer without a matching module is an error (else it is skipped and reported).
@@ -117,6 +119,11 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
     fc2) is replaced too write their output token-minor (same values, strides (1, M)), which
     down_proj's kernels read without a transpose launch (duquant_runtime.mlp_layout; listed in
     `report.token_minor`).
+    fuse_mlp_activation: MLP modules whose layers are all replaced and whose forward computes
+    down_proj(act(gate_proj(x)) * up_proj(x)) (or fc2(act(fc1(x)))) for act gelu_tanh or silu, checked
+    with stand-in layers, run ``down_proj.forward_product``: on the GPU kernel path down_proj's
+    prep launch computes the hidden itself, the same values as torch's two elementwise launches
+    (duquant_runtime.mlp_activation; listed in `report.fused_mlps`).
     """
     pack = pack_dir if isinstance(pack_dir, Pack) else load_pack(pack_dir)
     cfg = pack.config
@@ -196,6 +203,8 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
                      {pname: mname for pname, mname, _ in planned})
     if token_minor_mlp:
         report.token_minor = mark_token_minor(model)
+    if fuse_mlp_activation:
+        report.fused_mlps = fuse_mlp_activations(model)
     return report
 
 

@@ -238,9 +238,11 @@ class DuQuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _kernel_forward(self, x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-                        r_out: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+                        r_out: torch.Tensor | None, bias: torch.Tensor | None, up: torch.Tensor | None = None,
+                        act: str | None = None) -> torch.Tensor:
         """The fused kernels on x2d (M, in) with this layer's input side and the given row-side
-        buffers (this layer's, or a linked group's concatenation); returns (M, rows)."""
+        buffers (this layer's, or a linked group's concatenation); returns (M, rows). act: the
+        layer's input is act(x2d) * up (up (M, in) or None), computed by the kernels."""
         from .kernels import w4a8
         mode = (w4a8.MODE_NONE if not self.abits else
                 w4a8.MODE_DYNAMIC if self.act_mode == "dynamic" else w4a8.MODE_STATIC)
@@ -248,7 +250,34 @@ class DuQuantLinear(nn.Module):
         return w4a8.w4_linear(x2d, qweight=qweight, w_scale=w_scale, r_in=self.r_in, perm=self.perm, r_out=r_out,
                               bias=bias, smooth=self.smooth, mode=mode, qmin=qmin, qmax=qmax,
                               act_scale=self.act_scale if mode == w4a8.MODE_STATIC else None,
-                              token_minor_out=self.token_minor_output and w4a8.token_minor_pays(x2d.shape[0]))
+                              token_minor_out=self.token_minor_output and w4a8.token_minor_pays(x2d.shape[0]),
+                              up=up, act=act)
+
+    def forward_product(self, gate: torch.Tensor, up: torch.Tensor | None, act: str) -> torch.Tensor:
+        """``self(act(gate) * up)`` (up None: ``self(act(gate))``) for act in
+        `mlp_activation.ACTIVATIONS` ("gelu_tanh", "silu"): an MLP's down_proj on its
+        producers' outputs (`mlp_activation.fuse_mlp_activations`). On the GPU kernel path the
+        prep launch computes the product from the loaded tiles (kernels/hidden.py: torch's values);
+        elsewhere, or with hooks on this module (which must see the input), torch computes it first."""
+        from .mlp_activation import ACTIVATIONS, hidden
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+        if (gate.is_cuda and self.fast_path_reason(gate) is None and self.input_group is None and not self._has_hooks()
+                and (up is None or (up.shape == gate.shape and up.dtype == gate.dtype and up.device == gate.device))):
+            return self._fast_product(gate, up, act)
+        return self(hidden(gate, up, act))
+
+    def _has_hooks(self) -> bool:
+        """Whether a forward (pre-)hook, of this module or global, would see its input."""
+        from torch.nn.modules import module as mod
+        return bool(self._forward_hooks or self._forward_pre_hooks or mod._global_forward_hooks
+                    or mod._global_forward_pre_hooks)
+
+    def _fast_product(self, gate: torch.Tensor, up: torch.Tensor | None, act: str) -> torch.Tensor:
+        g2 = gate.reshape(-1, self.in_features)
+        u2 = up.reshape(-1, self.in_features) if up is not None else None
+        y = self._kernel_forward(g2, self.qweight, self.w_scale, self.r_out, self.bias, up=u2, act=act)
+        return y.reshape(*gate.shape[:-1], self.out_features)
 
     def uses_integer_gemm(self, x: torch.Tensor) -> bool:
         """True when `forward(x)` on the CPU runs the integer GEMM (`torch._int_mm`, exact int32
@@ -348,7 +377,7 @@ class DuQuantLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-_EAGER_METHODS = ("_fast_forward", "_observe")  # Triton launches; calibration state
+_EAGER_METHODS = ("_fast_forward", "_fast_product", "_observe")  # Triton launches; calibration state
 _eager_wrapped = False
 
 

@@ -234,3 +234,27 @@ def test_token_minor_mlp_hidden_gives_the_same_block_output(m, hidden, inter, mo
     assert h_rows.stride(-1) == 1 and torch.equal(h_tm, h_rows)
     assert h_tm[0].stride() == ((1, m) if m > 16 else h_rows[0].stride())
     assert torch.equal(y_tm, y_rows)
+
+
+@pytest.mark.parametrize("m,hidden,inter", [(800, 2048, 16384), (50, 1024, 4096), (1, 2048, 16384), (200, 1024, 4096)])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+@pytest.mark.parametrize("act", ["gelu_tanh", "silu"])
+def test_fused_mlp_activation_gives_the_unfused_block_output(m, hidden, inter, mode, act):
+    """down_proj.forward_product(gate, up, act) (mlp_activation.py: the hidden computed in the prep
+    launch where the Triton prep runs, by torch elsewhere) equals down_proj(act(gate) * up) bit for
+    bit on the pi0.5 MLP shapes, with gate/up linked and writing token-minor as apply_pack does."""
+    from duquant_runtime.input_group import link_input_group
+    from duquant_runtime.mlp_activation import ACTIVATIONS
+    gate, up = _group([(inter, hidden)] * 2, seed=41, mode=mode)
+    down = _group([(hidden, inter)], seed=43, mode=mode)[0]
+    link_input_group([gate, up])
+    gate.token_minor_output = up.token_minor_output = True
+    x = _x(m, hidden, seed=5).reshape(1, m, hidden)
+    with torch.no_grad():
+        g, u = gate(x), up(x)
+        unfused = down(ACTIVATIONS[act](g) * u)
+        fused = down.forward_product(g, u, act)
+        alone = down.forward_product(g, None, act)
+        assert down.fast_path_reason(g) is None
+        assert torch.equal(fused, unfused)
+        assert torch.equal(alone, down(ACTIVATIONS[act](g)))

@@ -70,6 +70,7 @@ from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .config_keys import check_config
+from .hidden import ACT_CODES, hidden
 
 MODE_NONE, MODE_STATIC, MODE_DYNAMIC = 0, 1, 2
 # per-row scales below TINY_SCALE (2^-60) are multiplied by SCALE_UP (2^64), with their row's values,
@@ -201,14 +202,16 @@ def _rotation_block(kb, perm_ptr, r_ptr, smooth_ptr, B: tl.constexpr, HAS_PERM: 
 
 @triton.jit
 def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_ptr, out_ptr,
-                 part_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
+                 part_ptr, up_ptr, NB: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, MODE: tl.constexpr,
                  G: tl.constexpr, BMP: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, B: tl.constexpr,
                  HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, PREC: tl.constexpr, XLOAD: tl.constexpr,
-                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr):
+                 PDL: tl.constexpr, PDL_WAIT: tl.constexpr, ACT: tl.constexpr = 0, HAS_UP: tl.constexpr = False):
     """Program (i, j): rotation blocks i*G .. i*G+G-1, row tiles j*TILES .. j*TILES+TILES-1 of BMP
     rows. Per block, the permutation slice, the R_in block and the scales are loaded once; the row
     tiles stream through a software-pipelined loop (STAGES). XLOAD 0: x (M, K) read through perm;
     1: x already gathered (x[:, perm]); 2: x transposed (K, M), read through perm along tokens.
+    ACT (`hidden.ACT_CODES`, XLOAD 0 or 2): the input is act(x) * up (HAS_UP; up laid out as x) or
+    act(x), computed from the loaded tiles (`hidden.hidden`).
     PDL: let the next launch start (it waits for this one's results itself); PDL_WAIT: launched
     early after the transpose launch, wait for its results first."""
     if PDL_WAIT:
@@ -226,14 +229,26 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
             offs_m = (pid_m * TILES + t) * BMP + tl.arange(0, BMP)
             row_ok = offs_m < M
             if XLOAD == 2:  # (B, BMP) tile of x^T: each permuted row is BMP contiguous tokens
-                x = tl.trans(tl.load(x_ptr + src[:, None] * stride_xm + offs_m[None, :], mask=row_ok[None, :],
-                                     other=0.0)).to(tl.float32)
+                offs = src[:, None] * stride_xm + offs_m[None, :]
+                x = tl.load(x_ptr + offs, mask=row_ok[None, :], other=0.0)
+                if ACT != 0:
+                    u = x
+                    if HAS_UP:
+                        u = tl.load(up_ptr + offs, mask=row_ok[None, :], other=0.0)
+                    x = hidden(x, u, ACT, HAS_UP)
+                x = tl.trans(x).to(tl.float32)
             else:
                 if XLOAD == 1:
-                    xp = x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :]
+                    offs = offs_m[:, None] * stride_xm + offs_c[None, :]
                 else:
-                    xp = x_ptr + offs_m[:, None] * stride_xm + src[None, :]
-                x = tl.load(xp, mask=row_ok[:, None], other=0.0).to(tl.float32)
+                    offs = offs_m[:, None] * stride_xm + src[None, :]
+                x = tl.load(x_ptr + offs, mask=row_ok[:, None], other=0.0)
+                if ACT != 0:
+                    u = x
+                    if HAS_UP:
+                        u = tl.load(up_ptr + offs, mask=row_ok[:, None], other=0.0)
+                    x = hidden(x, u, ACT, HAS_UP)
+                x = x.to(tl.float32)
             if HAS_SMOOTH:
                 x = tl.math.div_rn(x, smooth[None, :])
             xt = tl.dot(x, r, input_precision=PREC)
@@ -847,13 +862,16 @@ def _pdl(on: bool) -> dict:
 def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tensor | None,
                        smooth: torch.Tensor | None, mode: int, qmin: int = -128, qmax: int = 127,
                        act_scale: torch.Tensor | None = None, cfg: dict,
-                       rot_precision: str = "tf32") -> tuple[torch.Tensor, torch.Tensor | None]:
+                       rot_precision: str = "tf32", up: torch.Tensor | None = None,
+                       act: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The activation launches: x (M, K) -> (a, tok_scale), the GEMM's operand (M, K): int8 codes
     with per-token scales float32 (M,) for dynamic activations (prep + quantize launch), else
     bf16 values (static q*s, or rotated values without activation quantization) and None.
     x: rows contiguous (stride (s, 1)), or token-minor (strides (1, s), s >= M: the transpose of
     a (K, s) tensor, e.g. `w4_gemm(token_minor=True)`'s output), which the prep reads as x^T
-    directly (no transpose launch)."""
+    directly (no transpose launch). act (`hidden.ACT_CODES`: "gelu_tanh", "silu"): the layer's input is
+    act(x) * up (up None: act(x); up with x's shape and strides), computed by the Triton prep from
+    its loaded tiles where it reads x itself (`hidden`), else by torch first."""
     m, k = x.shape
     b = r_in.shape[-1]
     nb = k // b
@@ -865,6 +883,9 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     tiles = max(1, min(cfg.get("TILES", 1), triton.cdiv(m, bmp)))
     dynamic = mode == MODE_DYNAMIC
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
+    if act is not None and not _prep_reads_hidden(x, up, cfg, xload, dynamic):
+        from ..mlp_activation import hidden as torch_hidden
+        x, up, act = torch_hidden(x, up, act), None, None
     pdl = _use_pdl(cfg, x.device)
     bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
     early = pdl and cfg.get("PREP_PDL", False)  # the first launch starts early, waits for x's producer
@@ -874,18 +895,19 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
             res = cluster.act_codes(x, perm, r_in, bkd, qmin, qmax, cfg, pdl=pdl, early=early)
             if res is not None:  # None: the GPU refused the cluster launch; the other launches below
                 return res
-    act = _hopper_module(x.device, "w4a8_act") if dynamic and cfg.get("ACT") == "wgmma" else None
-    if act is not None and (is_token_minor(x) or xload == 2):  # sm_90: rotate twice, no float32 round trip
+    passes = _hopper_module(x.device, "w4a8_act") if dynamic and cfg.get("ACT") == "wgmma" else None
+    if passes is not None and (is_token_minor(x) or xload == 2):  # sm_90: rotate twice, no float32 round trip
         tokmax = None if is_token_minor(x) else torch.empty((m,), device=x.device, dtype=torch.float32)
         xt = x.t() if is_token_minor(x) else _transposed(x, pdl, early, zero=tokmax)
-        if act.usable(xt, m, r_in, smooth, qmax, bkd):
-            return act.act_codes(xt, m, perm, r_in, bkd, qmin, qmax, cfg, tokmax=tokmax, pdl=pdl)
+        if passes.usable(xt, m, r_in, smooth, qmax, bkd):
+            return passes.act_codes(xt, m, perm, r_in, bkd, qmin, qmax, cfg, tokmax=tokmax, pdl=pdl)
         if tokmax is not None:  # the Triton prep reads the transpose made here (launched after it)
             x, early = xt.t(), pdl
     a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
     if is_token_minor(x):  # x^T is there already: the prep reads its rows (whole runs of tokens)
         x, xload = x.t(), 2
+        up = up.t() if up is not None else None
     elif xload == 1:
         x = x.index_select(1, perm)
         early = False
@@ -897,7 +919,9 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         r_in, act_scale if act_scale is not None else dummy, a, part if part is not None else dummy,
         NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
-        XLOAD=xload, PDL=pdl, PDL_WAIT=early, num_warps=cfg["prep_warps"], **_pdl(early))
+        XLOAD=xload, PDL=pdl, PDL_WAIT=early, up_ptr=up if up is not None else x,
+        ACT=ACT_CODES[act] if act is not None else 0, HAS_UP=up is not None, num_warps=cfg["prep_warps"],
+        **_pdl(early))
     if not dynamic:
         return a, None
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
@@ -913,6 +937,18 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         BMQ=bmq, BKQ=bkq, QCH=qch, PDL=pdl, BKD=bkd, RUNS=cfg.get("QRUNS", True),
         FASTDIV=bool(cfg.get("QFASTDIV", False)), SATCVT=bool(cfg.get("SATCVT", True)), num_warps=4, **_pdl(pdl))
     return codes, tok_scale
+
+
+def _prep_reads_hidden(x: torch.Tensor, up: torch.Tensor | None, cfg: dict, xload: int, dynamic: bool) -> bool:
+    """Whether `prepare_activation` can compute an MLP hidden act(x) * up in the Triton prep's loads:
+    that launch reads x itself (rows through the permutation, or token-minor x as x^T), up has x's
+    strides, and no Gluon activation launch is configured (on sm_90 those take torch's hidden)."""
+    if up is not None and (up.shape != x.shape or up.stride() != x.stride() or up.dtype != x.dtype):
+        return False
+    gluon = {"cluster": "w4a8_cluster", "wgmma": "w4a8_act"}.get(cfg.get("ACT"))
+    if dynamic and gluon is not None and _hopper_module(x.device, gluon) is not None:
+        return False
+    return is_token_minor(x) or xload == 0
 
 
 def _transposed(x: torch.Tensor, pdl: bool, early: bool, zero: torch.Tensor | None = None) -> torch.Tensor:
@@ -1124,16 +1160,24 @@ def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, 
               perm: torch.Tensor | None, r_out: torch.Tensor | None, bias: torch.Tensor | None,
               smooth: torch.Tensor | None, mode: int, qmin: int = -128, qmax: int = 127,
               act_scale: torch.Tensor | None = None, config: dict | None = None,
-              rot_precision: str = "tf32", token_minor_out: bool = False) -> torch.Tensor:
+              rot_precision: str = "tf32", token_minor_out: bool = False, up: torch.Tensor | None = None,
+              act: str | None = None) -> torch.Tensor:
     """y (M, N) in x's dtype for x (M, K) bf16/fp16 (rows contiguous, or token-minor: strides (1, s)),
     y token-minor when token_minor_out (`w4_gemm`), else row-major; packed int4 qweight uint8
     (N, K/2), w_scale float32 (N,), r_in (K/B, B, B), r_out (N/Bo, Bo, Bo) or None (16/32-bit),
     perm (K,) int or None, smooth (K,) or None, bias (N,) or None; mode MODE_NONE / MODE_STATIC
     (act_scale float32 (K,)) / MODE_DYNAMIC. qmin/qmax: the activation code range.
-    `config` overrides keys of `pick_config`."""
+    `config` overrides keys of `pick_config`. act (`hidden.ACT_CODES`): the layer's input is
+    act(x) * up (up (M, K) like x, or None: act(x)), an MLP's hidden computed by the kernels."""
     m, k = x.shape
+    if act is not None and act not in ACT_CODES:
+        raise ValueError(f"w4_linear: act must be one of {sorted(ACT_CODES)}, got {act!r}")
+    if up is not None and (act is None or up.shape != x.shape or up.dtype != x.dtype):
+        raise ValueError(f"w4_linear: up {tuple(up.shape)} {up.dtype} needs act and x's shape and dtype")
     if x.stride(1) != 1 and not is_token_minor(x):
         x = x.contiguous()
+    if up is not None and up.stride() != x.stride():
+        x, up = x.contiguous(), up.contiguous()
     for name, t in (("qweight", qweight), ("w_scale", w_scale), ("r_in", r_in), ("perm", perm), ("r_out", r_out),
                     ("bias", bias), ("smooth", smooth), ("act_scale", act_scale)):
         if t is not None and not t.is_contiguous():  # the kernels index row-major buffers
@@ -1143,6 +1187,6 @@ def w4_linear(x: torch.Tensor, *, qweight: torch.Tensor, w_scale: torch.Tensor, 
     cfg = resolve_config(m, qweight.shape[0], k, mode, x.device, config,
                          r_out.shape[-1] if r_out is not None else None)
     a, tok_scale = prepare_activation(x, r_in=r_in, perm=perm, smooth=smooth, mode=mode, qmin=qmin, qmax=qmax,
-                                      act_scale=act_scale, cfg=cfg, rot_precision=rot_precision)
+                                      act_scale=act_scale, cfg=cfg, rot_precision=rot_precision, up=up, act=act)
     return w4_gemm(a, tok_scale, qweight=qweight, w_scale=w_scale, r_out=r_out, bias=bias, out_dtype=x.dtype,
                    cfg=cfg, token_minor=token_minor_out)

@@ -1,0 +1,171 @@
+"""Benchmark: the pi0.5 gated MLP block against bf16, with and without the fused activation.
+
+    PYTHONPATH=. python3 benchmarks/mlp_gpu.py [--out FILE] [--repeats N] [--cases expert:50,llm:800,...]
+
+A Gemma MLP block is ``down_proj(gelu_tanh(gate_proj(x)) * up_proj(x))``: besides the three
+linears, torch runs the activation and the product as two elementwise launches. Per case (tower,
+M tokens), CUDA-graph replays of R block instances (their bf16 weights together over --l2-bytes,
+so that a replay streams weights from memory as the model does; time per block = replay / R),
+all in the same run, median of --repeats samples:
+- bf16: the block with bf16 `nn.Linear` layers;
+- ours (unfused): `DuQuantLinear` W4A8 with dynamic per-token activation scales, gate/up linked
+  (one input transform and GEMM) writing the hidden token-minor: what `apply_pack` gave before
+  `fuse_mlp_activations`;
+- ours (fused): the same modules after `duquant_runtime.mlp_activation.fuse_mlp_activations`:
+  down_proj's prep launch computes gelu_tanh(gate) * up from the loaded tiles (kernels/hidden.py).
+Numerics: the fused block's output against the unfused one (bit-identical or not, relative
+Frobenius difference) and against the float32 reference path of the same modules (use_fast=False).
+Total: the workload's blocks, the language model's at M = 800 once plus the action expert's at
+M = 50 ten times (one `sample_actions` call), over 18 layers each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from results_file import write_results  # noqa: E402
+from runtime_gpu import EXPERT, LLM, LAYERS_PER_TOWER, activations, graph_time, random_layer, rel  # noqa: E402
+from duquant_runtime import DuQuantLinear  # noqa: E402
+from duquant_runtime.input_group import link_input_group  # noqa: E402
+from duquant_runtime.mlp_activation import fuse_mlp_activations, unfuse_mlp_activations  # noqa: E402
+from duquant_runtime.mlp_layout import mark_token_minor  # noqa: E402
+from duquant_runtime.transforms import n_blocks  # noqa: E402
+
+DEFAULT_CASES = "expert:50,llm:800,llm:1,expert:1,expert:100,expert:256,llm:64,llm:256"
+WORKLOAD = {("llm", 800): 1, ("expert", 50): 10}
+
+
+class GatedMLP(nn.Module):
+    """A Gemma MLP block (transformers' GemmaMLP with gelu_pytorch_tanh)."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+def build_blocks(tower: str, reps: int, dev) -> tuple[list, list]:
+    """`reps` (bf16 block, quantized block) pairs of one tower's MLP shapes, random weights with
+    outlier columns; gate/up share one input transform (a --share-inputs pack) and are linked."""
+    shapes = {n: (o, i) for n, o, i in (LLM if tower == "llm" else EXPERT)}
+    (inter, width), bf16, ours = shapes["gate_proj"], [], []
+    for r in range(reps):
+        g = torch.Generator(device="cpu").manual_seed(500 + r)
+        side = (torch.randperm(width, generator=g),
+                torch.linalg.qr(torch.randn(n_blocks(width, 64), 64, 64, generator=g, dtype=torch.float64))[0]
+                .to(torch.float32).contiguous())
+        made = [random_layer(inter, width, 3000 * r + 1, dev, input_side=side),
+                random_layer(inter, width, 3000 * r + 2, dev, input_side=side),
+                random_layer(width, inter, 3000 * r + 3, dev)]
+        bf16.append(GatedMLP(*(lin for lin, _, _ in made)))
+        q = [DuQuantLinear.from_linear(nn.Linear(lp.in_features, lp.out_features, bias=False, device="meta",
+                                                 dtype=torch.bfloat16), lp, abits=8, act_mode="dynamic", device=dev,
+                                       rot_dtype=torch.float16) for _, lp, _ in made]
+        link_input_group(q[:2])
+        block = GatedMLP(*q)
+        mark_token_minor(block)
+        ours.append(block)
+    return bf16, ours
+
+
+def bench_case(tower: str, m: int, args, dev) -> dict:
+    width = {n: i for n, _, i in (LLM if tower == "llm" else EXPERT)}["gate_proj"]
+    inter = {n: o for n, o, _ in (LLM if tower == "llm" else EXPERT)}["gate_proj"]
+    block_bytes = 3 * inter * width * 2
+    reps = max(1, min(args.max_instances, -(-args.l2_bytes // block_bytes)))
+    bf16, ours = build_blocks(tower, reps, dev)
+    x = activations(m, width, 11, dev)
+    with torch.no_grad():
+        t_bf16 = graph_time(bf16, x, args.repeats)
+        t_unfused = graph_time(ours, x, args.repeats)
+        diffs = []
+        for seed in (21, 22, 23):
+            xs = activations(m, width, seed, dev)
+            unfused = ours[0](xs)
+            fused_map = fuse_mlp_activations(ours[0])
+            fused = ours[0](xs)
+            unfuse_mlp_activations(ours[0])
+            diffs.append((torch.equal(fused, unfused), rel(fused, unfused)))
+        assert fused_map == {"": "gelu_tanh"}, fused_map
+        for b in ours:
+            fuse_mlp_activations(b)
+        t_fused = graph_time(ours, x, args.repeats)
+        errs = []
+        for seed in (21, 22, 23):
+            xs = activations(m, width, seed, dev)
+            fast = ours[0](xs)
+            for lay in (ours[0].gate_proj, ours[0].up_proj, ours[0].down_proj):
+                lay.use_fast = False
+            ref = ours[0](xs)
+            for lay in (ours[0].gate_proj, ours[0].up_proj, ours[0].down_proj):
+                lay.use_fast = True
+            errs.append(rel(fast, ref))
+    res = {"tower": tower, "M": m, "instances": reps, "bf16_block_s": t_bf16, "ours_unfused_s": t_unfused,
+           "ours_fused_s": t_fused, "ratio_unfused": t_unfused / t_bf16, "ratio_fused": t_fused / t_bf16,
+           "fused_equals_unfused": all(d[0] for d in diffs), "rel_diff_fused_vs_unfused": max(d[1] for d in diffs),
+           "rel_err_fused_vs_reference": max(errs)}
+    print(f"{tower:6s} MLP M={m:4d} bf16 {t_bf16 * 1e6:8.1f} us | unfused {t_unfused * 1e6:8.1f} "
+          f"({res['ratio_unfused']:.2f}x) | fused {t_fused * 1e6:8.1f} ({res['ratio_fused']:.2f}x) | fused == unfused "
+          f"{res['fused_equals_unfused']} (rel {res['rel_diff_fused_vs_unfused']:.1e}) | err vs ref "
+          f"{res['rel_err_fused_vs_reference']:.1e}", flush=True)
+    return res
+
+
+def parse_cases(text: str) -> list[tuple[str, int]]:
+    """[(tower, M)] of "tower:M[,...]" (tower llm or expert); ValueError naming a bad entry."""
+    out = []
+    for item in filter(None, text.split(",")):
+        tower, _, m = item.partition(":")
+        if tower not in ("llm", "expert") or not m.isdigit() or int(m) < 1:
+            raise ValueError(f"bad case {item!r}: expected llm:M or expert:M with M >= 1")
+        out.append((tower, int(m)))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mlp_gpu.json"))
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--l2-bytes", type=int, default=256 << 20, help="bf16 weight bytes per timed replay")
+    ap.add_argument("--max-instances", type=int, default=16)
+    ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated tower:M (tower: llm or expert)")
+    args = ap.parse_args(argv)
+    try:
+        cases = parse_cases(args.cases)
+    except ValueError as err:
+        ap.error(str(err))
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
+    dev = torch.device("cuda")
+    rows = []
+    for tower, m in cases:
+        rows.append(bench_case(tower, m, args, dev))
+        torch.cuda.empty_cache()
+    result = {"benchmark": "mlp_gpu", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "settings": {k: str(v) for k, v in vars(args).items()}, "cases": rows}
+    timed = {(r["tower"], r["M"]): r for r in rows}
+    if all(key in timed for key in WORKLOAD):
+        total = {k: sum(w * timed[key][k] for key, w in WORKLOAD.items()) * LAYERS_PER_TOWER
+                 for k in ("bf16_block_s", "ours_unfused_s", "ours_fused_s")}
+        total["ratio_unfused"] = total["ours_unfused_s"] / total["bf16_block_s"]
+        total["ratio_fused"] = total["ours_fused_s"] / total["bf16_block_s"]
+        result["total_sample_actions_mlp_blocks"] = total
+        print(f"TOTAL MLP blocks (18 x (LLM M=800 + 10 x expert M=50)): bf16 {total['bf16_block_s'] * 1e6:.0f} us, "
+              f"unfused {total['ours_unfused_s'] * 1e6:.0f} us ({total['ratio_unfused']:.3f}x), fused "
+              f"{total['ours_fused_s'] * 1e6:.0f} us ({total['ratio_fused']:.3f}x)", flush=True)
+    write_results(args.out, result, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
