@@ -67,12 +67,12 @@ def build_blocks(tower: str, reps: int, dev) -> tuple[list, list]:
         made = [random_layer(inter, width, 3000 * r + 1, dev, input_side=side),
                 random_layer(inter, width, 3000 * r + 2, dev, input_side=side),
                 random_layer(width, inter, 3000 * r + 3, dev)]
-        bf16.append(GatedMLP(*(lin for lin, _, _ in made)))
+        bf16.append(GatedMLP(*(lin for lin, _, _ in made)).eval())
         q = [DuQuantLinear.from_linear(nn.Linear(lp.in_features, lp.out_features, bias=False, device="meta",
                                                  dtype=torch.bfloat16), lp, abits=8, act_mode="dynamic", device=dev,
                                        rot_dtype=torch.float16) for _, lp, _ in made]
         link_input_group(q[:2])
-        block = GatedMLP(*q)
+        block = GatedMLP(*q).eval()
         mark_token_minor(block)
         ours.append(block)
     return bf16, ours

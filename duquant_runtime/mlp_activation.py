@@ -72,17 +72,20 @@ def _single_argument(module: nn.Module) -> bool:
 def probe_activation(parent: nn.Module, consumer: str, producers: tuple, dtype: torch.dtype) -> str | None:
     """The name in `ACTIVATIONS` for which `parent`'s forward computes consumer(act(p0(x)) * p1(x))
     (or consumer(act(p0(x))) with one producer), checked bit for bit with `_Probe` stand-ins on
-    the CPU in float32 and in `dtype`; None when it computes something else (or fails)."""
+    the CPU in float32 and in `dtype`, in eval and in training mode (the modules' modes are
+    restored); None when it computes something else (or fails)."""
     c = getattr(parent, consumer)
     width = getattr(parent, producers[0]).in_features
     stand_ins = {consumer: _Probe(c.in_features, c.out_features, 1)}
     for i, p in enumerate(producers):
         stand_ins[p] = _Probe(width, c.in_features, 2 + i)
     saved = {name: parent._modules[name] for name in stand_ins}
+    modes = {m: m.training for m in parent.modules()}
     found = None
     try:
         parent._modules.update(stand_ins)
-        for dt in (torch.float32, dtype):
+        for training, dt in ((False, torch.float32), (True, torch.float32), (False, dtype), (True, dtype)):
+            parent.train(training)  # the same function in both modes (dropout, for one, differs)
             x = torch.randn(3, width, generator=torch.Generator().manual_seed(0)).mul(3.0).to(dt)
             with torch.no_grad():
                 out = parent(x)
@@ -100,14 +103,13 @@ def probe_activation(parent: nn.Module, consumer: str, producers: tuple, dtype: 
         return None
     finally:
         parent._modules.update(saved)
+        for m, training in modes.items():
+            m.training = training
     return found
 
 
 def _fused_forward(self, x):
-    """The patched MLP forward (bound to the module by `fuse_mlp_activations`); in training mode the
-    module's own (the probe ran in one mode: dropout, for one, only acts in training)."""
-    if self.training:
-        return type(self).forward(self, x)
+    """The patched MLP forward (bound to the module by `fuse_mlp_activations`)."""
     consumer, producers, act = self._duquant_mlp_activation
     ins = [getattr(self, p)(x) for p in producers]
     return getattr(self, consumer).forward_product(ins[0], ins[1] if len(ins) > 1 else None, act)

@@ -196,17 +196,17 @@ def test_forward_product_runs_hooks_and_refuses_unknown_activations(pack):
         m.gemma.down_proj.forward_product(x, None, "relu")
 
 
-def test_training_mode_runs_the_modules_own_forward(pack):
+def test_fused_in_either_mode_and_modes_are_kept(pack):
+    """The probe runs the forward in eval and in training mode: a dropout MLP is not fused even from
+    an eval-mode model (its training forward differs), the others are, and every module keeps its mode."""
     m = _model().eval()
-    apply_pack(m, pack, act_mode="dynamic")  # eval: the dropout MLP computes the product, it is fused
-    assert "forward" in vars(m.dropout)
-    m.train()
+    m.gemma.train()
+    report = apply_pack(m, pack, act_mode="dynamic")
+    assert "dropout" not in report.fused_mlps and "gemma" in report.fused_mlps
+    assert m.gemma.training and m.gemma.act_fn.training and not m.llama.training and not m.dropout.drop.training
     x = _inputs()
     with torch.no_grad():
-        torch.manual_seed(1)
-        y = m.dropout(x)
-        torch.manual_seed(1)
-        assert torch.equal(y, DropoutMLP.forward(m.dropout, x))  # dropout applied, as the module does
+        assert torch.equal(m.gemma(x), GemmaMLP.forward(m.gemma, x))
 
 
 def test_layers_must_all_be_replaced(pack):
