@@ -6,7 +6,9 @@ A Gemma MLP block is ``down_proj(gelu_tanh(gate_proj(x)) * up_proj(x))``: beside
 linears, torch runs the activation and the product as two elementwise launches. Per case (tower,
 M tokens), CUDA-graph replays of R block instances (their bf16 weights together over --l2-bytes,
 so that a replay streams weights from memory as the model does; time per block = replay / R),
-all in the same run, median of --repeats samples:
+all in the same run: the median of --repeats replays per capture, the median over --captures fresh
+captures (interleaved: bf16, unfused, fused each round; the same chain captured twice can differ by
+~1.5 us at 50 tokens):
 - bf16: the block with bf16 `nn.Linear` layers;
 - ours (unfused): `DuQuantLinear` W4A8 with dynamic per-token activation scales, gate/up linked
   (one input transform and GEMM) writing the hidden token-minor: what `apply_pack` gave before
@@ -22,6 +24,7 @@ M = 50 ten times (one `sample_actions` call), over 18 layers each.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -86,8 +89,16 @@ def bench_case(tower: str, m: int, args, dev) -> dict:
     bf16, ours = build_blocks(tower, reps, dev)
     x = activations(m, width, 11, dev)
     with torch.no_grad():
-        t_bf16 = graph_time(bf16, x, args.repeats)
-        t_unfused = graph_time(ours, x, args.repeats)
+        samples = {"bf16": [], "unfused": [], "fused": []}
+        for _ in range(args.captures):  # the three interleaved, a fresh capture each round
+            samples["bf16"].append(graph_time(bf16, x, args.repeats))
+            samples["unfused"].append(graph_time(ours, x, args.repeats))
+            for b in ours:
+                fuse_mlp_activations(b)
+            samples["fused"].append(graph_time(ours, x, args.repeats))
+            for b in ours:
+                unfuse_mlp_activations(b)
+        t_bf16, t_unfused, t_fused = (statistics.median(samples[k]) for k in ("bf16", "unfused", "fused"))
         diffs = []
         for seed in (21, 22, 23):
             xs = activations(m, width, seed, dev)
@@ -97,9 +108,7 @@ def bench_case(tower: str, m: int, args, dev) -> dict:
             unfuse_mlp_activations(ours[0])
             diffs.append((torch.equal(fused, unfused), rel(fused, unfused)))
         assert fused_map == {"": "gelu_tanh"}, fused_map
-        for b in ours:
-            fuse_mlp_activations(b)
-        t_fused = graph_time(ours, x, args.repeats)
+        fuse_mlp_activations(ours[0])
         errs = []
         for seed in (21, 22, 23):
             xs = activations(m, width, seed, dev)
@@ -112,10 +121,12 @@ def bench_case(tower: str, m: int, args, dev) -> dict:
             errs.append(rel(fast, ref))
     res = {"tower": tower, "M": m, "instances": reps, "bf16_block_s": t_bf16, "ours_unfused_s": t_unfused,
            "ours_fused_s": t_fused, "ratio_unfused": t_unfused / t_bf16, "ratio_fused": t_fused / t_bf16,
+           "captures_s": samples,
            "fused_equals_unfused": all(d[0] for d in diffs), "rel_diff_fused_vs_unfused": max(d[1] for d in diffs),
            "rel_err_fused_vs_reference": max(errs)}
+    spread = " | fused per capture " + "/".join(f"{v * 1e6:.1f}" for v in samples["fused"])
     print(f"{tower:6s} MLP M={m:4d} bf16 {t_bf16 * 1e6:8.1f} us | unfused {t_unfused * 1e6:8.1f} "
-          f"({res['ratio_unfused']:.2f}x) | fused {t_fused * 1e6:8.1f} ({res['ratio_fused']:.2f}x) | fused == unfused "
+          f"({res['ratio_unfused']:.2f}x) | fused {t_fused * 1e6:8.1f} ({res['ratio_fused']:.2f}x){spread} | fused == unfused "
           f"{res['fused_equals_unfused']} (rel {res['rel_diff_fused_vs_unfused']:.1e}) | err vs ref "
           f"{res['rel_err_fused_vs_reference']:.1e}", flush=True)
     return res
@@ -135,7 +146,9 @@ def parse_cases(text: str) -> list[tuple[str, int]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mlp_gpu.json"))
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=15, help="timed replays per capture (median taken)")
+    ap.add_argument("--captures", type=int, default=3, help="fresh CUDA-graph captures per variant, interleaved; "
+                    "the median of their medians is reported (captures of one chain differ by up to ~1.5 us)")
     ap.add_argument("--l2-bytes", type=int, default=256 << 20, help="bf16 weight bytes per timed replay")
     ap.add_argument("--max-instances", type=int, default=16)
     ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated tower:M (tower: llm or expert)")
