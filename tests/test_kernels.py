@@ -419,10 +419,16 @@ def test_mid_token_counts_pick_tiles_that_fill_the_gpu():
         for m in (65, 100, top):
             cfg = K.pick_config(m, n, k, dyn)
             assert ("XLOAD" not in cfg, cfg.get("ACT"), cfg["BMT"]) == (True, None, bmt), (n, k, m)
-            assert {key: v for key, v in cfg.items() if key != "BMT"} == \
+            rs = ("GEMM", "RS_RESTORE", "RS_CONFIG") if (n, k) == (1024, 4096) and m > 128 else ()
+            assert {key: v for key, v in cfg.items() if key not in ("BMT", *rs)} == \
                 {key: v for key, v in K.pick_config(64, n, k, dyn).items() if key != "BMT"}, (n, k, m)
         assert K.pick_config(top + 1, n, k, dyn)["XLOAD"] == "transpose"
         assert K.pick_config(100, n, k, K.MODE_STATIC)["XLOAD"] == "transpose"  # measured in dynamic mode only
+    # expert down_proj above 128 tokens: the register-operand GEMM split 2 over 32-token tiles (where it runs)
+    for m in (128, 129, 200, 256):
+        cfg = K.pick_config(m, 1024, 4096, dyn)
+        assert (cfg.get("GEMM"), (cfg.get("RS_CONFIG") or {}).get("SPLIT")) == (("rs", 2) if m > 128 else (None, None))
+        assert (cfg["BK"], cfg["SPLIT"]) == (128, 4)  # the Triton GEMM's, where the rs GEMM does not run
     # expert o and k/v, the LLM's q/o, q/k/v, k/v, gate/up and down: the large-M launches above 64 tokens
     for n, k in ((1024, 2048), (256, 1024), (2048, 2048), (2560, 2048), (256, 2048), (16384, 2048), (2048, 16384)):
         assert K.small_m_tokens(n, k) == 64

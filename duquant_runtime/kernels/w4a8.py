@@ -665,6 +665,11 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
             cfg.update(SPLIT=1, BK=256)
         elif dynamic and n <= 1024:  # expert down_proj, split-K 4 over 32-token tiles: 14.2 vs 15.0 us
             cfg.update(BMT=32)
+            if m > 128:  # sm_90, a batch of chunks: the register-operand GEMM split 2 (int32 partial sums), 256-wide
+                # K steps, 5 stages; sweep_w4a8.py --token-minor --ab (H200, us): M = 200 15.0 vs 17.8 (split 4 19.4,
+                # split 8 25.0, 64-token tiles 19.0); M = 100 13.4 vs 13.8, M = 50 / 64 slower (12.1-15.7 vs 11.7 / 11.3)
+                cfg.update(GEMM="rs", RS_RESTORE=True, RS_CONFIG=dict(BN=64, BMT=32, BK=256, SPLIT=2, num_warps=4,
+                                                                      RS_STAGES=5, PDL=True, RS_PDL=True))
         elif dynamic and n >= 8192 and k <= 4096:  # LLM gate/up, linked gate/up group (msweep_gpu.py; sweep_w4a8.py
             # --ab at M = 32 / 64, us, H200; the M <= 16 tiles 20.6-52.8, the picks before 26.4-45.6):
             # gate/up 15.0 / 15.7, linked 20.0 / 22.0 against bf16 18.9 / 19.6 and 35.0 / 36.2
@@ -785,7 +790,8 @@ def small_m_tokens(n: int, k: int) -> int:
     expert's shapes (a batch of 50-token chunks). msweep_gpu.py at M = 65 / 100 / 128 / 200 / 256
     against the large-M picks, consecutive runs on one machine, us (H200; bf16 in brackets):
     - down_proj 1024 x 4096 (token-minor): 12.7 / 13.8 / 13.6 / 17.9 / 19.0 vs 22.5 / 23.3 / 22.4 /
-      23.4 / 22.3 (8.8 / 8.4 / 8.6 / 9.7 / 9.6);
+      23.4 / 22.3 (8.8 / 8.4 / 8.6 / 9.7 / 9.6); above 128 tokens with the register-operand GEMM split 2
+      (`pick_config`): 13.8 / 15.0 / 15.6 at 160 / 200 / 256 (sweep_w4a8.py, against 15.2 / 17.8 / 19.0);
     - linked gate/up 8192 x 1024 (128-token tiles): 11.9 / 12.1 / 11.9 / 13.8 / 13.7 vs 14.0 / 16.3 /
       12.8 / 25.8 / 18.1 (10.9 / 10.8 / 10.6 / 12.7 / 12.4);
     - up to 100 tokens: gate/up 4096 x 1024 9.6 / 10.6 vs 11.8 / 11.8, q 2048 x 1024 8.6 / 8.8 vs
