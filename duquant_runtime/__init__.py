@@ -22,4 +22,5 @@ __version__ = "0.1.0"
 
 __all__ = ["apply_pack", "ApplyReport", "resolve_module_names", "DuQuantLinear", "DuquantError",
            "PackError", "weight_fingerprint", "FORMAT_NAME", "FORMAT_VERSION", "LayerPack", "Pack",
-           "load_pack", "save_calibration", "mark_token_minor", "clear_token_minor", "fuse_mlp_activations", "unfuse_mlp_activations", "collect_stats", "enable_duquant_if_configured", "EnvConfigError", "__version__"]
+           "load_pack", "save_calibration", "mark_token_minor", "clear_token_minor", "fuse_mlp_activations",
+           "unfuse_mlp_activations", "collect_stats", "enable_duquant_if_configured", "EnvConfigError", "__version__"]

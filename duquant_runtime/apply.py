@@ -56,6 +56,7 @@ class ApplyReport:
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 0.0
         cal = f", {self.calibrated} with saved activation scales" if self.calibrated else ""
         cal += f", {len(self.input_groups)} input groups linked" if self.input_groups else ""
+        cal += f", {len(self.fused_mlps)} MLP activations fused" if self.fused_mlps else ""
         return (f"{len(self.replaced)} layers replaced{cal}, {len(self.skipped)} skipped; "
                 f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x)")
 
@@ -95,7 +96,8 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
                device: torch.device | str | None = None, act_mode: str = "static",
                abits: int | None = None, force: bool = False, dry_run: bool = False,
                check_weights: bool = True, rot_dtype: torch.dtype | None = None,
-               share_inputs: bool = True, token_minor_mlp: bool = True, fuse_mlp_activation: bool = True) -> ApplyReport:
+               share_inputs: bool = True, token_minor_mlp: bool = True,
+               fuse_mlp_activation: bool = True) -> ApplyReport:
     """Replace the pack's layers of `model` by `DuQuantLinear` modules; returns an `ApplyReport`.
 
     strict: a pack layer without a matching module is an error (else it is skipped and reported).

@@ -2,18 +2,19 @@
 
 A gated MLP runs ``down_proj(act(gate_proj(x)) * up_proj(x))`` (a plain one ``fc2(act(fc1(x)))``).
 Between our GEMMs torch runs the activation and the product as two elementwise launches that read
-and write the whole hidden activation (at 50 tokens of the pi0.5 action expert, two launches of
-a few microseconds each, against ~8 us for a bf16 down_proj). `fuse_mlp_activations` patches such
-an MLP module's forward to ``down_proj.forward_product(gate_proj(x), up_proj(x), act)``: on the GPU
-kernel path down_proj's prep launch computes act(gate) * up from the loaded tiles
-(kernels/hidden.py, the values torch computes); elsewhere `forward_product` computes the hidden
-with torch (`hidden`) and runs down_proj as before, so the output is the module's own.
+and write the whole hidden activation (at 50 tokens of the pi0.5 action expert 1.3 us each on an
+H200, 3.4 us of the block in a CUDA graph, against ~8 us for a whole bf16 down_proj).
+`fuse_mlp_activations` patches such an MLP module's forward to
+``down_proj.forward_product(gate_proj(x), up_proj(x), act)``: on the GPU kernel path down_proj's
+prep launch computes act(gate) * up from the loaded tiles (kernels/hidden.py, the values torch
+computes); elsewhere `forward_product` computes the hidden with torch (`hidden`) and runs
+down_proj as before, so the output is the module's own.
 
 An MLP is patched only when its forward provably computes that function: with the three layers
 swapped for cheap stand-ins (`_Probe`) whose outputs are known, its forward must pass exactly
 act(gate) * up to the consumer, for one of `ACTIVATIONS`, and return the consumer's output
-unchanged, in float32 and in the layers' dtype (bit for bit). Anything else (another activation,
-a norm, dropout in training mode, extra arguments) leaves the module as it is.
+unchanged, in float32 and in the layers' dtype, in eval and in training mode (bit for bit).
+Anything else (another activation, a norm, dropout, extra arguments) leaves the module as it is.
 """
 
 from __future__ import annotations

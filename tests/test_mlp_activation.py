@@ -124,6 +124,7 @@ def test_apply_fuses_exactly_the_mlps_that_compute_the_product(pack, act_mode):
     m.train()  # dropout active: the probe must see it differ
     report = apply_pack(m, pack, act_mode=act_mode)
     assert report.fused_mlps == {name: act for name, (_, act) in FUSED.items()}
+    assert "3 MLP activations fused" in report.summary()
     for name in FUSED:
         assert "forward" in vars(getattr(m, name))
     for name in UNFUSED:
