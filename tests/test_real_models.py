@@ -98,6 +98,8 @@ def test_gemma_w4a8_runs_and_stays_close(gemma, mode):
     m = copy.deepcopy(model)
     report = apply_pack(m, packs[4], act_mode=mode)
     assert len(report.replaced) == 14  # (at width 128 the rotations outweigh the int8 codes: no bytes check)
+    # transformers' GemmaMLP (gelu_pytorch_tanh, as pi0.5's) computes down(act(gate) * up): fused
+    assert report.fused_mlps == {"layers.0.mlp": "gelu_tanh", "layers.1.mlp": "gelu_tanh"}
     with torch.no_grad():
         if mode == "static":  # calib_steps=4 in the pack: 4 batches of other tokens
             g = torch.Generator().manual_seed(2)
