@@ -25,6 +25,18 @@ def save_ckpt(directory, tensors: dict, name: str = "model.safetensors") -> Path
     return path
 
 
+def share_inputs_pack(root, model, include: str) -> Path:
+    """root/pack: a --share-inputs pack (row rotations restored, 64-wide blocks) of `model`'s linear
+    layers matching `include`, built from its state dict saved as root/ckpt."""
+    from duquant_pack.build import build_pack
+    from duquant_pack.config import resolve
+    root = Path(root)
+    save_ckpt(root / "ckpt", {k: v.clone() for k, v in model.state_dict().items()})
+    cfg, _ = resolve(None, include=include, exclude="", row_rot="restore", block=64, share_inputs=True)
+    build_pack(root / "ckpt", root / "pack", cfg, jobs=1, progress=False)
+    return root / "pack"
+
+
 def write_raw_safetensors(path, header: dict, data: bytes) -> Path:
     """A hand-made safetensors file: u64 header length, JSON header, data."""
     raw = json.dumps(header).encode()

@@ -10,12 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from duquant_pack.build import build_pack
-from duquant_pack.config import resolve
 from duquant_runtime import DuQuantLinear, apply_pack, fuse_mlp_activations, unfuse_mlp_activations
 from duquant_runtime.mlp_activation import hidden, probe_activation
 
-from _util import save_ckpt
+from _util import share_inputs_pack
 
 D, F = 128, 256
 
@@ -107,11 +105,7 @@ def _model() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlp_act")
-    save_ckpt(root / "ckpt", {k: v.clone() for k, v in _model().state_dict().items()})
-    cfg, _ = resolve(None, include=r"(proj|fc\d)$", exclude="", row_rot="restore", block=64, share_inputs=True)
-    build_pack(root / "ckpt", root / "pack", cfg, jobs=1, progress=False)
-    return root / "pack"
+    return share_inputs_pack(tmp_path_factory.mktemp("mlp_act"), _model(), r"(proj|fc\d)$")
 
 
 def _inputs():
