@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_file import write_results  # noqa: E402
-from runtime_gpu import EXPERT, LLM, LAYERS_PER_TOWER, activations, graph_time, random_layer, rel  # noqa: E402
+from runtime_gpu import (EXPERT, LLM, LAYERS_PER_TOWER, activations, graph_time, instance_count, random_layer,  # noqa: E402
+                         rel)
 from duquant_runtime import DuQuantLinear  # noqa: E402
 from duquant_runtime.input_group import link_input_group  # noqa: E402
 from duquant_runtime.mlp_activation import fuse_mlp_activations, unfuse_mlp_activations  # noqa: E402
@@ -57,11 +58,15 @@ class GatedMLP(nn.Module):
         return self.down_proj(nn.functional.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
+def mlp_shape(tower: str) -> tuple[int, int]:
+    """(intermediate, width) of one tower's MLP: gate_proj's (out, in)."""
+    return next((o, i) for n, o, i in (LLM if tower == "llm" else EXPERT) if n == "gate_proj")
+
+
 def build_blocks(tower: str, reps: int, dev) -> tuple[list, list]:
     """`reps` (bf16 block, quantized block) pairs of one tower's MLP shapes, random weights with
     outlier columns; gate/up share one input transform (a --share-inputs pack) and are linked."""
-    shapes = {n: (o, i) for n, o, i in (LLM if tower == "llm" else EXPERT)}
-    (inter, width), bf16, ours = shapes["gate_proj"], [], []
+    (inter, width), bf16, ours = mlp_shape(tower), [], []
     for r in range(reps):
         g = torch.Generator(device="cpu").manual_seed(500 + r)
         side = (torch.randperm(width, generator=g),
@@ -82,10 +87,8 @@ def build_blocks(tower: str, reps: int, dev) -> tuple[list, list]:
 
 
 def bench_case(tower: str, m: int, args, dev) -> dict:
-    width = {n: i for n, _, i in (LLM if tower == "llm" else EXPERT)}["gate_proj"]
-    inter = {n: o for n, o, _ in (LLM if tower == "llm" else EXPERT)}["gate_proj"]
-    block_bytes = 3 * inter * width * 2
-    reps = max(1, min(args.max_instances, -(-args.l2_bytes // block_bytes)))
+    inter, width = mlp_shape(tower)
+    reps = instance_count(3 * inter * width * 2, args)  # the block's three bf16 weights
     bf16, ours = build_blocks(tower, reps, dev)
     x = activations(m, width, 11, dev)
     with torch.no_grad():

@@ -230,25 +230,19 @@ def _prep_kernel(x_ptr, stride_xm, M, K, perm_ptr, smooth_ptr, r_ptr, act_scale_
             row_ok = offs_m < M
             if XLOAD == 2:  # (B, BMP) tile of x^T: each permuted row is BMP contiguous tokens
                 offs = src[:, None] * stride_xm + offs_m[None, :]
-                x = tl.load(x_ptr + offs, mask=row_ok[None, :], other=0.0)
-                if ACT != 0:
-                    u = x
-                    if HAS_UP:
-                        u = tl.load(up_ptr + offs, mask=row_ok[None, :], other=0.0)
-                    x = hidden(x, u, ACT, HAS_UP)
-                x = tl.trans(x).to(tl.float32)
-            else:
-                if XLOAD == 1:
-                    offs = offs_m[:, None] * stride_xm + offs_c[None, :]
-                else:
-                    offs = offs_m[:, None] * stride_xm + src[None, :]
-                x = tl.load(x_ptr + offs, mask=row_ok[:, None], other=0.0)
-                if ACT != 0:
-                    u = x
-                    if HAS_UP:
-                        u = tl.load(up_ptr + offs, mask=row_ok[:, None], other=0.0)
-                    x = hidden(x, u, ACT, HAS_UP)
-                x = x.to(tl.float32)
+                ok = row_ok[None, :]
+            else:  # (BMP, B) tile of x, through the permutation unless gathered beforehand
+                offs = offs_m[:, None] * stride_xm + (offs_c[None, :] if XLOAD == 1 else src[None, :])
+                ok = row_ok[:, None]
+            x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+            if ACT != 0:
+                u = x
+                if HAS_UP:
+                    u = tl.load(up_ptr + offs, mask=ok, other=0.0)
+                x = hidden(x, u, ACT, HAS_UP)
+            if XLOAD == 2:
+                x = tl.trans(x)
+            x = x.to(tl.float32)
             if HAS_SMOOTH:
                 x = tl.math.div_rn(x, smooth[None, :])
             xt = tl.dot(x, r, input_precision=PREC)
@@ -948,8 +942,9 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
 def _prep_reads_hidden(x: torch.Tensor, up: torch.Tensor | None, cfg: dict, xload: int, dynamic: bool) -> bool:
     """Whether `prepare_activation` can compute an MLP hidden act(x) * up in the Triton prep's loads:
     that launch reads x itself (rows through the permutation, or token-minor x as x^T), up has x's
-    strides, and no Gluon activation launch is configured (on sm_90 those take torch's hidden)."""
-    if up is not None and (up.shape != x.shape or up.stride() != x.stride() or up.dtype != x.dtype):
+    strides (the kernel reads it with x's; `w4_linear` checked shape and dtype), and no Gluon
+    activation launch is configured (on sm_90 those take torch's hidden)."""
+    if up is not None and up.stride() != x.stride():
         return False
     gluon = {"cluster": "w4a8_cluster", "wgmma": "w4a8_act"}.get(cfg.get("ACT"))
     if dynamic and gluon is not None and _hopper_module(x.device, gluon) is not None:
