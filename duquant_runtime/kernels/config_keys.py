@@ -7,7 +7,7 @@ from __future__ import annotations
 
 CONFIG_KEYS = frozenset({
     # activation launches (Triton prep + quantize)
-    "G", "BMP", "TILES", "XLOAD", "prep_warps", "prep_stages", "BMQ", "QCH", "QRUNS", "QFASTDIV", "BKQ", "SATCVT",
+    "G", "BMP", "TILES", "XLOAD", "prep_warps", "prep_warps_hidden", "prep_stages", "BMQ", "QCH", "QRUNS", "QFASTDIV", "BKQ", "SATCVT",
     "PDL", "PREP_PDL",
     # activation launches on sm_90 (Gluon: `w4a8_act`, `w4a8_cluster`)
     "ACT", "ACT_BM", "ACT_TT", "ACT_STAGES", "ACT_WARPS", "ACT_RCACHE", "ACT_F16", "ACT_AREG", "ACT_FASTDIV",

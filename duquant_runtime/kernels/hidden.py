@@ -3,7 +3,10 @@
 In ``down_proj(act(gate_proj(x)) * up_proj(x))`` torch runs the activation and the product as
 two elementwise launches between our GEMMs. `hidden` computes the same values inside the prep
 launch of `w4a8._prep_kernel` from the loaded gate and up tiles (`w4a8.prepare_activation(up=,
-act=)`), so down_proj's input is never written.
+act=)`), so down_proj's input is never written. Where down_proj's first launch does not read its
+input through that prep (the Gluon activation passes of the language model's down_proj above 64
+tokens), `hidden_launch` computes it in one elementwise launch instead of torch's two (the hidden
+written once, gate and up read once).
 
 Numerics are torch's CUDA kernels' for 16-bit inputs, bit for bit (GPU test): the activation in
 float32 rounded to the input's dtype, then the product of the two 16-bit values (exact in
@@ -21,9 +24,11 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # activation name -> the prep kernel's ACT constexpr (0: none)
 ACT_CODES = {"gelu_tanh": 1, "silu": 2}
@@ -111,4 +116,66 @@ def hidden(gate, up, ACT: tl.constexpr, HAS_UP: tl.constexpr):
     return h
 
 
-__all__ = ["ACT_CODES", "hidden"]
+@triton.jit
+def _hidden_kernel(g_ptr, u_ptr, out_ptr, n, zero_ptr, n_zero, ACT: tl.constexpr, HAS_UP: tl.constexpr,
+                   BLOCK: tl.constexpr, PDL_WAIT: tl.constexpr, PDL: tl.constexpr, ZERO: tl.constexpr):
+    """out[i] = hidden(g[i], u[i]) over n elements of dense storage, BLOCK per program. PDL_WAIT:
+    launched early, wait for the producer of g and u first; PDL: let the next launch start (it
+    waits for this one itself). ZERO: also zero zero_ptr float32 (n_zero,) (a consumer's scratch)."""
+    if PDL_WAIT:
+        gdc_wait()
+    if PDL:
+        gdc_launch_dependents()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0)
+    u = tl.load(u_ptr + offs, mask=ok, other=0.0) if HAS_UP else g
+    tl.store(out_ptr + offs, hidden(g, u, ACT, HAS_UP), mask=ok)
+    if ZERO:
+        tl.store(zero_ptr + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < n_zero)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill its storage span exactly (a contiguous tensor or a permutation of
+    one's dimensions, e.g. a token-minor (M, K) = (K, M)^T), so that it can be walked as one run."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+    expect = 1
+    for st, sz in dims:
+        if st != expect:
+            return False
+        expect *= sz
+    return True
+
+
+def launchable(gate: torch.Tensor, up: torch.Tensor | None) -> bool:
+    """Whether `hidden_launch` takes these operands: 16-bit, dense storage, up (if any) with
+    gate's shape, dtype and strides."""
+    return (gate.dtype in (torch.bfloat16, torch.float16) and _dense(gate)
+            and (up is None or (up.shape == gate.shape and up.dtype == gate.dtype and up.stride() == gate.stride())))
+
+
+def hidden_launch(gate: torch.Tensor, up: torch.Tensor | None, act: str, *, early: bool = False,
+                  pdl: bool = False, zero: torch.Tensor | None = None, block: int = 2048) -> torch.Tensor:
+    """act(gate) * up (up None: act(gate)) in one launch: a tensor of gate's shape, dtype and
+    strides with torch's values (`hidden`), for operands `launchable` accepts. early: launched
+    with PDL, it waits for its producer; pdl: it lets the next launch start early. zero: a float32
+    buffer it zeroes too (at most gate.numel() elements)."""
+    if act not in ACT_CODES:
+        raise ValueError(f"hidden_launch: act must be one of {sorted(ACT_CODES)}, got {act!r}")
+    if not launchable(gate, up):
+        raise ValueError(f"hidden_launch: needs dense 16-bit gate and an up like it, got {gate.dtype} strides "
+                         f"{gate.stride()} and {None if up is None else (up.dtype, up.stride())}")
+    out = torch.empty_like(gate)  # dense: empty_like keeps gate's strides
+    n = gate.numel()
+    if n == 0:
+        return out
+    if zero is not None and zero.numel() > n:
+        raise ValueError(f"hidden_launch: zero has {zero.numel()} elements, more than the {n} programs cover")
+    _hidden_kernel[(triton.cdiv(n, block),)](
+        gate, up if up is not None else gate, out, n, zero if zero is not None else out,
+        zero.numel() if zero is not None else 0, ACT=ACT_CODES[act], HAS_UP=up is not None, BLOCK=block,
+        PDL_WAIT=early, PDL=pdl, ZERO=zero is not None, num_warps=4, **({"launch_pdl": True} if early else {}))
+    return out
+
+
+__all__ = ["ACT_CODES", "hidden", "hidden_launch", "launchable"]

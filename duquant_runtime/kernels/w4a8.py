@@ -70,7 +70,7 @@ from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .config_keys import check_config
-from .hidden import ACT_CODES, hidden
+from .hidden import ACT_CODES, hidden, hidden_launch, launchable
 
 MODE_NONE, MODE_STATIC, MODE_DYNAMIC = 0, 1, 2
 # per-row scales below TINY_SCALE (2^-60) are multiplied by SCALE_UP (2^64), with their row's values,
@@ -596,7 +596,8 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     """Launch configuration for (M tokens, N out, K in): the fastest measured on an H200 for the
     pi0.5 shapes (benchmarks/stages_w4a8.py, sweep_w4a8.py; docs/benchmarks.md). Keys: prep G
     (64-wide blocks per program), BMP (rows per tile), TILES (row tiles per program), XLOAD (how x
-    is read through the permutation), prep_warps, prep_stages; quantize BMQ (rows), QCH (column
+    is read through the permutation), prep_warps, prep_warps_hidden (where the prep computes an MLP
+    hidden, `prepare_activation(act=)`; default prep_warps), prep_stages; quantize BMQ (rows), QCH (column
     chunks), QRUNS (codes stored as vector runs; False: per element, the same codes); GEMM BN
     (weight rows), BMT (tokens), BK, GROUP, SWAP (weight as the dot's register operand), SPLIT
     (split-K), num_warps, num_stages, RESTORE (the R_out restore dot, `_restore`), PART_RESTORE
@@ -649,6 +650,10 @@ def pick_config(m: int, n: int, k: int, mode: int) -> dict:
     if m <= 64 or mid_expert:
         # EPI_EARLY (dynamic): no load left after the GEMM's main loop (the A/B above)
         cfg.update(BN=64, BMT=64, BK=128, SPLIT=4, num_warps=4, num_stages=3, EPI_EARLY=dynamic)
+        if dynamic and k >= 4096:  # down_proj's prep computing the MLP hidden: 2 warps. mlp_gpu.py --down-ab
+            # prep_warps=2 (H200, fused MLP block, us): expert M = 50 / 100 / 256 23.0 / 27.6 / 31.2 vs 23.2 / 29.1 /
+            # 33.9, language model M = 64 44.2 vs 47.5 (BMP 32 or G 2 instead: slower at 50 and 100)
+            cfg.update(prep_warps_hidden=2)
         if k <= 1024 and (dynamic or n >= 2048):
             cfg.update(SPLIT=1)
             if dynamic and n >= 2560:  # measured on the linked q/k/v and gate/up groups (9.8 vs 10.4 us,
@@ -871,7 +876,8 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     a (K, s) tensor, e.g. `w4_gemm(token_minor=True)`'s output), which the prep reads as x^T
     directly (no transpose launch). act (`hidden.ACT_CODES`: "gelu_tanh", "silu"): the layer's input is
     act(x) * up (up None: act(x); up with x's shape and strides), computed by the Triton prep from
-    its loaded tiles where it reads x itself (`hidden`), else by torch first."""
+    its loaded tiles where it reads x itself (`hidden`), else first by one elementwise launch
+    (`hidden_launch`; by torch where x is not dense)."""
     m, k = x.shape
     b = r_in.shape[-1]
     nb = k // b
@@ -883,12 +889,19 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     tiles = max(1, min(cfg.get("TILES", 1), triton.cdiv(m, bmp)))
     dynamic = mode == MODE_DYNAMIC
     xload = {"gather": 0, "index_select": 1, "transpose": 2}[cfg.get("XLOAD", "gather")] if perm is not None else 0
-    if act is not None and not _prep_reads_hidden(x, up, cfg, xload, dynamic):
-        from ..mlp_activation import hidden as torch_hidden
-        x, up, act = torch_hidden(x, up, act), None, None
     pdl = _use_pdl(cfg, x.device)
     bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
     early = pdl and cfg.get("PREP_PDL", False)  # the first launch starts early, waits for x's producer
+    tokmax = None  # the Gluon passes' token maxima, zeroed by the launch before them
+    if act is not None and not _prep_reads_hidden(x, up, cfg, xload, dynamic):
+        if launchable(x, up):  # one elementwise launch (torch: two), which also zeroes the token maxima
+            tokmax = torch.empty((m,), device=x.device, dtype=torch.float32) if is_token_minor(x) else None
+            x = hidden_launch(x, up, act, early=early, pdl=pdl, zero=tokmax)
+            early = pdl  # the next launch waits for it
+        else:
+            from ..mlp_activation import hidden as torch_hidden
+            x = torch_hidden(x, up, act)
+        up, act = None, None
     if dynamic and cfg.get("ACT") == "cluster":  # sm_90: one launch, a thread-block cluster per token tile
         cluster = _hopper_module(x.device, "w4a8_cluster")
         if cluster is not None and cluster.usable(x, r_in, smooth, qmax, bkd, cfg):
@@ -897,11 +910,13 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
                 return res
     passes = _hopper_module(x.device, "w4a8_act") if dynamic and cfg.get("ACT") == "wgmma" else None
     if passes is not None and (is_token_minor(x) or xload == 2):  # sm_90: rotate twice, no float32 round trip
-        tokmax = None if is_token_minor(x) else torch.empty((m,), device=x.device, dtype=torch.float32)
-        xt = x.t() if is_token_minor(x) else _transposed(x, pdl, early, zero=tokmax)
+        transpose = not is_token_minor(x)
+        if transpose:  # zeroed by the transpose launch
+            tokmax = torch.empty((m,), device=x.device, dtype=torch.float32)
+        xt = _transposed(x, pdl, early, zero=tokmax) if transpose else x.t()
         if passes.usable(xt, m, r_in, smooth, qmax, bkd):
             return passes.act_codes(xt, m, perm, r_in, bkd, qmin, qmax, cfg, tokmax=tokmax, pdl=pdl)
-        if tokmax is not None:  # the Triton prep reads the transpose made here (launched after it)
+        if transpose:  # the Triton prep reads the transpose made here (launched after it)
             x, early = xt.t(), pdl
     a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
     part = torch.empty((m, nb), device=x.device, dtype=torch.float32) if dynamic else None
@@ -920,7 +935,8 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
         NB=nb, QMIN=qmin, QMAX=qmax, MODE=mode, G=g, BMP=bmp, TILES=tiles, STAGES=cfg.get("prep_stages", 2), B=b,
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, PREC=_PREC[rot_precision],
         XLOAD=xload, PDL=pdl, PDL_WAIT=early, up_ptr=up if up is not None else x,
-        ACT=ACT_CODES[act] if act is not None else 0, HAS_UP=up is not None, num_warps=cfg["prep_warps"],
+        ACT=ACT_CODES[act] if act is not None else 0, HAS_UP=up is not None,
+        num_warps=cfg.get("prep_warps_hidden", cfg["prep_warps"]) if act is not None else cfg["prep_warps"],
         **_pdl(early))
     if not dynamic:
         return a, None
