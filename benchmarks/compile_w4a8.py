@@ -60,7 +60,7 @@ def compile_gemm(int8: bool, bn: int, bmt: int, bk: int, warps: int, stages: int
     fn = kernels._gemm_kernel
     types = {"a_ptr": "*i8" if int8 else "*bf16", "tok_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32",
              "rout_ptr": "*fp16", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
-             "stride_om": "i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+             "stride_om": "i32", "M_OUT": "i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     consts = {"K": k, "INT8": int8, "BN": bn, "BMT": bmt, "BK": bk, "GROUP": 8, "SWAP": swap, "SPLIT": 1, "BO": 64,
               "HAS_ROUT": True, "HAS_BIAS": False, "F32_DOT": False, "PDL": False, "PF_N": 4, "PF": 4,
               "RESTORE": restore, "PART_RESTORE": False, "EPI_EARLY": epi_early, "stride_on": 1}  # row-major output: the runtime specializes a stride of 1 as a constant
@@ -188,7 +188,7 @@ def compile_rs(bn: int = 128, bmt: int = 128, bk: int = 256, warps: int = 8, sta
     fn = w4a8_rs._rs_gemm_kernel
     types = {"w_desc": desc([bn, bk // 2]), "alo_desc": desc([bmt, bk // 2]), "ahi_desc": desc([bmt, bk // 2]),
              "tok_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "rout_ptr": "*fp16", "bias_ptr": "*bf16",
-             "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "stride_on": "i32",
+             "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "stride_on": "i32", "M_OUT": "i32",
              "ws_ptr": "*i32", "cnt_ptr": "*i32"}
     consts = {"STAGES": stages, "GROUP": 8, "WAIT": 2, "BARRIER": True, "TRIGGER": False, "RESTORE": restore,
               "HAS_ROUT": has_rout, "HAS_BIAS": bias, "BO": 64, "TOKEN_MINOR": token_minor, "PDL": pdl, "SPLIT": split,

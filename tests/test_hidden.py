@@ -5,7 +5,7 @@
   each activation, row-major and token-minor inputs, every activation mode; and the hidden values
   themselves equal torch's (on the GPU over a million inputs, both 16-bit dtypes).
 - Where down_proj's prep does not read its input itself, `hidden_launch` computes the hidden in
-  its own launch: the same values (both runs above), dense operands only.
+  its own launch: the same values (both runs above), over operands without overlaps or wide gaps.
 - Everywhere: bad arguments are refused.
 """
 
@@ -129,16 +129,45 @@ def test_w4_linear_refuses_bad_hidden_arguments():
         K.w4_linear(x, up=x[:1], act="silu", **kw)
 
 
-def test_hidden_launch_takes_dense_operands_only():
+def test_hidden_launch_takes_operands_without_overlaps_or_wide_gaps():
     pytest.importorskip("triton")
-    from duquant_runtime.kernels.hidden import hidden_launch, launchable
+    from duquant_runtime.kernels.hidden import hidden_launch, launchable, storage_span
     x = torch.zeros(6, 128, dtype=torch.bfloat16)
     assert launchable(x, x) and launchable(x.t(), None)  # row-major, and token-minor storage
     assert launchable(x.t().contiguous().t(), x.t().contiguous().t())
-    assert not launchable(x[:, :64], None)  # a column slice leaves gaps in the storage
+    padded = torch.zeros(128, 16, dtype=torch.bfloat16).t()[:11]  # token-minor, rows padded to 16 tokens (w4_gemm)
+    assert storage_span(padded) == 127 * 16 + 11 and launchable(padded, padded)
+    assert not launchable(padded[:6], None)  # 6 of 16: more gaps than elements
+    assert storage_span(x[:, :64]) == 5 * 128 + 64 and launchable(x[:, :64], None)
+    assert not launchable(x[:, :8], None)  # gaps wider than the elements
+    assert not launchable(x[:1].expand(6, 128), None)  # overlapping (stride 0)
     assert not launchable(x, x.t().contiguous().t())  # up laid out unlike gate
     assert not launchable(x.float(), None)
     with pytest.raises(ValueError, match="act must be one of"):
         hidden_launch(x, x, "gelu")
-    with pytest.raises(ValueError, match="dense 16-bit"):
-        hidden_launch(x[:, :64], None, "silu")
+    with pytest.raises(ValueError, match="without overlaps"):
+        hidden_launch(x[:, :8], None, "silu")
+
+
+@needs_triton
+def test_hidden_launch_on_padded_rows_in_interpreter(tmp_path):
+    """Over a token-minor tensor with padded rows (w4_gemm's output at M % 16 != 0) the launch computes
+    every element and keeps the layout."""
+    script = tmp_path / "padded.py"
+    script.write_text(
+        "import torch\n"
+        "from duquant_runtime.kernels.hidden import hidden_launch\n"
+        "from duquant_runtime.mlp_activation import hidden\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "gate = (torch.randn(64, 16, generator=g) * 3).bfloat16().t()[:11]\n"
+        "up = torch.randn(64, 16, generator=g).bfloat16().t()[:11]\n"
+        "out = hidden_launch(gate, up, 'gelu_tanh')\n"
+        "ref = hidden(gate, up, 'gelu_tanh')\n"
+        "far = ((out.float() - ref.float()).abs() > 2.0 ** -7 * ref.float().abs() + 1e-6).sum()\n"
+        "print('RESULT', tuple(out.stride()), int(far), int((out != ref).sum()))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    fields = res.stdout.split("RESULT")[1].split()
+    assert fields[0] == "(1," and fields[1] == "16)", fields  # the padded layout kept
+    assert int(fields[2]) == 0 and int(fields[3]) <= 704 // 16, fields  # interpreter formulas: a few roundings apart

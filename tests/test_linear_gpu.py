@@ -211,11 +211,12 @@ def test_linked_group_under_cuda_graphs_and_device_moves():
         assert len({q.qweight.untyped_storage().data_ptr() for q in mods}) == 1
 
 
-@pytest.mark.parametrize("m,hidden,inter", [(800, 2048, 16384), (50, 1024, 4096), (1, 2048, 16384)])
+@pytest.mark.parametrize("m,hidden,inter", [(800, 2048, 16384), (50, 1024, 4096), (1, 2048, 16384), (700, 2048, 16384)])
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_token_minor_mlp_hidden_gives_the_same_block_output(m, hidden, inter, mode):
     """A gated MLP (linked gate/up, down) with gate/up writing token-minor (mlp_layout.py): at large
-    M the hidden activation reaches down_proj with strides (1, M) and the block output equals the
+    M the hidden activation reaches down_proj with strides (1, M) (gate/up's rows padded to a multiple of
+    16 tokens above 256, `w4a8.token_minor_row`; torch's product is dense) and the block output equals the
     row-major run bit for bit; at M <= 16 the layout stays row-major."""
     from duquant_runtime.input_group import link_input_group
     gate, up = _group([(inter, hidden)] * 2, seed=31, mode=mode)
@@ -232,12 +233,13 @@ def test_token_minor_mlp_hidden_gives_the_same_block_output(m, hidden, inter, mo
         gate.token_minor_output = up.token_minor_output = True
         h_tm, y_tm = block()
     assert h_rows.stride(-1) == 1 and torch.equal(h_tm, h_rows)
+    # torch's elementwise ops give a dense result: strides (1, M) even from gate/up rows padded past 256 tokens
     assert h_tm[0].stride() == ((1, m) if m > 16 else h_rows[0].stride())
     assert torch.equal(y_tm, y_rows)
 
 
 @pytest.mark.parametrize("m,hidden,inter", [(800, 2048, 16384), (50, 1024, 4096), (1, 2048, 16384), (200, 1024, 4096),
-                                            (128, 2048, 16384)])
+                                            (128, 2048, 16384), (65, 2048, 16384), (700, 2048, 16384)])
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 @pytest.mark.parametrize("act", ["gelu_tanh", "silu"])
 def test_fused_mlp_activation_gives_the_unfused_block_output(m, hidden, inter, mode, act):

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not _rs_ready(), reason="needs an sm_90 GPU, Tri
 @pytest.mark.parametrize("in_epilogue", [False, True])
 @pytest.mark.parametrize(("m", "n", "k", "bias", "token_minor"),
                          [(800, 2048, 16384, False, False), (300, 512, 8192, True, False),
-                          (130, 256, 8192, True, True), (800, 2048, 2048, True, True)])
+                          (130, 256, 8192, True, True), (800, 2048, 2048, True, True), (300, 512, 8192, True, True)])
 def test_register_operand_gemm_matches_triton_gemm_and_reference(m, n, k, bias, token_minor, in_epilogue):
     """in_epilogue: the restore in the GEMM's epilogue (RS_RESTORE) instead of its own launch."""
     from duquant_runtime.activation import fake_quantize_per_token
@@ -61,7 +61,7 @@ def test_register_operand_gemm_matches_triton_gemm_and_reference(m, n, k, bias, 
     for _ in range(3):  # back to back (the restore launch may start during the GEMM: RS_TRIGGER with PDL)
         assert torch.equal(K.w4_linear(xc, config=cfg, **kw), rs)
     assert rs.shape == (m, n) and rs.dtype == torch.bfloat16
-    assert rs.stride() == ((1, m) if token_minor else (n, 1))
+    assert rs.stride() == ((1, K.token_minor_row(m)) if token_minor else (n, 1))
     err_tri = float((rs.float() - tri.float()).norm() / tri.float().norm())
     err_ref = float((rs.float().cpu() - ref).norm() / ref.norm())
     print(f"M={m} N={n} K={k}: vs Triton GEMM {err_tri:.2e}, vs float32 reference {err_ref:.2e}")
@@ -97,7 +97,7 @@ def test_wide_token_tiles_with_a_tail_launch(tail, token_minor):
     wide = K.w4_linear(x, config={**base, "BMT": 256, "RS_STAGES": 2, "TAIL_BMT": tail}, **kw)
     narrow = K.w4_linear(x, config={**base, "BMT": 128, "RS_STAGES": 4, "TAIL_BMT": 0}, **kw)
     tri = K.w4_linear(x, config={**base, "GEMM": None}, **kw)
-    assert wide.stride() == ((1, m) if token_minor else (n, 1)) and torch.isfinite(wide).all()
+    assert wide.stride() == ((1, K.token_minor_row(m)) if token_minor else (n, 1)) and torch.isfinite(wide).all()
     assert K.tail_tokens(m, {"BMT": 256, "TAIL_BMT": tail}) == (32 if tail else 0)
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
     assert rel(wide, narrow) < 5e-4, rel(wide, narrow)  # only the order of float32 sums differs

@@ -119,7 +119,7 @@ def hidden(gate, up, ACT: tl.constexpr, HAS_UP: tl.constexpr):
 @triton.jit
 def _hidden_kernel(g_ptr, u_ptr, out_ptr, n, zero_ptr, n_zero, ACT: tl.constexpr, HAS_UP: tl.constexpr,
                    BLOCK: tl.constexpr, PDL_WAIT: tl.constexpr, PDL: tl.constexpr, ZERO: tl.constexpr):
-    """out[i] = hidden(g[i], u[i]) over n elements of dense storage, BLOCK per program. PDL_WAIT:
+    """out[i] = hidden(g[i], u[i]) over a storage span of n elements, BLOCK per program. PDL_WAIT:
     launched early, wait for the producer of g and u first; PDL: let the next launch start (it
     waits for this one itself). ZERO: also zero zero_ptr float32 (n_zero,) (a consumer's scratch)."""
     if PDL_WAIT:
@@ -135,41 +135,46 @@ def _hidden_kernel(g_ptr, u_ptr, out_ptr, n, zero_ptr, n_zero, ACT: tl.constexpr
         tl.store(zero_ptr + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < n_zero)
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Whether t's elements fill its storage span exactly (a contiguous tensor or a permutation of
-    one's dimensions, e.g. a token-minor (M, K) = (K, M)^T), so that it can be walked as one run."""
-    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
-    expect = 1
-    for st, sz in dims:
-        if st != expect:
-            return False
-        expect *= sz
-    return True
+def storage_span(t: torch.Tensor) -> int | None:
+    """Elements from t's first to one past its last, for a t whose elements do not overlap, with
+    positive strides and at most as many gaps as elements (a contiguous tensor, a permutation of one's
+    dimensions such as a token-minor (M, K) = (K, M)^T, or that with padded rows: `w4a8.w4_gemm`'s
+    token-minor output); else None."""
+    if t.numel() == 0:
+        return 0
+    reach = 1
+    for st, sz in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if st < reach:  # overlapping (or a zero stride)
+            return None
+        reach += st * (sz - 1)
+    return reach if reach <= 2 * t.numel() else None
 
 
 def launchable(gate: torch.Tensor, up: torch.Tensor | None) -> bool:
-    """Whether `hidden_launch` takes these operands: 16-bit, dense storage, up (if any) with
+    """Whether `hidden_launch` takes these operands: 16-bit, a `storage_span`, up (if any) with
     gate's shape, dtype and strides."""
-    return (gate.dtype in (torch.bfloat16, torch.float16) and _dense(gate)
+    return (gate.dtype in (torch.bfloat16, torch.float16) and storage_span(gate) is not None
             and (up is None or (up.shape == gate.shape and up.dtype == gate.dtype and up.stride() == gate.stride())))
 
 
 def hidden_launch(gate: torch.Tensor, up: torch.Tensor | None, act: str, *, early: bool = False,
                   pdl: bool = False, zero: torch.Tensor | None = None, block: int = 2048) -> torch.Tensor:
     """act(gate) * up (up None: act(gate)) in one launch: a tensor of gate's shape, dtype and
-    strides with torch's values (`hidden`), for operands `launchable` accepts. early: launched
-    with PDL, it waits for its producer; pdl: it lets the next launch start early. zero: a float32
-    buffer it zeroes too (at most gate.numel() elements)."""
+    strides with torch's values (`hidden`), for operands `launchable` accepts. The launch runs over
+    the storage span, gaps included (what lies in gate's gaps gives the output's gaps, unread). early:
+    launched with PDL, it waits for its producer; pdl: it lets the next launch start early. zero: a
+    float32 buffer it zeroes too (at most gate.numel() elements)."""
     if act not in ACT_CODES:
         raise ValueError(f"hidden_launch: act must be one of {sorted(ACT_CODES)}, got {act!r}")
     if not launchable(gate, up):
-        raise ValueError(f"hidden_launch: needs dense 16-bit gate and an up like it, got {gate.dtype} strides "
+        raise ValueError(f"hidden_launch: needs a 16-bit gate without overlaps or wide gaps and an up like it, got "
+                         f"{gate.dtype} strides "
                          f"{gate.stride()} and {None if up is None else (up.dtype, up.stride())}")
-    out = torch.empty_like(gate)  # dense: empty_like keeps gate's strides
-    n = gate.numel()
+    out = torch.empty_strided(gate.shape, gate.stride(), dtype=gate.dtype, device=gate.device)
+    n = storage_span(gate)
     if n == 0:
         return out
-    if zero is not None and zero.numel() > n:
+    if zero is not None and zero.numel() > gate.numel():
         raise ValueError(f"hidden_launch: zero has {zero.numel()} elements, more than the {n} programs cover")
     _hidden_kernel[(triton.cdiv(n, block),)](
         gate, up if up is not None else gate, out, n, zero if zero is not None else out,

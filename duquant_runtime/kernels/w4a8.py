@@ -383,16 +383,16 @@ def _restore(y, t, RESTORE: tl.constexpr, F32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _finish(y, t, bias, offs_n, offs_m, M, N, out_ptr, stride_om, stride_on, HAS_ROUT: tl.constexpr,
+def _finish(y, t, bias, offs_n, offs_m, M_OUT, N, out_ptr, stride_om, stride_on, HAS_ROUT: tl.constexpr,
             HAS_BIAS: tl.constexpr, RESTORE: tl.constexpr, F32_DOT: tl.constexpr):
     """Epilogue on out^T (BN, BMT) float32: R_out restore with the tile t (`_rout_tile`), bias
-    (BN,) float32, cast, store to out (M, N) with strides (stride_om, stride_on): (N, 1) row-major,
-    or (1, M) token-minor."""
+    (BN,) float32, cast, store of tokens < M_OUT to out with strides (stride_om, stride_on): (N, 1)
+    row-major, or (1, s) token-minor (M_OUT: M, or M rounded up into the padding of s, `_store_tokens`)."""
     if HAS_ROUT:
         y = _restore(y, t, RESTORE, F32_DOT)
     if HAS_BIAS:
         y = y + bias[:, None]
-    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M_OUT)
     tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, y.to(out_ptr.dtype.element_ty),
              mask=mask)
 
@@ -442,13 +442,13 @@ def _restore_kernel(yt_ptr, rout_ptr, bias_ptr, out_ptr, M, N, stride_om, stride
 
 @triton.jit
 def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr,
-                 M, N, K: tl.constexpr, stride_om, stride_on, ws_ptr, cnt_ptr, INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
+                 M, N, K: tl.constexpr, stride_om, stride_on, M_OUT, ws_ptr, cnt_ptr, INT8: tl.constexpr, BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr,
                  GROUP: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BO: tl.constexpr,
                  HAS_ROUT: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
                  PF_N: tl.constexpr, PF: tl.constexpr, RESTORE: tl.constexpr, PART_RESTORE: tl.constexpr,
                  EPI_EARLY: tl.constexpr):
-    """EPI_EARLY: the epilogue's weight-side operands (row scales, R_out tile, bias) are loaded
-    first, before the PDL wait, and the token scales right after it, before the main loop, so
+    """M_OUT: the tokens the output store covers (`_finish`). EPI_EARLY: the epilogue's weight-side
+    operands (row scales, R_out tile, bias) are loaded first, before the PDL wait, and the token scales right after it, before the main loop, so
     that no load latency is on the path after the last dot."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -529,7 +529,7 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
         y = (y * 0.0625) * tok_s[None, :]  # exact: the codes were 16 * q
     y = y * wsc[:, None]
     if SPLIT == 1:
-        _finish(y, t_out, bias, offs_n, offs_m, M, N, out_ptr, stride_om, stride_on, HAS_ROUT, HAS_BIAS, RESTORE,
+        _finish(y, t_out, bias, offs_n, offs_m, M_OUT, N, out_ptr, stride_om, stride_on, HAS_ROUT, HAS_BIAS, RESTORE,
                 F32_DOT)
     else:  # split-K: partial sums to the workspace; the last program of the tile adds them in order
         if HAS_ROUT and PART_RESTORE:  # the restore is linear: each program restores its own partial
@@ -552,10 +552,10 @@ def _gemm_kernel(a_ptr, tok_scale_ptr, w_ptr, w_scale_ptr, rout_ptr, bias_ptr, o
                 tot += tl.load(wsp + sk * (M * N), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N),
                                other=0.0, cache_modifier=".cg")
             if LOAD_T or not HAS_ROUT:  # PART_RESTORE: the partials are restored already
-                _finish(tot, t_out, bias, offs_n, offs_m, M, N, out_ptr, stride_om, stride_on,
+                _finish(tot, t_out, bias, offs_n, offs_m, M_OUT, N, out_ptr, stride_om, stride_on,
                         HAS_ROUT and not PART_RESTORE, HAS_BIAS, RESTORE, F32_DOT)
             else:
-                _finish(tot, _rout_tile(pid_n, N, rout_ptr, BN, BO), bias, offs_n, offs_m, M, N, out_ptr, stride_om,
+                _finish(tot, _rout_tile(pid_n, N, rout_ptr, BN, BO), bias, offs_n, offs_m, M_OUT, N, out_ptr, stride_om,
                         stride_on, True, HAS_BIAS, RESTORE, F32_DOT)
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")  # ready for the next call (kernel boundary orders it)
 
@@ -877,7 +877,7 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     directly (no transpose launch). act (`hidden.ACT_CODES`: "gelu_tanh", "silu"): the layer's input is
     act(x) * up (up None: act(x); up with x's shape and strides), computed by the Triton prep from
     its loaded tiles where it reads x itself (`hidden`), else first by one elementwise launch
-    (`hidden_launch`; by torch where x is not dense)."""
+    (`hidden_launch`; by torch where it does not take x, `hidden.launchable`)."""
     m, k = x.shape
     b = r_in.shape[-1]
     nb = k // b
@@ -893,23 +893,24 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
     early = pdl and cfg.get("PREP_PDL", False)  # the first launch starts early, waits for x's producer
     tokmax = None  # the Gluon passes' token maxima, zeroed by the launch before them
-    if act is not None and not _prep_reads_hidden(x, up, cfg, xload, dynamic):
+    gluon = _gluon_activation(x, xload, cfg, dynamic, r_in, smooth, qmax, bkd)
+    if act is not None and not _prep_reads_hidden(x, up, xload, gluon):
         if launchable(x, up):  # one elementwise launch (torch: two), which also zeroes the token maxima
-            tokmax = torch.empty((m,), device=x.device, dtype=torch.float32) if is_token_minor(x) else None
+            if gluon == "wgmma" and is_token_minor(x):
+                tokmax = torch.empty((m,), device=x.device, dtype=torch.float32)
             x = hidden_launch(x, up, act, early=early, pdl=pdl, zero=tokmax)
             early = pdl  # the next launch waits for it
         else:
             from ..mlp_activation import hidden as torch_hidden
             x = torch_hidden(x, up, act)
         up, act = None, None
-    if dynamic and cfg.get("ACT") == "cluster":  # sm_90: one launch, a thread-block cluster per token tile
-        cluster = _hopper_module(x.device, "w4a8_cluster")
-        if cluster is not None and cluster.usable(x, r_in, smooth, qmax, bkd, cfg):
-            res = cluster.act_codes(x, perm, r_in, bkd, qmin, qmax, cfg, pdl=pdl, early=early)
-            if res is not None:  # None: the GPU refused the cluster launch; the other launches below
-                return res
-    passes = _hopper_module(x.device, "w4a8_act") if dynamic and cfg.get("ACT") == "wgmma" else None
-    if passes is not None and (is_token_minor(x) or xload == 2):  # sm_90: rotate twice, no float32 round trip
+    if gluon == "cluster":  # sm_90: one launch, a thread-block cluster per token tile
+        res = _hopper_module(x.device, "w4a8_cluster").act_codes(x, perm, r_in, bkd, qmin, qmax, cfg, pdl=pdl,
+                                                                  early=early)
+        if res is not None:  # None: the GPU refused the cluster launch; the other launches below
+            return res
+    if gluon == "wgmma":  # sm_90: rotate twice, no float32 round trip
+        passes = _hopper_module(x.device, "w4a8_act")
         transpose = not is_token_minor(x)
         if transpose:  # zeroed by the transpose launch
             tokmax = torch.empty((m,), device=x.device, dtype=torch.float32)
@@ -955,17 +956,34 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     return codes, tok_scale
 
 
-def _prep_reads_hidden(x: torch.Tensor, up: torch.Tensor | None, cfg: dict, xload: int, dynamic: bool) -> bool:
+def _prep_reads_hidden(x: torch.Tensor, up: torch.Tensor | None, xload: int, gluon: str | None) -> bool:
     """Whether `prepare_activation` can compute an MLP hidden act(x) * up in the Triton prep's loads:
     that launch reads x itself (rows through the permutation, or token-minor x as x^T), up has x's
     strides (the kernel reads it with x's; `w4_linear` checked shape and dtype), and no Gluon
-    activation launch is configured (on sm_90 those take torch's hidden)."""
+    activation launch takes the hidden (`_gluon_activation`)."""
     if up is not None and up.stride() != x.stride():
         return False
-    gluon = {"cluster": "w4a8_cluster", "wgmma": "w4a8_act"}.get(cfg.get("ACT"))
-    if dynamic and gluon is not None and _hopper_module(x.device, gluon) is not None:
-        return False
-    return is_token_minor(x) or xload == 0
+    return gluon is None and (is_token_minor(x) or xload == 0)
+
+
+def _gluon_activation(x: torch.Tensor, xload: int, cfg: dict, dynamic: bool, r_in: torch.Tensor,
+                      smooth: torch.Tensor | None, qmax: int, bkd: int) -> str | None:
+    """The sm_90 Gluon activation launch `prepare_activation` runs for x, or for an MLP hidden laid
+    out as x (`hidden.launchable`): "cluster" (`w4a8_cluster`), "wgmma" (`w4a8_act`: token-minor
+    x, or x^T from the transpose launch), or None (the Triton launches: not configured, not on this
+    GPU, or the operands do not fit, e.g. an odd token count for the wgmma passes)."""
+    act = cfg.get("ACT") if dynamic else None
+    if act == "cluster":
+        mod = _hopper_module(x.device, "w4a8_cluster")
+        return act if mod is not None and mod.usable(x, r_in, smooth, qmax, bkd, cfg) else None
+    if act == "wgmma":
+        mod = _hopper_module(x.device, "w4a8_act")
+        if mod is None:
+            return None
+        if is_token_minor(x):
+            return act if mod.usable(x.t(), x.shape[0], r_in, smooth, qmax, bkd) else None
+        return act if xload == 2 else None  # the transpose launch's x^T: checked once made
+    return None
 
 
 def _transposed(x: torch.Tensor, pdl: bool, early: bool, zero: torch.Tensor | None = None) -> torch.Tensor:
@@ -1011,8 +1029,9 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
             cfg: dict, token_minor: bool = False) -> torch.Tensor:
     """The GEMM launch: out (M, N) = restore((a @ W_q^T) x scales) + bias, from `prepare_activation`'s
     operand (int8 codes with per-token scales, or bf16) and packed int4 qweight uint8 (N, K/2) with
-    row scales w_scale float32 (N,). token_minor: out is the transpose of a contiguous (N, M)
-    tensor (strides (1, M)), which a following layer's prep reads without a transpose launch."""
+    row scales w_scale float32 (N,). token_minor: out is the transpose of a contiguous (N, s)
+    tensor, s = `token_minor_row(M)` (strides (1, s)), which a following layer's prep reads without
+    a transpose launch."""
     m, k = a.shape
     n = qweight.shape[0]
     bo = r_out.shape[-1] if r_out is not None else 16
@@ -1020,7 +1039,7 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     bk, split = gemm_tiling(k, cfg)
     if bn % bo or n % bn:
         raise ValueError(f"GEMM config {cfg} does not fit N={n}, output block {bo}")
-    out = (torch.empty((n, m), device=a.device, dtype=out_dtype).t() if token_minor
+    out = (torch.empty((n, token_minor_row(m)), device=a.device, dtype=out_dtype).t()[:m] if token_minor
            else torch.empty((m, n), device=a.device, dtype=out_dtype))
     rs = _rs_module(a.device) if cfg.get("GEMM") == "rs" and tok_scale is not None and rs_k_fits(k, bk, split) \
         else None
@@ -1032,13 +1051,45 @@ def w4_gemm(a: torch.Tensor, tok_scale: torch.Tensor | None, *, qweight: torch.T
     # the tail launch may overlap the first only if that one lets it start after its codes wait (not RS_TRIGGER)
     overlap = rs_pdl and len(launches) == 2 and bool(cfg.get("RS_TAIL_OVERLAP")) and not cfg.get("RS_TRIGGER")
     for i, (rows, c) in enumerate(launches):
+        store_m = _store_tokens(out, rows.start, rows.stop)
         if rs is not None:  # the register-operand Gluon GEMM, its restore in the epilogue
             rs.rs_gemm(a[rows], tok_scale[rows], qweight, w_scale, {**c, "BK": bk, "SPLIT": split}, r_out=r_out,
-                       bias=bias, out=out[rows], pdl=rs_pdl, release=overlap and i == 0, overlap=overlap and i == 1)
+                       bias=bias, out=out[rows], pdl=rs_pdl, release=overlap and i == 0, overlap=overlap and i == 1,
+                       store_m=store_m)
         else:
             _gemm_launch(a[rows], tok_scale[rows] if tok_scale is not None else None, qweight, w_scale, r_out, bias,
-                         out[rows], bk, split, c)
+                         out[rows], bk, split, c, store_m)
     return out
+
+
+def _padded16(m: int) -> int:
+    return -(-m // 16) * 16
+
+
+PAD_TOKEN_MINOR_ABOVE = 256
+
+
+def token_minor_row(m: int) -> int:
+    """Row length (token stride) of `w4_gemm`'s token-minor output for M = m tokens: m, padded to a
+    multiple of 16 above PAD_TOKEN_MINOR_ABOVE tokens, so that the GEMM's stores along the tokens are
+    whole vectors (`_store_tokens`). Measured (H200, msweep_gpu.py / mlp_gpu.py): language model
+    gate_proj at M = 700 / 760 63.9 / 64.5 us padded vs 90.0 / 91.9 (bf16 66.5 / 71.7), its MLP
+    block at 700 225.3 vs 258.7 us; not below: the action expert's MLP block at M = 50 was slower
+    padded (fused 23.8 vs 23.2 us; torch's hidden on the padded layout 27.5 vs 25.0)."""
+    return _padded16(m) if m > PAD_TOKEN_MINOR_ABOVE else m
+
+
+def _store_tokens(out: torch.Tensor, start: int, stop: int) -> int:
+    """Tokens a GEMM launch for rows start..stop-1 of `w4_gemm`'s out stores: stop - start, or for a
+    token-minor out whose rows are padded (strides (1, s), s > M), that rounded up to a multiple of 16
+    where the padding holds it (the extra tokens' values land in the padding): the store bound is then
+    divisible by 16, which lets the compiler use vector stores along the tokens. Measured (H200,
+    msweep_gpu.py, LLM gate_proj with its token-minor output): M = 700 / 760 63.9 / 64.5 us against
+    90.0 / 91.9 with per-element stores (neither M nor the row stride divisible by 16), `token_minor_row`."""
+    n_tok = stop - start
+    if out.stride(0) != 1 or out.shape[0] <= 1 or start % 16:
+        return n_tok
+    return min(_padded16(n_tok), out.stride(1) - start)
 
 
 def rs_k_fits(k: int, bk: int, split: int) -> bool:
@@ -1078,8 +1129,10 @@ def tail_tokens(m: int, cfg: dict, split: int = 1) -> int:
     return rem if tb and split == 1 and m > bmt and 0 < rem <= tb else 0
 
 
-def _gemm_launch(a, tok_scale, qweight, w_scale, r_out, bias, out, bk: int, split: int, cfg: dict) -> None:
-    """One `_gemm_kernel` launch for a's M rows into out (M, N), any strides (see `w4_gemm`)."""
+def _gemm_launch(a, tok_scale, qweight, w_scale, r_out, bias, out, bk: int, split: int, cfg: dict,
+                 store_m: int | None = None) -> None:
+    """One `_gemm_kernel` launch for a's M rows into out (M, N), any strides (see `w4_gemm`); store_m:
+    the tokens its store covers (`_store_tokens`; default M)."""
     m, k = a.shape
     n = qweight.shape[0]
     bo = r_out.shape[-1] if r_out is not None else 16
@@ -1092,7 +1145,7 @@ def _gemm_launch(a, tok_scale, qweight, w_scale, r_out, bias, out, bk: int, spli
     _gemm_kernel[(tiles, split)](
         a, tok_scale if tok_scale is not None else w_scale, qweight, w_scale,
         r_out if r_out is not None else w_scale, bias if bias is not None else w_scale, out, m, n, K=k,
-        stride_om=out.stride(0), stride_on=out.stride(1), ws_ptr=ws, cnt_ptr=cnt, INT8=tok_scale is not None, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
+        stride_om=out.stride(0), stride_on=out.stride(1), M_OUT=store_m if store_m is not None else m, ws_ptr=ws, cnt_ptr=cnt, INT8=tok_scale is not None, BN=bn, BMT=bmt, BK=bk, GROUP=cfg["GROUP"], SWAP=cfg["SWAP"], SPLIT=split, BO=bo,
         HAS_ROUT=r_out is not None, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET, PDL=pdl, PF_N=pf_n,
         PF=triton.next_power_of_2(pf_n), RESTORE=cfg.get("RESTORE", 0) if split == 1 or cfg.get("PART_RESTORE") else 0,
         PART_RESTORE=bool(cfg.get("PART_RESTORE", False)), EPI_EARLY=bool(cfg.get("EPI_EARLY", False)),

@@ -216,7 +216,7 @@ def _fence_gpu(t):
 
 @gluon.jit
 def rs_epilogue(acc, off_n, off_m, r_smem, tok_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                stride_on, mma: gl.constexpr, RESTORE: gl.constexpr, HAS_ROUT: gl.constexpr, HAS_BIAS: gl.constexpr,
+                stride_on, M_OUT, mma: gl.constexpr, RESTORE: gl.constexpr, HAS_ROUT: gl.constexpr, HAS_BIAS: gl.constexpr,
                 TOKEN_MINOR: gl.constexpr, num_warps: gl.constexpr):
     """The tile's int32 sums acc (BN, BMT) (16 * W_q @ codes^T over all of K) to the output: see
     `_rs_gemm_kernel` (RESTORE, TOKEN_MINOR)."""
@@ -251,14 +251,14 @@ def rs_epilogue(acc, off_n, off_m, r_smem, tok_scale_ptr, w_scale_ptr, bias_ptr,
         tk = off_m + gl.arange(0, BMT, layout=gl.SliceLayout(0, ol))
         if HAS_BIAS:
             z = z + gl.load(bias_ptr + ch).to(gl.float32)[:, None]
-        mask = (ch[:, None] < N) & (tk[None, :] < M)
+        mask = (ch[:, None] < N) & (tk[None, :] < M_OUT)  # M_OUT >= M: tokens past M (scale 0) into the padding
         gl.store(out_ptr + tk[None, :] * stride_om + ch[:, None] * stride_on, z.to(out_ptr.dtype.element_ty),
                  mask=mask)
 
 
 @gluon.jit
 def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout_ptr, bias_ptr, out_ptr, M, N, K,
-                    stride_om, stride_on, ws_ptr, cnt_ptr, STAGES: gl.constexpr, GROUP: gl.constexpr,
+                    stride_om, stride_on, M_OUT, ws_ptr, cnt_ptr, STAGES: gl.constexpr, GROUP: gl.constexpr,
                     WAIT: gl.constexpr, BARRIER: gl.constexpr, TRIGGER: gl.constexpr, RESTORE: gl.constexpr,
                     HAS_ROUT: gl.constexpr, HAS_BIAS: gl.constexpr, BO: gl.constexpr, TOKEN_MINOR: gl.constexpr,
                     PDL: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr, RELEASE: gl.constexpr = False,
@@ -299,7 +299,7 @@ def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout
                   WAIT, BARRIER, k0)
     if SPLIT == 1:
         rs_epilogue(acc, off_n, off_m, r_smem, tok_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                    stride_on, mma, RESTORE, HAS_ROUT, HAS_BIAS, TOKEN_MINOR, num_warps)
+                    stride_on, M_OUT, mma, RESTORE, HAS_ROUT, HAS_BIAS, TOKEN_MINOR, num_warps)
     else:
         rows = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         toks = off_m + gl.arange(0, BMT, layout=gl.SliceLayout(0, mma))
@@ -315,7 +315,7 @@ def _rs_gemm_kernel(w_desc, alo_desc, ahi_desc, tok_scale_ptr, w_scale_ptr, rout
             for s in gl.static_range(SPLIT):  # int32: exact in any order
                 tot += gl.load(wsp + s * (M * N), mask=mask, other=0, cache_modifier=".cg")
             rs_epilogue(tot, off_n, off_m, r_smem, tok_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                        stride_on, mma, RESTORE, HAS_ROUT, HAS_BIAS, TOKEN_MINOR, num_warps)
+                        stride_on, M_OUT, mma, RESTORE, HAS_ROUT, HAS_BIAS, TOKEN_MINOR, num_warps)
             gl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")  # ready for the next call (kernel boundary orders it)
     if END_WAIT:
         _griddepcontrol(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), "wait")
@@ -329,13 +329,15 @@ def descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
 def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
             cfg: dict, r_out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
             out: torch.Tensor | None = None, pdl: bool = False, release: bool = False,
-            overlap: bool = False) -> torch.Tensor:
+            overlap: bool = False, store_m: int | None = None) -> torch.Tensor:
     """For int8 codes (M, K) in the `_deint` order of K tiles cfg["BK"] (16 * q), tok_scale float32
     (M,), packed int4 qweight uint8 (N, K/2), w_scale float32 (N,):
     - out None: y'^T (N, M) bfloat16 = ((codes @ W_q^T) x tok_scale x w_scale)^T, for the restore
       launch (`w4a8.restore`);
-    - out (M, N), row-major or token-minor (strides (1, M)): out = y' BD(R_out)^T + bias in this
-      launch (r_out (N/Bo, Bo, Bo) 16-bit or None, bias (N,) or None); returns out.
+    - out (M, N), row-major or token-minor (strides (1, s), s >= M): out = y' BD(R_out)^T + bias in
+      this launch (r_out (N/Bo, Bo, Bo) 16-bit or None, bias (N,) or None); returns out. store_m (>= M,
+      token-minor out only): the tokens stored, those past M (zero sums) into the rows' padding
+      (`w4a8._store_tokens`).
     cfg: BN, BMT, BK, num_warps, RS_STAGES, GROUP, RS_TRIGGER (the next launch, if launched with
     PDL, may start while this one runs), SPLIT (split-K ways, default 1: each program sums K / SPLIT,
     the tile's last one adds the int32 partial sums, so the values do not depend on SPLIT).
@@ -363,7 +365,8 @@ def rs_gemm(codes: torch.Tensor, tok_scale: torch.Tensor, qweight: torch.Tensor,
     _rs_gemm_kernel[(tiles, split)](
         descriptor(qweight.view(torch.int8), [bn, bk // 2]), descriptor(codes, [bmt, bk // 2]),
         descriptor(codes, [bmt, bk // 2]), tok_scale, w_scale, r_out if r_out is not None else w_scale,
-        bias if bias is not None else w_scale, y, m, n, k, y.stride(0), y.stride(1), ws, cnt,
+        bias if bias is not None else w_scale, y, m, n, k, y.stride(0), y.stride(1),
+        store_m if store_m is not None and restore else m, ws, cnt,
         STAGES=stages, GROUP=cfg.get("GROUP", 8), WAIT=2, BARRIER=True,
         TRIGGER=cfg.get("RS_TRIGGER", False), RESTORE=restore, HAS_ROUT=r_out is not None,
         HAS_BIAS=bias is not None, BO=bo, TOKEN_MINOR=restore and out.stride(0) == 1 and m > 1,
