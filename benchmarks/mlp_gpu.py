@@ -230,9 +230,10 @@ def main(argv=None) -> int:
         total["ratio_fused_vs_compiled"] = total["ours_fused_s"] / total["bf16_compiled_block_s"]
         result["total_sample_actions_mlp_blocks"] = total
         print(f"TOTAL MLP blocks (18 x (LLM M=800 + 10 x expert M=50)): bf16 {total['bf16_block_s'] * 1e6:.0f} us, "
-              f"bf16 compiled {total['bf16_compiled_block_s'] * 1e6:.0f} us ({total['ratio_fused_vs_compiled']:.3f}x), "
+              f"bf16 compiled {total['bf16_compiled_block_s'] * 1e6:.0f} us, "
               f"unfused {total['ours_unfused_s'] * 1e6:.0f} us ({total['ratio_unfused']:.3f}x), fused "
-              f"{total['ours_fused_s'] * 1e6:.0f} us ({total['ratio_fused']:.3f}x)", flush=True)
+              f"{total['ours_fused_s'] * 1e6:.0f} us ({total['ratio_fused']:.3f}x bf16, "
+              f"{total['ratio_fused_vs_compiled']:.3f}x bf16 compiled)", flush=True)
     write_results(args.out, result, indent=1)
     return 0
 

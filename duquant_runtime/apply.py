@@ -118,7 +118,7 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
     on the GPU kernels and the CPU integer path they transform the activation once and run one GEMM
     (duquant_runtime.input_group; listed in `report.input_groups`).
     token_minor_mlp: on the GPU kernel path, MLP gate/up (w1/w3, fc1) layers whose down_proj (w2,
-    fc2) is replaced too write their output token-minor (same values, strides (1, M)), which
+    fc2) is replaced too write their output token-minor (same values, strides (1, s), s >= M), which
     down_proj's kernels read without a transpose launch (duquant_runtime.mlp_layout; listed in
     `report.token_minor`).
     fuse_mlp_activation: MLP modules whose layers are all replaced and whose forward computes

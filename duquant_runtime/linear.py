@@ -80,7 +80,7 @@ class DuQuantLinear(nn.Module):
         self.group_size: int | None = None  # w_scale (out, n_groups) over groups of columns (grouped.py)
         self.use_fast = True  # CUDA bf16/fp16 inputs run the fused kernels when they can (fast_path_reason)
         self.input_group = None  # input_group.InputGroup when linked with layers reading the same input
-        # GPU kernel path: write y token-minor (strides (1, M)) at M > 16, for a consumer whose kernels
+        # GPU kernel path: write y token-minor (strides (1, s), s >= M) at M > 16, for a consumer whose kernels
         # read it without a transpose (mlp_layout.py: gate/up before down_proj); same values
         self.token_minor_output = False
         self.bias: nn.Parameter | None = None

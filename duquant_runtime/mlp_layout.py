@@ -9,8 +9,11 @@ channels element by element instead; from x^T they read runs of tokens.
 
 A producer layer marked here (``DuQuantLinear.token_minor_output``) writes its output on the GPU
 kernel path, from M > 16 tokens (`kernels.w4a8.token_minor_pays`), as the transpose of a contiguous (out, M) tensor: the same values with strides
-(1, M). Elementwise ops keep that layout (torch allocates their results like their inputs), so
-down_proj receives x = h with strides (1, M) and its prep reads that x^T directly. Values are
+(1, M); above 256 tokens each row of M tokens is padded to a multiple of 16 (strides (1, s),
+`kernels.w4a8.token_minor_row`: whole vector stores). Elementwise ops keep the token-minor layout
+(torch allocates their results like their inputs, dense), so down_proj receives x = h with strides
+(1, M) and its prep reads that x^T directly (the fused activation, mlp_activation.py, reads gate
+and up as they are). Values are
 unchanged, bit for bit; only strides differ, and every torch op accepts them (``.view`` of the
 token dimensions included). The float reference path and the CPU ignore the flag.
 
