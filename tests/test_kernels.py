@@ -511,3 +511,57 @@ def test_tiles_fit_shapes_the_picks_were_not_measured_on(monkeypatch):
         assert K.resolve_config(1, 2048, 16384, K.MODE_DYNAMIC, cpu, over, 64)["GEMM"] is None, over
     assert K.resolve_config(1, 2048, 16384, K.MODE_DYNAMIC, cpu, {"BMT": 64}, 64)["GEMM"] == "rs"
     assert K.rs_tiles_fit({"BN": 128, "BMT": 256, "TAIL_BMT": 32}) and not K.rs_tiles_fit({"BN": 64, "BMT": 16})
+
+
+def test_token_minor_rows_are_padded_only_above_256_tokens_and_stores_stay_inside():
+    """`token_minor_row`: M up to 256 tokens as it is, above padded to a multiple of 16; `_store_tokens`:
+    a launch's store bound is its token count, rounded up to 16 only inside the padding of a
+    token-minor out (never past a row's end, never for row-major or one-token outputs)."""
+    pytest.importorskip("triton")
+    import torch
+
+    from duquant_runtime.kernels import w4a8 as K
+    assert [K.token_minor_row(m) for m in (1, 50, 255, 256, 257, 700, 760, 800)] == [1, 50, 255, 256, 272, 704, 768,
+                                                                                      800]
+    for m in (2, 50, 65, 256, 257, 300, 700, 800):
+        s = K.token_minor_row(m)
+        out = torch.empty((64, s)).t()[:m]
+        assert K.is_token_minor(out) and out.stride() == (1, s)
+        for start, stop in ((0, m), (0, m - m % 32), (m - m % 32, m)):
+            if stop <= start:
+                continue
+            bound = K._store_tokens(out, start, stop)
+            assert stop - start <= bound and start + bound <= s  # inside the allocated rows
+            assert bound == stop - start or (bound % 16 == 0 and s > m)
+        assert K._store_tokens(torch.empty(m, 64), 0, m) == m  # row-major: exact
+    assert K._store_tokens(torch.empty((64, 1)).t(), 0, 1) == 1
+
+
+@needs_triton
+def test_padded_token_minor_output_in_interpreter():
+    """Above 256 tokens (M % 16 != 0) the GEMM's token-minor output has rows padded to 16 tokens and
+    the row-major output's values, bit for bit, for the Triton GEMM (the stores past M land in the
+    padding); the Triton prep reads such a padded x^T back (down_proj's case) with the same result."""
+    script = r'''
+import torch
+from duquant_runtime.kernels import w4a8 as K
+from duquant_runtime.quant import pack_int4
+g = torch.Generator().manual_seed(1)
+orth = lambda nb: torch.linalg.qr(torch.randn(nb, 64, 64, generator=g, dtype=torch.float64))[0].half().contiguous()
+m, n, k = 300, 128, 128
+kw = dict(qweight=pack_int4(torch.randint(-8, 8, (n, k), generator=g)), w_scale=torch.rand(n, generator=g) * 0.01 + 0.001,
+          r_in=orth(k // 64), perm=torch.randperm(k, generator=g), r_out=orth(n // 64),
+          bias=torch.randn(n, generator=g).bfloat16(), smooth=None, mode=K.MODE_DYNAMIC)
+x = (torch.randn(m, k, generator=g) * 2).bfloat16()
+rows = K.w4_linear(x, **kw)
+tm = K.w4_linear(x, token_minor_out=True, **kw)
+print("STRIDE", tm.stride() == (1, 304), torch.equal(tm, rows))
+kw2 = dict(kw, qweight=pack_int4(torch.randint(-8, 8, (64, n), generator=g)), w_scale=torch.rand(64, generator=g) * 0.01,
+           r_in=orth(n // 64), perm=torch.randperm(n, generator=g), r_out=orth(1), bias=None)
+print("READ", torch.equal(K.w4_linear(tm, **kw2), K.w4_linear(rows, **kw2)))
+'''
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "STRIDE True True" in res.stdout and "READ True" in res.stdout, res.stdout
