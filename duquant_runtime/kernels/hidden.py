@@ -150,11 +150,19 @@ def storage_span(t: torch.Tensor) -> int | None:
     return reach if reach <= 2 * t.numel() else None
 
 
+def _launch_span(gate: torch.Tensor, up: torch.Tensor | None) -> int | None:
+    """gate's `storage_span` where `hidden_launch` takes these operands, else None."""
+    if gate.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if up is not None and (up.shape != gate.shape or up.dtype != gate.dtype or up.stride() != gate.stride()):
+        return None
+    return storage_span(gate)
+
+
 def launchable(gate: torch.Tensor, up: torch.Tensor | None) -> bool:
     """Whether `hidden_launch` takes these operands: 16-bit, a `storage_span`, up (if any) with
     gate's shape, dtype and strides."""
-    return (gate.dtype in (torch.bfloat16, torch.float16) and storage_span(gate) is not None
-            and (up is None or (up.shape == gate.shape and up.dtype == gate.dtype and up.stride() == gate.stride())))
+    return _launch_span(gate, up) is not None
 
 
 def hidden_launch(gate: torch.Tensor, up: torch.Tensor | None, act: str, *, early: bool = False,
@@ -166,12 +174,12 @@ def hidden_launch(gate: torch.Tensor, up: torch.Tensor | None, act: str, *, earl
     float32 buffer it zeroes too (at most gate.numel() elements)."""
     if act not in ACT_CODES:
         raise ValueError(f"hidden_launch: act must be one of {sorted(ACT_CODES)}, got {act!r}")
-    if not launchable(gate, up):
+    n = _launch_span(gate, up)
+    if n is None:
         raise ValueError(f"hidden_launch: needs a 16-bit gate without overlaps or wide gaps and an up like it, got "
                          f"{gate.dtype} strides "
                          f"{gate.stride()} and {None if up is None else (up.dtype, up.stride())}")
     out = torch.empty_strided(gate.shape, gate.stride(), dtype=gate.dtype, device=gate.device)
-    n = storage_span(gate)
     if n == 0:
         return out
     if zero is not None and zero.numel() > gate.numel():

@@ -893,30 +893,29 @@ def prepare_activation(x: torch.Tensor, *, r_in: torch.Tensor, perm: torch.Tenso
     bkd = gemm_tiling(k, cfg)[0]  # the int8 codes' column order follows the GEMM's K tiles (`_deint`)
     early = pdl and cfg.get("PREP_PDL", False)  # the first launch starts early, waits for x's producer
     tokmax = None  # the Gluon passes' token maxima, zeroed by the launch before them
-    gluon = _gluon_activation(x, xload, cfg, dynamic, r_in, smooth, qmax, bkd)
+    gluon, mod = _gluon_activation(x, xload, cfg, dynamic, r_in, smooth, qmax, bkd)
+    checked = True  # x is what `_gluon_activation` checked, or a hidden laid out like it (`hidden_launch`)
     if act is not None and not _prep_reads_hidden(x, up, xload, gluon):
         if launchable(x, up):  # one elementwise launch (torch: two), which also zeroes the token maxima
             if gluon == "wgmma" and is_token_minor(x):
                 tokmax = torch.empty((m,), device=x.device, dtype=torch.float32)
             x = hidden_launch(x, up, act, early=early, pdl=pdl, zero=tokmax)
             early = pdl  # the next launch waits for it
-        else:
+        else:  # torch's result may be laid out otherwise
             from ..mlp_activation import hidden as torch_hidden
-            x = torch_hidden(x, up, act)
+            x, checked = torch_hidden(x, up, act), False
         up, act = None, None
-    if gluon == "cluster":  # sm_90: one launch, a thread-block cluster per token tile
-        res = _hopper_module(x.device, "w4a8_cluster").act_codes(x, perm, r_in, bkd, qmin, qmax, cfg, pdl=pdl,
-                                                                  early=early)
+    if gluon == "cluster" and (checked or mod.usable(x, r_in, smooth, qmax, bkd, cfg)):  # sm_90: one launch,
+        res = mod.act_codes(x, perm, r_in, bkd, qmin, qmax, cfg, pdl=pdl, early=early)  # a cluster per token tile
         if res is not None:  # None: the GPU refused the cluster launch; the other launches below
             return res
     if gluon == "wgmma":  # sm_90: rotate twice, no float32 round trip
-        passes = _hopper_module(x.device, "w4a8_act")
         transpose = not is_token_minor(x)
         if transpose:  # zeroed by the transpose launch
             tokmax = torch.empty((m,), device=x.device, dtype=torch.float32)
         xt = _transposed(x, pdl, early, zero=tokmax) if transpose else x.t()
-        if passes.usable(xt, m, r_in, smooth, qmax, bkd):
-            return passes.act_codes(xt, m, perm, r_in, bkd, qmin, qmax, cfg, tokmax=tokmax, pdl=pdl)
+        if (checked and not transpose) or mod.usable(xt, m, r_in, smooth, qmax, bkd):
+            return mod.act_codes(xt, m, perm, r_in, bkd, qmin, qmax, cfg, tokmax=tokmax, pdl=pdl)
         if transpose:  # the Triton prep reads the transpose made here (launched after it)
             x, early = xt.t(), pdl
     a = torch.empty((m, k), device=x.device, dtype=torch.float32 if dynamic else torch.bfloat16)
@@ -967,23 +966,24 @@ def _prep_reads_hidden(x: torch.Tensor, up: torch.Tensor | None, xload: int, glu
 
 
 def _gluon_activation(x: torch.Tensor, xload: int, cfg: dict, dynamic: bool, r_in: torch.Tensor,
-                      smooth: torch.Tensor | None, qmax: int, bkd: int) -> str | None:
-    """The sm_90 Gluon activation launch `prepare_activation` runs for x, or for an MLP hidden laid
-    out as x (`hidden.launchable`): "cluster" (`w4a8_cluster`), "wgmma" (`w4a8_act`: token-minor
-    x, or x^T from the transpose launch), or None (the Triton launches: not configured, not on this
-    GPU, or the operands do not fit, e.g. an odd token count for the wgmma passes)."""
+                      smooth: torch.Tensor | None, qmax: int, bkd: int) -> tuple[str | None, object]:
+    """(name, module) of the sm_90 Gluon activation launch `prepare_activation` runs for x, or for
+    an MLP hidden laid out as x (`hidden.hidden_launch`): "cluster" (`w4a8_cluster`), "wgmma"
+    (`w4a8_act`: token-minor x, or x^T from the transpose launch, which is checked once made); or
+    (None, None): the Triton launches (not configured, not on this GPU, or the operands do not fit,
+    e.g. an odd token count for the wgmma passes)."""
     act = cfg.get("ACT") if dynamic else None
+    mod = _hopper_module(x.device, {"cluster": "w4a8_cluster", "wgmma": "w4a8_act"}[act]) \
+        if act in ("cluster", "wgmma") else None
+    if mod is None:
+        return None, None
     if act == "cluster":
-        mod = _hopper_module(x.device, "w4a8_cluster")
-        return act if mod is not None and mod.usable(x, r_in, smooth, qmax, bkd, cfg) else None
-    if act == "wgmma":
-        mod = _hopper_module(x.device, "w4a8_act")
-        if mod is None:
-            return None
-        if is_token_minor(x):
-            return act if mod.usable(x.t(), x.shape[0], r_in, smooth, qmax, bkd) else None
-        return act if xload == 2 else None  # the transpose launch's x^T: checked once made
-    return None
+        fits = mod.usable(x, r_in, smooth, qmax, bkd, cfg)
+    elif is_token_minor(x):
+        fits = mod.usable(x.t(), x.shape[0], r_in, smooth, qmax, bkd)
+    else:
+        fits = xload == 2
+    return (act, mod) if fits else (None, None)
 
 
 def _transposed(x: torch.Tensor, pdl: bool, early: bool, zero: torch.Tensor | None = None) -> torch.Tensor:
@@ -1083,9 +1083,7 @@ def _store_tokens(out: torch.Tensor, start: int, stop: int) -> int:
     """Tokens a GEMM launch for rows start..stop-1 of `w4_gemm`'s out stores: stop - start, or for a
     token-minor out whose rows are padded (strides (1, s), s > M), that rounded up to a multiple of 16
     where the padding holds it (the extra tokens' values land in the padding): the store bound is then
-    divisible by 16, which lets the compiler use vector stores along the tokens. Measured (H200,
-    msweep_gpu.py, LLM gate_proj with its token-minor output): M = 700 / 760 63.9 / 64.5 us against
-    90.0 / 91.9 with per-element stores (neither M nor the row stride divisible by 16), `token_minor_row`."""
+    divisible by 16, which lets the compiler use vector stores along the tokens (`token_minor_row`)."""
     n_tok = stop - start
     if out.stride(0) != 1 or out.shape[0] <= 1 or start % 16:
         return n_tok
