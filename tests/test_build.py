@@ -202,7 +202,8 @@ def _finished_layer_files(out):
 
 
 def _kill_ckpt(directory):
-    """16 layers that each take a noticeable time (block 512 eigendecompositions)."""
+    """16 layers that each take tens of milliseconds (two 512-wide eigendecompositions, each with a
+    448-dimensional null-space basis), so that a kill polled every 5 ms lands mid-build."""
     g = torch.Generator().manual_seed(0)
     return save_ckpt(directory, {f"blk.layers.{i}.mlp.down_proj.weight":
                                  torch.randn(64, 1024, generator=g).to(torch.bfloat16) for i in range(16)})

@@ -111,3 +111,51 @@ def test_row_block_grams_match_definition():
     torch.testing.assert_close(g[1], w64[4:8] @ w64[4:8].T)
     torch.testing.assert_close(g[2, :2, :2], w64[8:] @ w64[8:].T)
     assert torch.equal(g[2, 2:], torch.zeros(2, 4, dtype=torch.float64))
+
+
+def _null_space_by_projector(v):
+    """The greedy rule of `_null_space_basis` the direct way: form the projector I - Q Q^T, take
+    its column of largest norm (first on a tie), normalize, repeat."""
+    b, k = v.shape
+    basis, cols, eye = v.clone(), [], torch.eye(b, dtype=v.dtype)
+    for _ in range(b - k):
+        resid = eye - basis @ (basis.t() @ eye)
+        norms = resid.norm(dim=0)
+        i = int(torch.argmax(norms))
+        u = resid[:, i] / norms[i]
+        u = u - basis @ (basis.t() @ u)
+        u = u / u.norm()
+        cols.append(u)
+        basis = torch.cat([basis, u[:, None]], dim=1)
+    return torch.stack(cols, dim=1) if cols else torch.empty(b, 0, dtype=v.dtype)
+
+
+@pytest.mark.parametrize("b,k", [(16, 5), (64, 30), (64, 0), (128, 64), (64, 63)])
+def test_null_space_basis_follows_the_greedy_unit_vector_rule(b, k):
+    from duquant_pack.rotation import _null_space_basis
+    g = torch.Generator().manual_seed(b + k)
+    v = torch.linalg.qr(torch.randn(b, k, dtype=torch.float64, generator=g))[0] if k else torch.empty(b, 0, dtype=torch.float64)
+    null = _null_space_basis(v)
+    assert null.shape == (b, b - k)
+    torch.testing.assert_close(null, _null_space_by_projector(v), rtol=0, atol=1e-12)
+    full = torch.cat([v, null], dim=1)
+    torch.testing.assert_close(full.t() @ full, torch.eye(b, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_null_space_of_unit_vectors_is_the_remaining_unit_vectors_with_positive_zeros():
+    from duquant_pack.rotation import _null_space_basis
+    v = torch.zeros(6, 2, dtype=torch.float64)
+    v[0, 0] = v[3, 1] = 1.0  # e.g. a block whose weight columns other than 0 and 3 are all zero
+    null = _null_space_basis(v)
+    assert torch.equal(null, torch.eye(6, dtype=torch.float64)[:, [1, 2, 4, 5]])
+    assert not torch.signbit(null).any()  # no -0.0: the same bytes as the identity's
+
+
+def test_rank_deficient_block_rotation_is_orthogonal_and_canonical():
+    w = _w(8, 64, seed=21)  # 8 rows: rank 8 in a 64-wide block, a 56-dimensional null space
+    rot = input_rotations(w, 64)
+    assert ortho_err(rot) < 1e-12
+    _check_canonical_signs(rot)
+    g = column_block_grams(w, 64)[0]
+    lead = rot[0, :, :8]
+    torch.testing.assert_close(lead.t() @ g @ lead, torch.diag(torch.linalg.eigvalsh(g).flip(0)[:8]), rtol=0, atol=1e-9)
