@@ -134,7 +134,7 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
     modules = dict(model.named_modules())
     mapping = resolve_module_names(pack.layer_names, list(modules), name_map)
 
-    planned: list[tuple[str, str, LayerPack]] = []
+    targets: list[tuple[str, str]] = []  # (pack layer, module): checked, its file read below
     for pname, mname in mapping.items():
         if mname is None:
             if strict:
@@ -157,7 +157,7 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
                 raise PackError(f"module '{mname}' has no weight data (meta device) and the pack stores no "
                                 "integers for it (build the pack with --store-qweights, or load the weights)")
             report.unchecked.append(mname)
-            planned.append((pname, mname, pack.layer(pname)))
+            targets.append((pname, mname))
             continue
         if not bool(torch.isfinite(mod.weight).all()):
             raise PackError(f"module '{mname}' has NaN/Inf weights")
@@ -169,7 +169,10 @@ def apply_pack(model: nn.Module, pack_dir, *, strict: bool = True,
                 raise PackError(msg + "; rebuild the pack for these weights, or force=True")
             warnings.warn(msg + "; applying anyway (force=True)", stacklevel=2)
             report.warnings.append(msg)
-        planned.append((pname, mname, pack.layer(pname)))  # reads and checks the layer file
+        targets.append((pname, mname))
+    # every target's layer file read and checked (checksum, arrays, orthogonality), by a few threads
+    planned = [(pname, mname, layer) for (pname, mname), layer in
+               zip(targets, pack.read_layers([pname for pname, _ in targets]))]
 
     act_percentile, calib_steps = cfg.get("act_percentile", 99.9), cfg.get("calib_steps", 32)
     scales = _saved_scales(pack, report, act_mode, abits, act_percentile, calib_steps)

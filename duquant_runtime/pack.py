@@ -3,6 +3,7 @@
     pack = load_pack("packs/my-pack")
     pack.layer_names                       # in manifest order
     lp = pack.layer("...mlp.down_proj")    # LayerPack: perm, r_in, r_out, weight_scale tensors
+    lps = pack.read_layers(names)          # the same for many layers, read by a few threads
     problems = pack.verify()               # [] when every file and array checks out
     pack.calibration_scales()              # {layer: act_scale (in,)} when the pack holds saved scales
 
@@ -16,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,9 @@ from .format import (CALIBRATION_FORMAT_NAME, CALIBRATION_FORMAT_VERSION, LAYER_
                      MANIFEST, ORTHO_TOL, validate_manifest)
 from .quant import qrange, unpack_int4
 from .transforms import n_blocks
+
+
+READ_WORKERS = min(8, os.cpu_count() or 1)  # threads of `Pack.read_layers`
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,22 @@ class Pack:
         """Iterate over all layers (each read and checked on the fly)."""
         for name in self.layer_names:
             yield self.layer(name)
+
+    def read_layers(self, names, workers: int | None = None) -> list[LayerPack]:
+        """The layers `names`, in that order, read and checked by `workers` threads (default: up to
+        8, one per CPU). The checksum, the array copies and the orthogonality checks release the
+        GIL, so the reads overlap; HDF5 parsing does not. On failure, the PackError of the first
+        failing name in order, as a loop over `layer` would raise; the reads not started are
+        cancelled."""
+        names = list(names)
+        workers = min(READ_WORKERS if workers is None else workers, len(names))
+        if workers <= 1:
+            return [self.layer(n) for n in names]
+        ex = ThreadPoolExecutor(workers, thread_name_prefix="duquant-read")
+        try:
+            return list(ex.map(self.layer, names))
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
 
     @property
     def calibration(self) -> dict | None:

@@ -307,3 +307,36 @@ def test_read_layer_function(built_pack):
     m = _manifest(built_pack)
     lp = read_layer(built_pack, m["layers"][0])
     assert lp.name == m["layers"][0]["name"] and lp.meta == m["layers"][0]
+
+
+def _same_layer(a, b):
+    assert a.name == b.name and a.meta == b.meta
+    for key in ("perm", "r_in", "r_out", "weight_scale", "smooth", "qweight"):
+        x, y = getattr(a, key), getattr(b, key)
+        assert (x is None and y is None) or torch.equal(x, y), key
+
+
+@pytest.mark.parametrize("workers", [1, 3, 8])
+def test_read_layers_equals_reading_one_by_one(built_pack, workers):
+    pack = load_pack(built_pack)
+    names = pack.layer_names[::-1]  # any order, returned in that order
+    layers = pack.read_layers(names, workers=workers)
+    assert [lp.name for lp in layers] == names
+    for lp, name in zip(layers, names):
+        _same_layer(lp, pack.layer(name))
+    assert pack.read_layers([], workers=workers) == []
+
+
+def test_read_layers_raises_the_first_failing_layer_in_order(pack_copy):
+    pack = load_pack(pack_copy)
+    names = pack.layer_names
+    for i in (3, 7):  # two corrupt files: the error names the earlier one, as a loop would
+        f = pack_copy / pack.entry(names[i])["file"]
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 2] ^= 0x40
+        f.write_bytes(bytes(raw))
+    for workers in (1, 4):
+        with pytest.raises(PackError, match="checksum mismatch.*" + names[3].replace(".", r"\.")):
+            pack.read_layers(names, workers=workers)
+    with pytest.raises(PackError, match="checksum mismatch.*" + names[7].replace(".", r"\.")):
+        pack.read_layers(names[4:], workers=4)
