@@ -98,15 +98,7 @@ class Pack:
         GIL, so the reads overlap; HDF5 parsing does not. On failure, the PackError of the first
         failing name in order, as a loop over `layer` would raise; the reads not started are
         cancelled."""
-        names = list(names)
-        workers = min(READ_WORKERS if workers is None else workers, len(names))
-        if workers <= 1:
-            return [self.layer(n) for n in names]
-        ex = ThreadPoolExecutor(workers, thread_name_prefix="duquant-read")
-        try:
-            return list(ex.map(self.layer, names))
-        finally:
-            ex.shutdown(wait=True, cancel_futures=True)
+        return _in_threads(self.layer, names, READ_WORKERS if workers is None else workers)
 
     @property
     def calibration(self) -> dict | None:
@@ -122,12 +114,14 @@ class Pack:
 
     def verify(self) -> list[str]:
         """Check every layer file (and the calibration file, if any); one line per problem."""
-        problems = []
-        for e in self.manifest["layers"]:
+        def problem(entry: dict) -> str | None:
             try:
-                read_layer(self.path, e)
+                read_layer(self.path, entry)
             except PackError as err:
-                problems.append(str(err))
+                return str(err)
+            return None
+
+        problems = [p for p in _in_threads(problem, self.manifest["layers"], READ_WORKERS) if p is not None]
         if self.calibration is not None:
             try:
                 read_calibration(self.path, self.manifest)
@@ -137,6 +131,20 @@ class Pack:
 
     def __repr__(self) -> str:
         return f"Pack({str(self.path)!r}, {len(self._entries)} layers, {self.manifest['config_hash'][:19]})"
+
+
+def _in_threads(fn, items, workers: int) -> list:
+    """[fn(x) for x in items], computed by up to `workers` threads, in order. The first exception
+    in order propagates, and the calls not yet started are cancelled."""
+    items = list(items)
+    workers = min(workers, len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    ex = ThreadPoolExecutor(workers, thread_name_prefix="duquant-read")
+    try:
+        return list(ex.map(fn, items))
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def load_pack(pack_dir) -> Pack:

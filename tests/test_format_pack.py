@@ -340,3 +340,17 @@ def test_read_layers_raises_the_first_failing_layer_in_order(pack_copy):
             pack.read_layers(names, workers=workers)
     with pytest.raises(PackError, match="checksum mismatch.*" + names[7].replace(".", r"\.")):
         pack.read_layers(names[4:], workers=4)
+
+
+def test_verify_lists_every_bad_layer_in_manifest_order(pack_copy):
+    pack = load_pack(pack_copy)
+    names = pack.layer_names
+    (pack_copy / pack.entry(names[9])["file"]).unlink()
+    f = pack_copy / pack.entry(names[2])["file"]
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    f.write_bytes(bytes(raw))
+    problems = load_pack(pack_copy).verify()
+    assert len(problems) == 2
+    assert "checksum mismatch" in problems[0] and names[2] in problems[0]
+    assert "missing" in problems[1] and names[9] in problems[1]
