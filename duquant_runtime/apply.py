@@ -24,7 +24,7 @@ from torch import nn
 from .errors import PackError
 from .fingerprint import weight_fingerprint
 from .linear import DuQuantLinear
-from .pack import LayerPack, Pack, load_pack
+from .pack import Pack, load_pack
 from .quant import is_quantized
 from .input_group import check_compatible, link_input_group
 from .mlp_activation import fuse_mlp_activations
