@@ -112,7 +112,6 @@ def _null_space_basis(v: torch.Tensor) -> torch.Tensor:
     b, k = v.shape
     basis = torch.empty(b, b, dtype=v.dtype)
     basis[:, :k] = v
-    out = torch.empty(b, b - k, dtype=v.dtype)
     captured = (v * v).sum(dim=1)  # |Q[i, :]|^2: how much of e_i the basis already spans
     for j in range(b - k):
         q = basis[:, :k + j]
@@ -123,9 +122,8 @@ def _null_space_basis(v: torch.Tensor) -> torch.Tensor:
         u = u - q @ (q.t() @ u)  # re-orthogonalize once more (numerical safety)
         u = u / u.norm()
         basis[:, k + j] = u
-        out[:, j] = u
         captured += u * u
-    return out
+    return basis[:, k:]
 
 
 def input_rotations(w_perm: torch.Tensor, block: int) -> torch.Tensor:

@@ -21,6 +21,13 @@ def _manifest(pack):
     return json.loads((pack / "manifest.json").read_text())
 
 
+def _flip_byte(f):
+    """Corrupt file f in place: one bit of its middle byte flipped."""
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    f.write_bytes(bytes(raw))
+
+
 def _write_manifest(pack, m):
     (pack / "manifest.json").write_text(json.dumps(m))
 
@@ -191,9 +198,7 @@ def test_flipped_byte_in_layer_file(pack_copy):
     pack = load_pack(pack_copy)
     name = pack.layer_names[5]
     f = pack_copy / pack.entry(name)["file"]
-    raw = bytearray(f.read_bytes())
-    raw[len(raw) // 2] ^= 0x40
-    f.write_bytes(bytes(raw))
+    _flip_byte(f)
     with pytest.raises(PackError, match="checksum mismatch.*" + name.replace(".", r"\.")):
         pack.layer(name)
     problems = pack.verify()
@@ -331,10 +336,7 @@ def test_read_layers_raises_the_first_failing_layer_in_order(pack_copy):
     pack = load_pack(pack_copy)
     names = pack.layer_names
     for i in (3, 7):  # two corrupt files: the error names the earlier one, as a loop would
-        f = pack_copy / pack.entry(names[i])["file"]
-        raw = bytearray(f.read_bytes())
-        raw[len(raw) // 2] ^= 0x40
-        f.write_bytes(bytes(raw))
+        _flip_byte(pack_copy / pack.entry(names[i])["file"])
     for workers in (1, 4):
         with pytest.raises(PackError, match="checksum mismatch.*" + names[3].replace(".", r"\.")):
             pack.read_layers(names, workers=workers)
@@ -347,9 +349,7 @@ def test_verify_lists_every_bad_layer_in_manifest_order(pack_copy):
     names = pack.layer_names
     (pack_copy / pack.entry(names[9])["file"]).unlink()
     f = pack_copy / pack.entry(names[2])["file"]
-    raw = bytearray(f.read_bytes())
-    raw[len(raw) // 2] ^= 0x40
-    f.write_bytes(bytes(raw))
+    _flip_byte(f)
     problems = load_pack(pack_copy).verify()
     assert len(problems) == 2
     assert "checksum mismatch" in problems[0] and names[2] in problems[0]
