@@ -149,3 +149,37 @@ def test_sweep_ab_alternative_takes_the_picks_of_another_token_count():
     # what the launch resolves from it at M = 200: the same, without the 200-token picks merged back in
     assert K.resolve_config(200, n, k, dyn, dev, as64) == want
     assert "ACT" in K.resolve_config(200, n, k, dyn, dev, want)  # (a plain override dict would merge them)
+
+
+def test_library_probe_parses_libraries_and_names_unknown_ones():
+    import library_gemm
+    assert library_gemm.parse_libs("gemlite, torchao") == ("torchao", "gemlite")  # LIBS order
+    assert library_gemm.parse_libs("") == ()
+    with pytest.raises(ValueError, match=r"unknown \['marlin'\]"):
+        library_gemm.parse_libs("gemlite,marlin")
+
+
+def test_library_probe_reports_a_missing_library_as_a_reason(monkeypatch):
+    import library_gemm
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao raises ImportError
+    monkeypatch.setitem(sys.modules, "gemlite", None)
+    for probe in (library_gemm._torchao_op, library_gemm._gemlite):
+        found, why = probe()
+        assert found is None and why.split(":")[0] in ("ImportError", "ModuleNotFoundError") and "\n" not in why
+
+
+def test_library_probe_refuses_bad_arguments_with_one_line(capsys):
+    import library_gemm
+    for argv, message in ((["--libs", "marlin"], "--libs: unknown"), (["--only", "llm:lm_head:8"], "--only")):
+        with pytest.raises(SystemExit) as exc:
+            library_gemm.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_library_probe_without_cuda_says_so(capsys):
+    import library_gemm
+    with pytest.raises(SystemExit) as exc:
+        library_gemm.main(["--only", "expert:down:50", "--libs", ""])
+    assert exc.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
