@@ -47,6 +47,12 @@ DEFAULT_ONLY = ("expert:down:50,expert:gate/up:50,expert:o:50,llm:down:64,llm:do
                 "llm:down:700,llm:down:800,llm:gate/up:65,llm:gate/up:192,llm:gate/up:800")
 
 
+def _reason(err: Exception) -> str:
+    """One line: the exception's type and the first line of its message."""
+    text = str(err).splitlines()[0][:200] if str(err) else ""
+    return f"{type(err).__name__}: {text}"
+
+
 def _torchao_op(so: Path | None = None):
     """torchao's s8s4 operator, or the reason it is not there (one line). so: load this extension
     file of torchao's after its Python package (torchao skips its extensions for torch versions it
@@ -58,16 +64,17 @@ def _torchao_op(so: Path | None = None):
         op = torch.ops.torchao.rowwise_scaled_linear_cutlass_s8s4
         return op, None
     except Exception as err:  # not installed, built for another torch, or without the operator
-        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        return None, _reason(err)
 
 
 def _gemlite():
+    """gemlite's A8W4 layer builder (int8 activations, 4-bit weights), or the reason it is not there."""
     try:
         import gemlite  # noqa: F401
         from gemlite.helper import A8W4_HQQ_INT_dynamic
         return A8W4_HQQ_INT_dynamic, None
     except Exception as err:
-        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        return None, _reason(err)
 
 
 def parse_libs(text: str) -> tuple[str, ...]:
@@ -82,7 +89,7 @@ def _try(times: dict, errors: dict, key: str, fn) -> None:
     try:
         times[key] = fn()
     except Exception as err:  # a kernel that does not support the shape: its reason, the run goes on
-        errors[key] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        errors[key] = _reason(err)
         print(f"    {key}: {errors[key]}", flush=True)
 
 
