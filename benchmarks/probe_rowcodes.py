@@ -97,35 +97,29 @@ def main(argv=None) -> int:
         qw = [torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).to(dev) for _ in range(count)]
         ws = (torch.rand(n, generator=g) * 1e-2 + 1e-3).to(dev)
         r_out = torch.linalg.qr(torch.randn(n // 64, 64, 64, generator=g))[0].to(dev, torch.float16).contiguous()
-        ref_codes, ref_tok = K.prepare_activation(x, r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC, cfg=cfg)
-        row = {"tower": tower, "name": name, "N": n, "K": k, "M": m, "act": cfg.get("ACT"), "times_s": {}}
 
-        def layer_two(v, w):
-            a, t = K.prepare_activation(v, r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC, cfg=cfg)
-            return K.w4_gemm(a, t, qweight=w, w_scale=ws, r_out=r_out, bias=None, out_dtype=torch.bfloat16, cfg=cfg)
-
-        def two(v):
+        def two(v):  # the runtime's activation launches: (codes, token scales)
             return K.prepare_activation(v, r_in=r_in, perm=perm, smooth=None, mode=K.MODE_DYNAMIC, cfg=cfg)
 
+        def gemm(act, w):  # the layer's GEMM on (codes, token scales)
+            return K.w4_gemm(*act, qweight=w, w_scale=ws, r_out=r_out, bias=None, out_dtype=torch.bfloat16, cfg=cfg)
+
+        ref_codes, ref_tok = two(x)
+        row = {"tower": tower, "name": name, "N": n, "K": k, "M": m, "act": cfg.get("ACT"), "times_s": {}}
         row["times_s"]["two_launches_act"] = graph_time([two] * count, x, args.repeats)
-        row["times_s"]["two_launches_layer"] = graph_time([lambda v, w=w: layer_two(v, w) for w in qw], x,
+        row["times_s"]["two_launches_layer"] = graph_time([lambda v, w=w: gemm(two(v), w) for w in qw], x,
                                                           args.repeats)
         for var in VARIANTS:
             key = "row_b{bmp}_w{warps}_s{stages}".format(**var)
             try:
-                c, t = row_codes(x, perm, r_in, cfg, **var)
+                def one(v, var=var):  # the probed launch: (codes, token scales)
+                    return row_codes(v, perm, r_in, cfg, **var)
+
+                c, t = one(x)
                 torch.cuda.synchronize()
-                same = bool(torch.equal(c, ref_codes) and torch.equal(t, ref_tok))
-                row.setdefault("equal", {})[key] = same
-
-                def layer_one(v, w, var=var):
-                    a, tk = row_codes(v, perm, r_in, cfg, **var)
-                    return K.w4_gemm(a, tk, qweight=w, w_scale=ws, r_out=r_out, bias=None, out_dtype=torch.bfloat16,
-                                     cfg=cfg)
-
-                row["times_s"][key + "_act"] = graph_time([lambda v, var=var: row_codes(v, perm, r_in, cfg, **var)]
-                                                          * count, x, args.repeats)
-                row["times_s"][key + "_layer"] = graph_time([lambda v, w=w: layer_one(v, w) for w in qw], x,
+                row.setdefault("equal", {})[key] = bool(torch.equal(c, ref_codes) and torch.equal(t, ref_tok))
+                row["times_s"][key + "_act"] = graph_time([one] * count, x, args.repeats)
+                row["times_s"][key + "_layer"] = graph_time([lambda v, w=w, one=one: gemm(one(v), w) for w in qw], x,
                                                             args.repeats)
             except Exception as err:
                 row.setdefault("errors", {})[key] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
